@@ -1,0 +1,27 @@
+"""Attacks: configured objects called as ``attack(model, x, y, targets=None)``.
+
+Every attack returns an :class:`AttackResult` whose ``success`` comes from a fresh
+forward pass. ``REGISTRY`` maps each attack's name to its class.
+"""
+
+from advkit.attacks.base import Attack, AttackResult, CountedModel, Taxonomy
+from advkit.attacks.bim import BIM, ILLC
+from advkit.attacks.fgsm import FGSM
+from advkit.attacks.mifgsm import MIFGSM
+from advkit.attacks.pgd import PGD
+
+REGISTRY: dict[str, type[Attack]] = {
+    cls.name.lower(): cls for cls in (FGSM, BIM, ILLC, PGD, MIFGSM)
+}
+
+
+def get(name: str) -> type[Attack]:
+    """The attack class called ``name`` (case-insensitive)."""
+    key = name.lower().replace("-", "").replace("_", "")
+    if key not in REGISTRY:
+        raise ValueError(f"unknown attack {name!r}: use one of {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[key]
+
+
+__all__ = ["Attack", "AttackResult", "CountedModel", "Taxonomy", "REGISTRY", "get",
+           "FGSM", "BIM", "ILLC", "PGD", "MIFGSM"]

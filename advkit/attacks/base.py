@@ -1,0 +1,328 @@
+"""The attack contract shared by every attack.
+
+An attack is a configured object: ``attack(model, x, y, targets=None) -> AttackResult``.
+:class:`Attack.__call__` does everything that must be the same for all attacks —
+entry checks, eval mode, pass counting, timing, and the fresh forward pass that
+decides success — so an attack's own code (``_run``) only crafts ``x_adv``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from advkit.threat import ThreatModel
+
+
+@dataclass(frozen=True)
+class Taxonomy:
+    """Where an attack sits on the six axes of DESIGN.md's taxonomy."""
+
+    falsification: str = "false negative"   # or "false positive"
+    knowledge: str = "white box"            # "gray box", "black box"
+    specificity: str = "untargeted+targeted"  # "untargeted", "targeted"
+    frequency: str = "iterative"            # "one-time"
+    scope: str = "individual"               # "universal"
+    perturbation: str = "constrained"       # "optimized" (minimal norm)
+
+
+@dataclass
+class AttackResult:
+    """What every attack returns; every tensor is per sample (first dim N).
+
+    Attributes:
+        x_adv: the adversarial images, inside the bounds (and, for budgeted
+            attacks, inside the eps-ball).
+        success: the attack's goal holds for ``x_adv`` according to a fresh
+            forward pass after the attack (misclassified, or classified as the
+            target), never the attack's own bookkeeping. For minimal-norm attacks
+            with a finite eps cap, success also requires ``norms <= eps``.
+        norms: ``||x_adv - x||`` in the threat model's norm; for minimal-norm
+            attacks, ``inf`` where no adversarial example was found.
+        predictions: the labels predicted for ``x_adv`` by that forward pass.
+        targets: the target classes of a targeted attack, else None.
+        forward_passes / backward_passes: images sent through the model
+            (one image through the model once = 1), checks and the success
+            pass included.
+        seconds: wall time of the whole call.
+    """
+
+    x_adv: Tensor
+    success: Tensor
+    norms: Tensor
+    predictions: Tensor
+    labels: Tensor
+    targets: Tensor | None
+    forward_passes: int
+    backward_passes: int
+    seconds: float
+    attack: str
+    threat: ThreatModel
+    kind: str = "budgeted"
+    config: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.x_adv.shape[0]
+
+    @property
+    def success_rate(self) -> float:
+        """Fraction of samples on which the attack reached its goal."""
+        return self.success.float().mean().item()
+
+    @property
+    def robust_accuracy(self) -> float:
+        """Fraction of samples still classified correctly after the attack."""
+        return (self.predictions == self.labels).float().mean().item()
+
+    @property
+    def images_per_second(self) -> float:
+        return len(self) / self.seconds if self.seconds > 0 else math.inf
+
+    def curve(self, eps_list: Sequence[float]) -> list[tuple[float, float]]:
+        """Robust accuracy at each eps, read off the per-sample perturbation norms.
+
+        Exact for minimal-norm attacks (a sample is broken at eps iff its smallest
+        adversarial perturbation is <= eps). For a budgeted attack only eps values
+        up to the budget it ran with are meaningful.
+        """
+        if self.kind == "budgeted":
+            too_big = [e for e in eps_list if e > self.threat.eps * (1 + 1e-9)]
+            if too_big:
+                raise ValueError(
+                    f"a budgeted attack run at eps={self.threat.eps} says nothing about "
+                    f"eps={too_big[0]}; run it at that eps or use a minimal-norm attack"
+                )
+        broken_norms = torch.where(self.success, self.norms, torch.full_like(self.norms, math.inf))
+        return [(float(e), (broken_norms > e).float().mean().item()) for e in eps_list]
+
+    def summary(self) -> dict[str, float | int | str]:
+        """Headline numbers as plain Python values (for tables and JSON)."""
+        broken = self.norms[self.success & torch.isfinite(self.norms)]
+        return {
+            "attack": self.attack,
+            "norm": self.threat.norm,
+            "eps": self.threat.eps,
+            "n": len(self),
+            "robust_acc": self.robust_accuracy,
+            "success_rate": self.success_rate,
+            "median_norm": broken.median().item() if broken.numel() else math.nan,
+            "mean_norm": broken.mean().item() if broken.numel() else math.nan,
+            "forward_passes": self.forward_passes,
+            "backward_passes": self.backward_passes,
+            "seconds": self.seconds,
+            "images_per_s": self.images_per_second,
+        }
+
+
+class CountedModel:
+    """A model seen through the only two doors an attack may use, each counting images."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.forward_passes = 0
+        self.backward_passes = 0
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Logits without a graph (one forward pass per image)."""
+        self.forward_passes += x.shape[0]
+        with torch.no_grad():
+            return self.model(x)
+
+    def gradient(self, x: Tensor, objective: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+        """Logits at ``x`` and the gradient of ``objective(logits)`` (per sample, summed).
+
+        Only the input gradient is computed (no parameter gradients accumulate).
+        """
+        self.forward_passes += x.shape[0]
+        self.backward_passes += x.shape[0]
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self.model(x)
+            (grad,) = torch.autograd.grad(objective(logits).sum(), x)
+        return logits.detach(), grad
+
+
+def goal_reached(logits: Tensor, labels: Tensor, targets: Tensor | None) -> Tensor:
+    """Per-sample: classified as the target (targeted) or not as the label (untargeted)."""
+    pred = logits.argmax(dim=1)
+    return pred == targets if targets is not None else pred != labels
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run in eval mode and restore the modules' previous modes afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    if any(training for _, training in modes):
+        warnings.warn(
+            "the model is in train mode (dropout / batch-norm statistics would change "
+            "its answers); attacking it in eval mode and restoring the mode afterwards. "
+            "Call model.eval() to silence this.",
+            stacklevel=4,
+        )
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+class Attack(ABC):
+    """Base class: subclasses set the class attributes and implement ``_run``."""
+
+    name: ClassVar[str]
+    paper: ClassVar[str]
+    taxonomy: ClassVar[Taxonomy]
+    norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
+    kind: ClassVar[str] = "budgeted"   # or "minimal"
+    targeted_only: ClassVar[bool] = False
+
+    def __init__(self, threat: ThreatModel, *, seed: int | None = 0) -> None:
+        if not isinstance(threat, ThreatModel):
+            raise TypeError(f"threat must be an advkit.ThreatModel (got {type(threat).__name__})")
+        if threat.norm not in self.norms:
+            raise ValueError(
+                f"{type(self).__name__} supports norms {', '.join(self.norms)} "
+                f"(got {threat.norm!r})"
+            )
+        if self.kind == "budgeted" and not threat.bounded:
+            raise ValueError(f"{type(self).__name__} needs a finite eps (got eps=inf)")
+        self.threat = threat
+        self.seed = seed
+
+    def config(self) -> dict:
+        """The attack's configuration as plain values (recorded with every result)."""
+        cfg = {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "threat"}
+        cfg.update(norm=self.threat.norm, eps=self.threat.eps, bounds=list(self.threat.bounds))
+        return cfg
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+    def __call__(
+        self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None = None,
+    ) -> AttackResult:
+        """Attack ``model`` on images ``x`` (N,C,H,W in the bounds) with labels ``y``.
+
+        Pass ``targets`` (N,) for a targeted attack. Returns an :class:`AttackResult`.
+        """
+        start = time.perf_counter()
+        x, y, targets = _check_inputs(model, x, y, targets, self.threat)
+        if self.targeted_only and targets is None:
+            raise ValueError(f"{type(self).__name__} is targeted: pass targets=")
+        if self.kind == "budgeted":
+            self.threat.check_eps_for(x)
+        counted = CountedModel(model)
+        with eval_mode(model):
+            clean_logits = counted.logits(x)
+            _check_logits(clean_logits, y, targets)
+            targets = self._choose_targets(clean_logits, y, targets)
+            generator = None
+            if self.seed is not None:
+                generator = torch.Generator(device=x.device).manual_seed(self.seed)
+            x_adv = self._run(counted, x, y, targets, clean_logits, generator)
+            x_adv = x_adv.detach().clamp(*self.threat.bounds)
+            logits = counted.logits(x_adv)
+        norms = self.threat.norms(x_adv - x)
+        success = goal_reached(logits, y, targets)
+        if self.kind == "minimal":
+            norms = torch.where(success, norms, torch.full_like(norms, math.inf))
+            if self.threat.bounded:
+                success = success & (norms <= self.threat.eps)
+        return AttackResult(
+            x_adv=x_adv, success=success, norms=norms, predictions=logits.argmax(1),
+            labels=y, targets=targets, forward_passes=counted.forward_passes,
+            backward_passes=counted.backward_passes, seconds=time.perf_counter() - start,
+            attack=type(self).__name__, threat=self.threat, kind=self.kind, config=self.config(),
+        )
+
+    def _choose_targets(self, clean_logits: Tensor, y: Tensor,
+                        targets: Tensor | None) -> Tensor | None:
+        """Attacks that pick their own targets (ILLC) override this."""
+        return targets
+
+    @abstractmethod
+    def _run(
+        self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
+        clean_logits: Tensor, generator: torch.Generator | None,
+    ) -> Tensor:
+        """Return adversarial images for ``x`` (shape of x, inside the threat model)."""
+
+
+def _check_inputs(
+    model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, threat: ThreatModel,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (got {type(model).__name__})")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor (got {type(x).__name__})")
+    if x.dim() != 4:
+        raise ValueError(
+            f"x must have shape (N, C, H, W) (got {tuple(x.shape)}); "
+            "add a batch dimension with x.unsqueeze(0) for a single image"
+        )
+    if x.shape[0] == 0:
+        raise ValueError("x is empty (N = 0)")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor in [0, 1] (got {x.dtype}); "
+                        "for uint8 images use x.float() / 255")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"x contains {int((~torch.isfinite(x)).sum())} NaN or inf values")
+    lo, hi = threat.bounds
+    x_min, x_max = x.min().item(), x.max().item()
+    if x_min < lo or x_max > hi:
+        raise ValueError(
+            f"x has values outside the bounds {threat.bounds} (min {x_min:.4g}, max "
+            f"{x_max:.4g}); scale images to the bounds and put normalisation inside the "
+            "model (advkit.models.Normalize)"
+        )
+    y = _check_labels(y, x, "y")
+    if targets is not None:
+        targets = _check_labels(targets, x, "targets")
+        same = int((targets == y).sum())
+        if same:
+            raise ValueError(f"{same} targets equal their true labels; a target must differ")
+    x = x.detach()
+    return x, y, targets
+
+
+def _check_labels(labels: Tensor, x: Tensor, what: str) -> Tensor:
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor of class indices")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{what} must hold integer class indices (got {labels.dtype})")
+    if labels.shape != (x.shape[0],):
+        raise ValueError(f"{what} must have shape ({x.shape[0]},) to match x (got "
+                         f"{tuple(labels.shape)})")
+    return labels.to(device=x.device, dtype=torch.long)
+
+
+def _check_logits(logits: Tensor, y: Tensor, targets: Tensor | None) -> None:
+    if logits.dim() != 2 or logits.shape[0] != y.shape[0]:
+        raise ValueError(f"the model must return logits of shape (N, classes) (got "
+                         f"{tuple(logits.shape)} for N={y.shape[0]})")
+    if not torch.isfinite(logits).all():
+        raise ValueError("the model returned NaN or inf logits on the clean images")
+    classes = logits.shape[1]
+    for name, labels in (("y", y), ("targets", targets)):
+        if labels is not None and (labels.min() < 0 or labels.max() >= classes):
+            raise ValueError(f"{name} must be in [0, {classes - 1}] for a model with {classes} "
+                             f"classes (got min {labels.min().item()}, max {labels.max().item()})")
+    if logits.min() >= 0 and logits.max() <= 1 and torch.allclose(
+            logits.sum(1), torch.ones_like(logits[:, 0]), atol=1e-3):
+        warnings.warn(
+            "the model's outputs look like probabilities (each row in [0, 1] summing to 1); "
+            "attacks need logits: remove the final softmax. Gradients through a softmax "
+            "saturate and make attacks look weaker than they are.",
+            stacklevel=3,
+        )

@@ -1,0 +1,263 @@
+"""The ``advkit`` command: a thin shell over the Python API, one command per job."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from advkit import attacks as attack_lib
+from advkit.evaluation import finite_or_none, run_attack, table_rows
+from advkit.threat import ThreatModel
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="advkit: attack, defend, certify and report adversarial robustness.")
+console = Console(stderr=True)
+out = Console()
+
+ModelOpt = Annotated[str, typer.Option(
+    "--model", "-m", help="advkit checkpoint, .onnx, TorchScript, module:factory, or zoo name")]
+DatasetOpt = Annotated[str, typer.Option(help="mnist, fashion-mnist, cifar10, ...")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
+TrustOpt = Annotated[bool, typer.Option("--trust", help="allow unpickling the model file "
+                                                         "(only for files you trust)")]
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(2)
+
+
+def _print_json(obj: object) -> None:
+    out.print_json(json.dumps(obj, default=finite_or_none))
+
+
+def _fmt(key: str, value: object) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        if key.endswith("acc") or key.endswith("rate"):
+            return f"{value:.1%}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _print_rows(rows: list[dict], title: str, keys: list[str] | None = None) -> None:
+    keys = keys or list(rows[0])
+    table = Table(title=title)
+    for k in keys:
+        table.add_column(k.replace("_", " "), justify="left" if k == "attack" else "right")
+    for row in rows:
+        table.add_row(*(_fmt(k, row[k]) for k in keys))
+    out.print(table)
+
+
+TABLE_KEYS = ["attack", "norm", "eps", "clean_acc", "robust_acc", "success_rate",
+              "median_norm", "mean_norm", "images_per_s"]
+
+
+@app.command("attacks")
+def list_attacks(as_json: JsonOpt = False) -> None:
+    """List every attack with its taxonomy tags, norms and paper."""
+    rows = []
+    for _, cls in sorted(attack_lib.REGISTRY.items()):
+        tags = cls.taxonomy
+        rows.append({"attack": cls.__name__, "kind": cls.kind, "norms": ",".join(cls.norms),
+                     "falsification": tags.falsification, "knowledge": tags.knowledge,
+                     "specificity": tags.specificity, "frequency": tags.frequency,
+                     "scope": tags.scope, "perturbation": tags.perturbation,
+                     "paper": cls.paper})
+    if as_json:
+        _print_json(rows)
+    else:
+        _print_rows(rows, "advkit attacks")
+
+
+def _build_attack(name: str, norm: str, eps: float, **options: object) -> attack_lib.Attack:
+    cls = attack_lib.get(name)
+    accepted = inspect.signature(cls.__init__).parameters
+    given = {k: v for k, v in options.items() if v is not None}
+    unknown = [k for k in given if k not in accepted]
+    if unknown:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
+        raise ValueError(f"{cls.__name__} takes no option {flags}")
+    return cls(ThreatModel(norm=norm, eps=eps), **given)
+
+
+def _load_model_and_data(model: str, dataset: str, split: str, limit: int | None, trust: bool):
+    from advkit import data, models
+    net = models.load(model, trust=trust)
+    x, y = data.load(dataset, split=split, limit=limit)
+    return net, x, y
+
+
+@app.command()
+def attack(
+    model: ModelOpt = "small_cnn",
+    attack_name: Annotated[str, typer.Option("--attack", "-a",
+                                             help="see `advkit attacks`")] = "pgd",
+    norm: Annotated[str, typer.Option(help="linf, l2 or l1")] = "linf",
+    eps: Annotated[float, typer.Option(help="budget, [0, 1] pixel scale")] = 0.3,
+    steps: Annotated[int | None, typer.Option(help="iterations")] = None,
+    step_size: Annotated[float | None, typer.Option(help="step length")] = None,
+    restarts: Annotated[int | None, typer.Option(help="random restarts (PGD)")] = None,
+    loss: Annotated[str | None, typer.Option(help="ce or margin")] = None,
+    target: Annotated[int | None, typer.Option(help="targeted: this class for all")] = None,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    dataset: DatasetOpt = "mnist",
+    split: Annotated[str, typer.Option(help="train or test")] = "test",
+    limit: Annotated[int, typer.Option(help="number of images")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="images per batch")] = 500,
+    save: Annotated[Path | None, typer.Option(help="write x_adv, y, success, norms (.npz)")] = None,
+    trust: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run one attack on a model and a data slice; print the result (optionally save x_adv)."""
+    import numpy as np
+    import torch
+
+    from advkit.train import accuracy
+    try:
+        atk = _build_attack(attack_name, norm, eps, steps=steps, step_size=step_size,
+                            restarts=restarts, loss=loss, seed=seed)
+        net, x, y = _load_model_and_data(model, dataset, split, limit, trust)
+        targets = None
+        if target is not None:
+            keep = y != target
+            x, y = x[keep], y[keep]
+            targets = torch.full_like(y, target)
+        clean = accuracy(net, x, y)
+        result = run_attack(atk, net, x, y, targets, batch_size=batch_size, progress=not as_json)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        raise _fail(str(err)) from err
+    row = table_rows([result], clean)[0]
+    if save is not None:
+        np.savez_compressed(save, x_adv=result.x_adv.numpy(), y=result.labels.numpy(),
+                            success=result.success.numpy(), norms=result.norms.numpy())
+        row["saved"] = str(save)
+    if as_json:
+        _print_json({"model": model, "dataset": dataset, "config": result.config, **row})
+    else:
+        _print_rows([row], f"{result.attack} on {model} ({dataset} {split}, {len(result)} images)",
+                    TABLE_KEYS)
+
+
+@app.command()
+def evaluate(
+    model: ModelOpt = "small_cnn",
+    attack_names: Annotated[list[str], typer.Option("--attack", "-a", help="repeatable")] = None,
+    norm: Annotated[str, typer.Option(help="linf, l2 or l1")] = "linf",
+    eps: Annotated[list[float], typer.Option(help="repeatable: one run per eps")] = None,
+    steps: Annotated[int | None, typer.Option(help="iterations")] = None,
+    restarts: Annotated[int | None, typer.Option(help="random restarts (PGD)")] = None,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    dataset: DatasetOpt = "mnist",
+    limit: Annotated[int, typer.Option(help="number of test images")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="images per batch")] = 500,
+    trust: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Clean and robust accuracy of a model under attacks at one or more eps."""
+    from advkit.train import accuracy
+    attack_names = attack_names or ["pgd"]
+    eps_list = eps or [0.3]
+    try:
+        attacks = [_build_attack(a, norm, e, steps=steps, restarts=restarts, seed=seed)
+                   for a in attack_names for e in eps_list]
+        net, x, y = _load_model_and_data(model, dataset, "test", limit, trust)
+        clean = accuracy(net, x, y)
+        results = [run_attack(a, net, x, y, batch_size=batch_size, progress=not as_json)
+                   for a in attacks]
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        raise _fail(str(err)) from err
+    rows = table_rows(results, clean)
+    if as_json:
+        _print_json({"model": model, "dataset": dataset, "n": int(x.shape[0]),
+                     "clean_accuracy": clean, "results": rows})
+    else:
+        _print_rows(rows, f"{model} on {dataset} ({x.shape[0]} test images)", TABLE_KEYS)
+
+
+@app.command("train")
+def train_cmd(
+    arch: Annotated[str, typer.Option(help="zoo architecture")] = "small_cnn",
+    dataset: DatasetOpt = "mnist",
+    epochs: Annotated[int, typer.Option()] = 3,
+    batch_size: Annotated[int, typer.Option()] = 128,
+    lr: Annotated[float, typer.Option(help="peak learning rate")] = 1e-3,
+    optimizer: Annotated[str, typer.Option(help="adam or sgd")] = "adam",
+    schedule: Annotated[str, typer.Option(help="onecycle, cosine, step, constant")] = "onecycle",
+    weight_decay: Annotated[float, typer.Option()] = 0.0,
+    seed: Annotated[int, typer.Option()] = 0,
+    train_limit: Annotated[int | None, typer.Option(help="first N training images")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="run folder (checkpoints)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a zoo model (checkpoint every epoch, resumable); install it for `--model ARCH`."""
+    import shutil
+
+    from advkit.models import model_dir, trained_path
+    from advkit.train import TrainConfig, train
+    try:
+        config = TrainConfig(arch=arch, dataset=dataset, epochs=epochs, batch_size=batch_size,
+                             lr=lr, optimizer=optimizer, schedule=schedule,
+                             weight_decay=weight_decay, seed=seed, train_limit=train_limit)
+        run_dir = out_dir or model_dir() / "runs" / f"{arch}-{dataset}-seed{seed}"
+        result = train(config, run_dir, resume=resume, progress=not as_json,
+                       log=(lambda _: None) if as_json else console.print)
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(str(err)) from err
+    installed = trained_path(f"{arch}-{dataset}")
+    installed.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(result.checkpoint, installed)
+    summary = {"checkpoint": str(result.checkpoint), "installed": str(installed),
+               "history": result.history, "seconds": result.seconds}
+    if as_json:
+        _print_json(summary)
+    else:
+        _print_rows(result.history, f"{arch} on {dataset}")
+        out.print(f"checkpoint: {result.checkpoint}\ninstalled as: {installed}")
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="where the report goes")] = Path(
+        "advkit-output/demo"),
+    limit: Annotated[int, typer.Option(help="test images to attack")] = 1000,
+    retrain: Annotated[bool, typer.Option(help="train anew even if a cached model exists")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train (or load) a small MNIST CNN, attack it with FGSM and PGD, write an HTML report."""
+    from advkit.demo import run_demo
+    try:
+        summary = run_demo(out_dir, limit=limit, retrain=retrain, progress=not as_json,
+                           log=(lambda _: None) if as_json else console.print)
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(str(err)) from err
+    if as_json:
+        _print_json(summary)
+    else:
+        _print_rows(summary["results"], f"MNIST small_cnn, {summary['n']} test images",
+                    TABLE_KEYS)
+        out.print(f"report: {summary['report']}")
+
+
+def main() -> None:
+    """Entry point of the ``advkit`` console script."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,8 @@
+"""Reports for people and machines: one self-contained HTML page (summary table,
+robust-accuracy-versus-eps plot, adversarial-example gallery, environment) and its
+JSON twin.
+"""
+
+from advkit.report.html import GalleryItem, write_html_report, write_json_report
+
+__all__ = ["GalleryItem", "write_html_report", "write_json_report"]

@@ -1,0 +1,255 @@
+"""The threat model: which perturbations an adversary may apply.
+
+A :class:`ThreatModel` is a norm (``linf``, ``l2``, ``l1``), a budget ``eps`` in
+pixel units of the [0, 1] scale, and the box ``bounds`` every valid image lies in.
+Attacks, defenses and certifiers share it, so "eps=0.3 in Linf" means the same
+thing everywhere.
+
+Projections are onto the *intersection* of the eps-ball around the clean image
+and the box. For Linf the intersection is a box, so clipping is exact. For L2 and
+L1 "scale into the ball, then clip into the box" is not the projection (clipping
+can move the point far from the nearest feasible one), so both are solved from
+their optimality conditions:
+
+* L2: the projection of ``v`` is ``clip(t * v)`` for the largest ``t`` in (0, 1]
+  whose image stays in the ball. The norm of ``clip(t * v)`` is increasing and
+  piecewise quadratic in ``t``; sorting the breakpoints gives ``t`` exactly.
+* L1: the projection is ``sign(v) * clip(|v| - lam, 0, u)`` (soft thresholding,
+  capped at the box). The threshold ``lam`` is found by bisection in float64;
+  the returned point always lies inside the ball, and its distance from the
+  exact projection is below 1e-6 of eps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Norm = Literal["linf", "l2", "l1"]
+NORMS: tuple[str, ...] = ("linf", "l2", "l1")
+
+_ALIASES = {
+    "linf": "linf", "inf": "linf", "l_inf": "linf", "li": "linf",
+    "l2": "l2", "2": "l2", "l1": "l1", "1": "l1",
+}
+
+
+def canonical_norm(norm: str) -> str:
+    """Return the canonical spelling of a norm name (``"Linf"`` -> ``"linf"``)."""
+    key = str(norm).strip().lower()
+    if key not in _ALIASES:
+        raise ValueError(f"unknown norm {norm!r}: use one of {', '.join(NORMS)}")
+    return _ALIASES[key]
+
+
+def norms(delta: Tensor, norm: str) -> Tensor:
+    """Per-sample norm of a batch of perturbations, shape (N,)."""
+    flat = delta.flatten(1)
+    norm = canonical_norm(norm)
+    if norm == "linf":
+        return flat.abs().amax(dim=1)
+    if norm == "l2":
+        return flat.norm(p=2, dim=1)
+    return flat.abs().sum(dim=1)
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """A perturbation set: ``{x' : ||x' - x||_norm <= eps, lo <= x' <= hi}``.
+
+    Args:
+        norm: ``"linf"``, ``"l2"`` or ``"l1"``.
+        eps: the budget in pixel units of the [0, 1] scale (0.3 on MNIST Linf,
+            8/255 on CIFAR-10 Linf). ``float("inf")`` means unbounded: minimal-norm
+            attacks read eps as a cap, and inf as "no cap".
+        bounds: the box valid images lie in.
+    """
+
+    norm: str = "linf"
+    eps: float = 0.3
+    bounds: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "norm", canonical_norm(self.norm))
+        eps = float(self.eps)
+        if math.isnan(eps) or eps < 0:
+            raise ValueError(f"eps must be >= 0 (got {self.eps})")
+        lo, hi = (float(b) for b in self.bounds)
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
+            raise ValueError(f"bounds must be finite with lo < hi (got {self.bounds})")
+        if self.norm == "linf" and math.isfinite(eps) and eps > hi - lo:
+            raise ValueError(
+                f"eps={eps} is larger than the box allows for linf (at most {hi - lo}): "
+                "every image in the box would be allowed; use eps=float('inf') for no cap"
+            )
+        object.__setattr__(self, "eps", eps)
+        object.__setattr__(self, "bounds", (lo, hi))
+
+    @property
+    def bounded(self) -> bool:
+        """True when eps is finite (a budget), False for eps=inf (no cap)."""
+        return math.isfinite(self.eps)
+
+    def max_eps(self, dim: int) -> float:
+        """The largest meaningful eps for images of ``dim`` values: the box's diameter."""
+        width = self.bounds[1] - self.bounds[0]
+        return {"linf": width, "l2": width * math.sqrt(dim), "l1": width * dim}[self.norm]
+
+    def check_eps_for(self, x: Tensor) -> None:
+        """Raise if eps exceeds the diameter of the box for images shaped like ``x``."""
+        if not self.bounded:
+            return
+        limit = self.max_eps(x[0].numel())
+        if self.eps > limit * (1 + 1e-6):
+            raise ValueError(
+                f"eps={self.eps} is larger than the box allows for {self.norm} on images of "
+                f"{x[0].numel()} values (at most {limit:.4g}); use eps=float('inf') for no cap"
+            )
+
+    def norms(self, delta: Tensor) -> Tensor:
+        """Per-sample norms of ``delta`` in this threat model's norm."""
+        return norms(delta, self.norm)
+
+    def clip(self, x: Tensor) -> Tensor:
+        """Clip into the box."""
+        return x.clamp(*self.bounds)
+
+    def project(self, x_adv: Tensor, x: Tensor, eps: Tensor | float | None = None) -> Tensor:
+        """Project ``x_adv`` onto the eps-ball around ``x`` intersected with the box.
+
+        ``eps`` overrides the budget: a float, or a per-sample tensor of shape (N,).
+        """
+        eps = self.eps if eps is None else eps
+        return x + project_delta(x_adv - x, x, eps, self.norm, self.bounds)
+
+    def random_start(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """A point drawn uniformly from the eps-ball around ``x``, then clipped into the box.
+
+        Linf: uniform in the cube. L2 and L1: uniform in the ball (direction from a
+        Gaussian or Laplace sample, radius eps * U^(1/d)). Requires a finite eps.
+        """
+        if not self.bounded:
+            raise ValueError("random_start needs a finite eps")
+        return self.clip(x + random_in_ball(x.shape, self.eps, self.norm, x, generator))
+
+
+def random_in_ball(
+    shape: torch.Size, eps: float | Tensor, norm: str, like: Tensor,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Uniform samples from the eps-ball of ``norm`` (one per row of ``shape``)."""
+    norm = canonical_norm(norm)
+    opts = {"device": like.device, "dtype": like.dtype, "generator": generator}
+    n, dim = shape[0], math.prod(shape[1:])
+    eps_col = _per_sample(eps, n, like).view(n, 1)
+    if norm == "linf":
+        u = torch.rand((n, dim), **opts)
+        return ((2 * u - 1) * eps_col).view(shape)
+    # Uniform in a p-ball: direction from the p-generalised Gaussian, radius from U^(1/d).
+    if norm == "l2":
+        direction = torch.randn((n, dim), **opts)
+    else:
+        u = torch.rand((n, dim), **opts).clamp_min(torch.finfo(like.dtype).tiny)
+        sign = torch.randint(0, 2, (n, dim), device=like.device, generator=generator) * 2 - 1
+        direction = -torch.log(u) * sign.to(like.dtype)
+    direction = direction / norms(direction, norm).clamp_min(1e-12).view(n, 1)
+    radius = torch.rand((n, 1), **opts) ** (1.0 / dim)
+    return (direction * radius * eps_col).view(shape)
+
+
+def _per_sample(eps: float | Tensor, n: int, like: Tensor) -> Tensor:
+    if isinstance(eps, Tensor):
+        return eps.to(device=like.device, dtype=like.dtype).reshape(-1).expand(n)
+    return torch.full((n,), float(eps), device=like.device, dtype=like.dtype)
+
+
+def project_delta(
+    delta: Tensor, x: Tensor, eps: float | Tensor, norm: str, bounds: tuple[float, float],
+) -> Tensor:
+    """Project a perturbation ``delta`` so that ``x + delta`` is in ball(x, eps) and the box.
+
+    Pure torch, batched; ``eps`` is a float or a per-sample tensor (N,).
+    """
+    norm = canonical_norm(norm)
+    lo_box = bounds[0] - x  # <= 0 since x is inside the box
+    hi_box = bounds[1] - x  # >= 0
+    n = x.shape[0]
+    eps_t = _per_sample(eps, n, x)
+    if norm == "linf":
+        e = eps_t.view(n, *([1] * (x.dim() - 1)))
+        return torch.maximum(torch.minimum(delta, torch.minimum(hi_box, e)),
+                             torch.maximum(lo_box, -e))
+    flat_shape = (n, -1)
+    v, lo, hi = delta.reshape(flat_shape), lo_box.reshape(flat_shape), hi_box.reshape(flat_shape)
+    if norm == "l2":
+        out = _project_l2_box(v, lo, hi, eps_t)
+    else:
+        out = _project_l1_box(v, lo, hi, eps_t)
+    return out.view_as(delta)
+
+
+def _project_l2_box(v: Tensor, lo: Tensor, hi: Tensor, eps: Tensor) -> Tensor:
+    clipped = torch.minimum(torch.maximum(v, lo), hi)
+    outside = clipped.norm(dim=1) > eps
+    if not outside.any():
+        return clipped
+    # Only rows whose clipped point leaves the ball need the exact solve.
+    rows = outside.nonzero().squeeze(1)
+    vr, lor, hir, er = v[rows].double(), lo[rows].double(), hi[rows].double(), eps[rows].double()
+    # Coordinate i is clipped for t >= c_i, where c_i = bound_i / v_i (bound in v_i's direction).
+    bound = torch.where(vr > 0, hir, lor)
+    safe_v = torch.where(vr == 0, torch.ones_like(vr), vr)
+    c = torch.where(vr == 0, torch.full_like(vr, math.inf), bound / safe_v).clamp_min(0)
+    c_sorted, order = c.sort(dim=1)
+    v2 = vr.gather(1, order) ** 2
+    b2 = bound.gather(1, order) ** 2
+    # g(t) on [c_k, c_{k+1}) = t^2 * (sum of v^2 over unclipped) + (sum of bound^2 over clipped)
+    clipped_sum = torch.cumsum(b2, dim=1) - b2                    # clipped before index k
+    free_sum = v2.flip(1).cumsum(1).flip(1)                       # unclipped from index k on
+    finite_c = torch.where(torch.isinf(c_sorted), torch.zeros_like(c_sorted), c_sorted)
+    g_at_c = finite_c ** 2 * free_sum + clipped_sum
+    e2 = (er ** 2).unsqueeze(1)
+    # k = number of breakpoints at which g is still within the ball; the root lies in
+    # segment k (k < D for every row here, since the fully clipped point is outside).
+    within = (g_at_c <= e2) & torch.isfinite(c_sorted)
+    k = within.sum(dim=1, keepdim=True).clamp_max(v2.shape[1] - 1)
+    free, base = free_sum.gather(1, k), clipped_sum.gather(1, k)
+    t = torch.sqrt((e2 - base).clamp_min(0) / free.clamp_min(1e-300)).clamp(max=1.0)
+    solved = torch.minimum(torch.maximum(vr * t, lor), hir)
+    # Guard against rounding: never leave the ball.
+    scale = (er / solved.norm(dim=1).clamp_min(1e-300)).clamp(max=1.0).unsqueeze(1)
+    out = clipped.clone()
+    out[rows] = (solved * scale).to(v.dtype)
+    return out
+
+
+def _project_l1_box(v: Tensor, lo: Tensor, hi: Tensor, eps: Tensor) -> Tensor:
+    clipped = torch.minimum(torch.maximum(v, lo), hi)
+    outside = clipped.abs().sum(dim=1) > eps
+    if not outside.any():
+        return clipped
+    rows = outside.nonzero().squeeze(1)
+    vr, lor, hir, er = v[rows].double(), lo[rows].double(), hi[rows].double(), eps[rows].double()
+    a = vr.abs()
+    cap = torch.where(vr > 0, hir, -lor)  # how far the box lets coordinate i move
+    er_col = er.unsqueeze(1)
+
+    def mass(lam: Tensor) -> Tensor:
+        return torch.minimum((a - lam).clamp_min(0), cap).sum(dim=1, keepdim=True)
+
+    # mass(0) > eps (else not outside) and mass(max|v|) = 0, so the root is bracketed.
+    lam_lo = torch.zeros_like(er_col)
+    lam_hi = a.amax(dim=1, keepdim=True)
+    for _ in range(60):
+        mid = (lam_lo + lam_hi) / 2
+        too_big = mass(mid) > er_col
+        lam_lo = torch.where(too_big, mid, lam_lo)
+        lam_hi = torch.where(too_big, lam_hi, mid)
+    solved = torch.sign(vr) * torch.minimum((a - lam_hi).clamp_min(0), cap)
+    out = clipped.clone()
+    out[rows] = solved.to(v.dtype)
+    return out

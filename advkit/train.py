@@ -1,0 +1,214 @@
+"""The trainer: standard training now; adversarial recipes plug in through ``perturb``.
+
+Training is deterministic for a given seed (the shuffling order of every epoch
+is drawn from ``seed + epoch``), checkpoints every epoch, and resumes where an
+interrupted run stopped: ``state.pt`` holds weights, optimizer, scheduler and RNG
+states, written atomically and read back with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from advkit import data as datasets
+from advkit.models import checkpoint, zoo
+from advkit.progress import progress_bar
+
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "cosine", "step", "onecycle")
+
+#: ``perturb(model, x, y) -> x_train``: how a recipe changes a training batch
+#: (adversarial training returns adversarial examples). The model is in train mode.
+Perturb = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (recorded in the checkpoint)."""
+
+    arch: str = "small_cnn"
+    dataset: str = "mnist"
+    epochs: int = 2
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "onecycle"
+    seed: int = 0
+    train_limit: int | None = None
+    val_limit: int | None = 10000
+    recipe: str = "standard"
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.arch not in zoo.ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.arch!r}: use one of "
+                             f"{', '.join(zoo.ARCHITECTURES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}: use one of "
+                             f"{', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}: use one of "
+                             f"{', '.join(SCHEDULES)}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0 (got {self.lr})")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0 (got {self.weight_decay})")
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    checkpoint: Path
+    history: list[dict[str, float]]
+    seconds: float
+
+
+def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
+          progress: bool = True, perturb: Perturb | None = None,
+          device: str | torch.device = "cpu",
+          log: Callable[[str], None] = print) -> TrainResult:
+    """Train ``config.arch`` on ``config.dataset``; checkpoint to ``out_dir`` every epoch.
+
+    Returns the trained model (eval mode), the path of its advkit checkpoint
+    (``out_dir/model.safetensors``) and the per-epoch history. With ``resume``, a run
+    interrupted in ``out_dir`` continues after its last finished epoch.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    x_train, y_train = datasets.load(config.dataset, "train", config.train_limit)
+    x_val, y_val = datasets.load(config.dataset, "test", config.val_limit)
+    channels = x_train.shape[1]
+    kwargs = {"num_classes": datasets.num_classes(config.dataset), "channels": channels,
+              **config.arch_kwargs}
+    torch.manual_seed(config.seed)
+    model = zoo.create(config.arch, **kwargs).to(device)
+    steps_per_epoch = -(-x_train.shape[0] // config.batch_size)
+    optimizer = _optimizer(config, model)
+    scheduler = _scheduler(config, optimizer, steps_per_epoch)
+    history: list[dict[str, float]] = []
+    start_epoch, elapsed = 0, 0.0
+    state_path = out_dir / "state.pt"
+    if resume and state_path.exists():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        saved = json.loads(state["config"])
+        if saved != _jsonable(config):
+            raise ValueError(f"{out_dir} holds a run with another configuration "
+                             f"({_diff(saved, _jsonable(config))}); pick a new output folder "
+                             "or pass resume=False (CLI: --no-resume) to start over")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        history, start_epoch = json.loads(state["history"]), int(state["epoch"]) + 1
+        elapsed = float(state["seconds"])
+        log(f"resuming {out_dir} after epoch {start_epoch} of {config.epochs}")
+    ckpt = out_dir / "model.safetensors"
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        order = torch.randperm(x_train.shape[0],
+                               generator=torch.Generator().manual_seed(config.seed + epoch))
+        model.train()
+        seen, loss_sum, correct = 0, 0.0, 0
+        with progress_bar(progress, f"epoch {epoch + 1}/{config.epochs}",
+                          steps_per_epoch) as bar:
+            for i in range(steps_per_epoch):
+                idx = order[i * config.batch_size:(i + 1) * config.batch_size]
+                xb, yb = x_train[idx].to(device), y_train[idx].to(device)
+                if perturb is not None:
+                    xb = perturb(model, xb, yb).detach()
+                logits = model(xb)
+                loss = F.cross_entropy(logits, yb)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                seen += yb.shape[0]
+                loss_sum += loss.item() * yb.shape[0]
+                correct += int((logits.argmax(1) == yb).sum())
+                bar.advance(f"loss {loss_sum / seen:.4f}  acc {correct / seen:.2%}")
+        model.eval()
+        val_acc = accuracy(model, x_val, y_val, device=device)
+        elapsed += time.perf_counter() - t0
+        history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": correct / seen,
+                        "val_acc": val_acc, "seconds": elapsed})
+        log(f"epoch {epoch + 1}/{config.epochs}: loss {loss_sum / seen:.4f}, "
+            f"train acc {correct / seen:.2%}, test acc {val_acc:.2%} ({elapsed:.0f} s)")
+        checkpoint.save(model, ckpt, architecture=config.arch, arch_kwargs=kwargs,
+                        dataset=config.dataset, recipe=config.recipe, config=_jsonable(config),
+                        metrics={"clean_accuracy": val_acc, "val_samples": int(x_val.shape[0])},
+                        history=history, seconds=elapsed)
+        _atomic_torch_save({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+            "epoch": epoch, "config": json.dumps(_jsonable(config)),
+            "history": json.dumps(history), "seconds": elapsed,
+        }, state_path)
+    model.eval()
+    return TrainResult(model=model, checkpoint=ckpt, history=history, seconds=elapsed)
+
+
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 1000,
+             device: str | torch.device = "cpu") -> float:
+    """Clean accuracy of ``model`` on (x, y), in batches, without gradients."""
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            logits = model(x[i:i + batch_size].to(device))
+            correct += int((logits.argmax(1).cpu() == y[i:i + batch_size]).sum())
+    return correct / max(1, x.shape[0])
+
+
+def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.lr,
+                                weight_decay=config.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay, nesterov=config.momentum > 0)
+
+
+def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer,
+               steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    total = config.epochs * steps_per_epoch
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
+    if config.schedule == "step":  # divide by 10 at 50% and 75% of training
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, [total // 2, total * 3 // 4], 0.1)
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=total)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def _jsonable(config: TrainConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(config)))
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any]) -> str:
+    return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                     if a.get(k) != b.get(k))
+
+
+def _atomic_torch_save(obj: dict[str, Any], path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
