@@ -80,15 +80,27 @@ def list_attacks(as_json: JsonOpt = False) -> None:
         _print_rows(rows, "advkit attacks")
 
 
-def _build_attack(name: str, norm: str, eps: float, **options: object) -> attack_lib.Attack:
-    cls = attack_lib.get(name)
-    accepted = inspect.signature(cls.__init__).parameters
+def _build_attacks(names: list[str], norm: str, eps_list: list[float],
+                   **options: object) -> list[attack_lib.Attack]:
+    """One attack per name and eps; each option goes to the attacks that take it.
+
+    An option none of the attacks takes is an error (a typo, or the wrong attack).
+    """
+    classes = [attack_lib.get(name) for name in names]
+    accepted = [inspect.signature(cls.__init__).parameters for cls in classes]
     given = {k: v for k, v in options.items() if v is not None}
-    unknown = [k for k in given if k not in accepted]
-    if unknown:
-        flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
-        raise ValueError(f"{cls.__name__} takes no option {flags}")
-    return cls(ThreatModel(norm=norm, eps=eps), **given)
+    unused = [k for k in given if not any(k in params for params in accepted)]
+    if unused:
+        shown = list(dict.fromkeys(cls.__name__ for cls in classes))
+        flags = ", ".join("--" + k.replace("_", "-") for k in unused)
+        raise ValueError(f"{', '.join(shown)} take{'s' if len(shown) == 1 else ''} "
+                         f"no option {flags}")
+    return [cls(ThreatModel(norm=norm, eps=eps), **{k: v for k, v in given.items() if k in params})
+            for cls, params in zip(classes, accepted, strict=True) for eps in eps_list]
+
+
+def _build_attack(name: str, norm: str, eps: float, **options: object) -> attack_lib.Attack:
+    return _build_attacks([name], norm, [eps], **options)[0]
 
 
 def _load_model_and_data(model: str, dataset: str, split: str, limit: int | None, trust: bool):
@@ -169,8 +181,8 @@ def evaluate(
     attack_names = attack_names or ["pgd"]
     eps_list = eps or [0.3]
     try:
-        attacks = [_build_attack(a, norm, e, steps=steps, restarts=restarts, seed=seed)
-                   for a in attack_names for e in eps_list]
+        attacks = _build_attacks(attack_names, norm, eps_list, steps=steps, restarts=restarts,
+                                 seed=seed)
         net, x, y = _load_model_and_data(model, dataset, "test", limit, trust)
         clean = accuracy(net, x, y)
         results = [run_attack(a, net, x, y, batch_size=batch_size, progress=not as_json)

@@ -10,15 +10,14 @@ import base64
 import io
 import json
 import math
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from browser import run_chromium
 from PIL import Image
 
 from advkit.report import GalleryItem, write_html_report, write_json_report
@@ -312,22 +311,8 @@ def test_write_rejects_bad_input_naming_the_value(tmp_path: Path, changes, messa
 # --- rendered in a real browser ------------------------------------------------------------------
 
 
-def _chromium() -> str:
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    if binary is None:
-        reason = "chromium is not installed; run scripts/install_chromium.sh"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason} (CI=true: the browser rendering test must run in CI)")
-        pytest.skip(reason)
-    return binary
-
-
 def _run_chromium(report: Path, profile: Path, *arguments: str) -> subprocess.CompletedProcess:
-    command = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-               "--no-first-run", "--disable-background-networking", "--disable-component-update",
-               "--disable-sync", "--hide-scrollbars", f"--user-data-dir={profile}",
-               f"--window-size={WINDOW[0]},{WINDOW[1]}", *arguments, report.as_uri()]
-    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    return run_chromium(report, profile, *arguments, window=WINDOW)
 
 
 def test_chromium_screenshot_has_the_window_size_and_is_not_blank(

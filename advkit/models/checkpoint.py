@@ -30,7 +30,8 @@ def fingerprint(model: nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # reshape(-1): a 0-d tensor (BatchNorm's num_batches_tracked) has no byte view
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()[:16]
 
 
@@ -107,7 +108,10 @@ def load_weights(model: nn.Module, path: str | Path,
         state = _torch_load(path, map_location, trust)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # same names, other shapes
+        raise ValueError(f"{path} does not fit the model: {err}") from err
     if missing or unexpected:
         raise ValueError(f"{path} does not fit the model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")

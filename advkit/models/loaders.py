@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 import types
 import zipfile
@@ -29,6 +30,10 @@ import torch
 from torch import nn
 
 from advkit.models import checkpoint, zoo
+
+#: ``package.module:factory``. Told apart by shape, not by ``Path.suffix``: the dots of a
+#: dotted module name would read as a file extension.
+_FACTORY_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 
 def model_dir() -> Path:
@@ -59,9 +64,10 @@ def load(spec: str | Path, *, weights: str | Path | None = None, trust: bool = F
         map_location: device to load onto.
     """
     path = Path(spec)
+    is_factory = not path.is_file() and _FACTORY_SPEC.fullmatch(str(spec)) is not None
     if path.is_file():
         model = _load_file(path, trust, map_location)
-    elif ":" in str(spec) and not path.suffix:
+    elif is_factory:
         model = _load_factory(str(spec), weights, trust, map_location)
     elif str(spec).partition("-")[0] in zoo.ARCHITECTURES:
         trained = trained_path(str(spec))
@@ -78,7 +84,7 @@ def load(spec: str | Path, *, weights: str | Path | None = None, trust: bool = F
             f"{spec!r} is neither a file, a 'package.module:factory', nor a zoo name "
             f"({', '.join(zoo.ARCHITECTURES)})"
         )
-    if weights is not None and ":" not in str(spec):
+    if weights is not None and not is_factory:
         checkpoint.load_weights(model, weights, map_location, trust)
     return model.to(map_location).eval()
 

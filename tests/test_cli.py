@@ -1,0 +1,207 @@
+"""Specification of the ``advkit`` command line: ``attacks``, ``train``, ``attack`` and
+``evaluate`` print honest JSON, and bad input ends with exit code 2 and a one-line reason,
+never a traceback. (``advkit demo`` is specified elsewhere.)"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import Result
+from typer.testing import CliRunner
+
+from advkit import models
+from advkit.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+TAXONOMY = {
+    "falsification": {"false negative", "false positive"},
+    "knowledge": {"white box", "gray box", "black box"},
+    "specificity": {"untargeted", "targeted", "untargeted+targeted"},
+    "frequency": {"one-time", "iterative"},
+    "scope": {"individual", "universal"},
+    "perturbation": {"constrained", "optimized"},
+}
+
+runner = CliRunner()
+
+
+def invoke(*args: str) -> Result:
+    """Run ``advkit ARGS`` in-process, on a console wide enough not to wrap messages."""
+    return runner.invoke(app, list(args), env={"COLUMNS": "250"})
+
+
+def as_json(result: Result) -> object:
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("model-dir")
+
+
+@pytest.fixture(autouse=True)
+def _model_dir(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Installed models go to a folder of this module's, never the user's cache."""
+    monkeypatch.setenv("ADVKIT_MODEL_DIR", str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def trained(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """``advkit train`` of small_cnn for one epoch on 1,000 images (the JSON summary)."""
+    out = tmp_path_factory.mktemp("run")
+    result = runner.invoke(app, ["train", "--arch", "small_cnn", "--epochs", "1",
+                                 "--train-limit", "1000", "--out", str(out), "--json"],
+                           env={"ADVKIT_MODEL_DIR": str(model_dir)})
+    summary = as_json(result)
+    summary["out"] = out
+    return summary
+
+
+# ---------------------------------------------------------------- entry point and listing
+
+
+def test_the_module_entry_point_prints_help():
+    proc = subprocess.run([sys.executable, "-m", "advkit.cli", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for command in ("train", "attack", "evaluate", "attacks", "demo"):
+        assert command in proc.stdout
+
+
+def test_attacks_json_lists_every_attack_with_its_taxonomy_norms_and_paper():
+    rows = {row["attack"]: row for row in as_json(invoke("attacks", "--json"))}
+    assert {"FGSM", "BIM", "ILLC", "PGD", "MIFGSM"} <= set(rows)
+    for row in rows.values():
+        for axis, allowed in TAXONOMY.items():
+            assert row[axis] in allowed, (row["attack"], axis, row[axis])
+        assert row["norms"] and row["kind"] in {"budgeted", "minimal"}
+        assert len(row["paper"]) > 10
+    assert rows["FGSM"]["frequency"] == "one-time"
+    assert rows["PGD"]["frequency"] == "iterative"
+    assert "Madry" in rows["PGD"]["paper"]
+    assert "Goodfellow" in rows["FGSM"]["paper"]
+
+
+def test_attacks_without_json_prints_a_table_of_them():
+    result = invoke("attacks")
+    assert result.exit_code == 0, result.output
+    for text in ("FGSM", "BIM", "ILLC", "PGD", "MIFGSM", "falsification", "knowledge",
+                 "white box", "Madry"):
+        assert text in result.stdout
+
+
+# ---------------------------------------------------------------- train, attack, evaluate
+
+
+def test_train_writes_a_checkpoint_and_installs_it_under_the_zoo_name(trained, model_dir):
+    checkpoint = Path(trained["checkpoint"])
+    installed = Path(trained["installed"])
+    assert checkpoint == trained["out"] / "model.safetensors"
+    assert installed == model_dir / "small_cnn-mnist.safetensors"
+    assert installed.read_bytes() == checkpoint.read_bytes()
+    assert [h["epoch"] for h in trained["history"]] == [1]
+    assert models.read_metadata(installed)["config"]["train_limit"] == 1000
+
+
+def test_attack_on_the_installed_zoo_model_reports_consistent_numbers(trained):
+    row = as_json(invoke("attack", "--model", "small_cnn", "--attack", "fgsm", "--eps", "0.3",
+                         "--limit", "100", "--json"))
+    assert (row["attack"], row["norm"], row["eps"], row["n"]) == ("FGSM", "linf", 0.3, 100)
+    assert 0 <= row["robust_acc"] <= row["clean_acc"] <= 1
+    assert 0 <= row["success_rate"] <= 1
+    # untargeted success means misclassified: the two rates partition the images
+    assert math.isclose(row["robust_acc"] + row["success_rate"], 1, abs_tol=1e-6)
+    assert 0 <= row["median_norm"] <= 0.3 + 1e-6
+    assert row["backward_passes"] == 100
+
+
+def test_evaluate_runs_every_attack_at_every_eps(trained):
+    report = as_json(invoke("evaluate", "--model", trained["checkpoint"], "--attack", "fgsm",
+                            "--attack", "pgd", "--eps", "0.1", "--eps", "0.3", "--steps", "5",
+                            "--limit", "50", "--json"))
+    rows = {(r["attack"], r["eps"]): r for r in report["results"]}
+    assert len(report["results"]) == 4
+    assert set(rows) == {("FGSM", 0.1), ("FGSM", 0.3), ("PGD", 0.1), ("PGD", 0.3)}
+    assert report["n"] == 50
+    assert all(r["robust_acc"] <= report["clean_accuracy"] for r in rows.values())
+    assert rows["PGD", 0.3]["robust_acc"] <= rows["PGD", 0.1]["robust_acc"]
+    assert rows["PGD", 0.3]["backward_passes"] <= 5 * 50  # --steps reached PGD
+
+
+def test_attack_save_writes_adversarial_images_in_the_box_and_the_ball(trained, tmp_path):
+    path = tmp_path / "out.npz"
+    row = as_json(invoke("attack", "--model", trained["checkpoint"], "--attack", "pgd",
+                         "--eps", "0.2", "--steps", "5", "--limit", "20", "--save", str(path),
+                         "--json"))
+    assert row["saved"] == str(path)
+    with np.load(path) as saved:
+        x_adv, y, success, norms = (saved[k] for k in ("x_adv", "y", "success", "norms"))
+    assert x_adv.shape == (20, 1, 28, 28)
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert y.shape == success.shape == norms.shape == (20,)
+    assert norms.max() <= 0.2 + 1e-6
+    assert math.isclose(success.mean(), row["success_rate"], abs_tol=1e-6)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def check_refused(result: Result, *expected: str) -> None:
+    """Exit code 2, a readable ``error:`` line naming the problem, no traceback, no JSON."""
+    message = one_line(result.stderr)
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert message.startswith("error:"), message
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    for text in expected:
+        assert text in message, message
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["attack", "--attack", "nope"], ["unknown attack 'nope'", "fgsm"]),
+    (["attack", "--attack", "fgsm", "--eps", "-0.1"], ["eps must be >= 0 (got -0.1)"]),
+    (["attack", "--attack", "fgsm", "--norm", "l1"], ["FGSM supports norms linf, l2", "'l1'"]),
+    (["attack", "--attack", "fgsm", "--restarts", "2"], ["FGSM takes no option --restarts"]),
+    (["evaluate", "--attack", "fgsm", "--attack", "bim", "--restarts", "2"],
+     ["FGSM, BIM take no option --restarts"]),
+    (["evaluate", "--attack", "pgd", "--eps", "0.1", "--eps", "-1"], ["eps must be >= 0"]),
+    (["train", "--epochs", "0"], ["epochs must be >= 1 (got 0)"]),
+    (["train", "--optimizer", "rmsprop"], ["unknown optimizer 'rmsprop'"]),
+], ids=["unknown-attack", "negative-eps", "unsupported-norm", "option-fgsm-lacks",
+        "option-no-attack-takes", "negative-eps-evaluate", "zero-epochs", "unknown-optimizer"])
+def test_bad_input_is_refused_with_exit_code_2_and_a_reason(args, expected):
+    check_refused(invoke(*args, "--json"), *expected)
+
+
+@pytest.mark.parametrize("command", ["attack", "evaluate"])
+def test_a_missing_model_file_is_refused_naming_it(command, tmp_path):
+    missing = tmp_path / "missing.safetensors"
+    result = invoke(command, "--model", str(missing), "--attack", "fgsm", "--limit", "10",
+                    "--json")
+    check_refused(result)
+    assert str(missing) in "".join(result.stderr.split())
+
+
+def test_an_untrained_zoo_name_is_refused_with_how_to_train_it():
+    check_refused(invoke("attack", "--model", "lenet5", "--attack", "fgsm", "--json"),
+                  "advkit train --arch lenet5")
+
+
+def test_a_pickled_model_file_is_refused_with_a_hint_to_trust(tmp_path):
+    path = tmp_path / "whole.pt"
+    torch.save(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)), path)
+    check_refused(invoke("attack", "--model", str(path), "--attack", "fgsm", "--json"),
+                  "--trust")

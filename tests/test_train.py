@@ -1,0 +1,170 @@
+"""Specification of advkit.train: a short run learns, records its config and metrics in the
+checkpoint, is bit-for-bit reproducible from its seed, and resumes an interrupted run to the
+very weights an uninterrupted one reaches."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from advkit import models
+from advkit.train import TrainConfig, TrainResult, accuracy, train
+
+#: Two short epochs: 8 batches each, ~65% test accuracy (chance is 10%).
+CONFIG = TrainConfig(arch="small_cnn", dataset="mnist", epochs=2, batch_size=128,
+                     train_limit=1000, val_limit=500, seed=0)
+STEPS_PER_EPOCH = 8
+
+
+class Killed(Exception):
+    """Stands in for the process being killed mid-run."""
+
+
+def noisy(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Gaussian-noise augmentation drawn from the global RNG, so that a resumed run only
+    matches when the trainer restores the RNG state too."""
+    return (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
+
+
+def counting(perturb: Callable, calls: list[int], kill_after: int | None = None) -> Callable:
+    """``perturb`` that counts its batches and, past ``kill_after`` of them, 'kills' the run."""
+    def hook(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        if kill_after is not None and len(calls) >= kill_after:
+            raise Killed
+        calls.append(1)
+        return perturb(model, x, y)
+    return hook
+
+
+def run(config: TrainConfig, out_dir: Path, **kwargs: object) -> TrainResult:
+    kwargs.setdefault("perturb", noisy)
+    return train(config, out_dir, progress=False, log=lambda _: None, **kwargs)
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def without_seconds(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+@pytest.fixture(autouse=True)
+def _model_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ADVKIT_MODEL_DIR", str(tmp_path / "model-dir"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    """CONFIG trained in one go (shared: read it, never train into its folder)."""
+    return run(CONFIG, tmp_path_factory.mktemp("reference"))
+
+
+# ---------------------------------------------------------------- learning and recording
+
+
+def test_a_short_run_learns_far_above_chance(reference):
+    assert reference.history[-1]["val_acc"] > 0.4
+
+
+def test_the_history_has_one_entry_per_epoch(reference):
+    assert [h["epoch"] for h in reference.history] == [1, 2]
+    assert all(0 <= h["train_acc"] <= 1 and h["loss"] > 0 for h in reference.history)
+
+
+def test_the_returned_model_is_in_eval_mode(reference):
+    assert not any(m.training for m in reference.model.modules())
+
+
+def test_the_checkpoint_holds_the_config_and_the_metrics(reference):
+    meta = models.read_metadata(reference.checkpoint)
+    assert meta["config"] == asdict(CONFIG)
+    assert meta["architecture"] == "small_cnn"
+    assert meta["dataset"] == "mnist"
+    assert meta["recipe"] == "standard"
+    assert meta["metrics"] == {"clean_accuracy": reference.history[-1]["val_acc"],
+                               "val_samples": 500}
+    assert meta["history"] == reference.history
+
+
+def test_the_checkpoint_loads_as_the_trained_model(reference):
+    from advkit import data
+
+    loaded = models.load(reference.checkpoint)
+    assert same_weights(loaded, reference.model)
+    x, y = data.load("mnist", split="test", limit=500)
+    assert accuracy(loaded, x, y) == reference.history[-1]["val_acc"]
+
+
+# ---------------------------------------------------------------- reproducibility
+
+
+def test_the_same_seed_gives_bit_identical_weights(reference, tmp_path):
+    assert same_weights(run(CONFIG, tmp_path).model, reference.model)
+
+
+def test_another_seed_gives_other_weights(reference, tmp_path):
+    assert not same_weights(run(replace(CONFIG, seed=1), tmp_path).model, reference.model)
+
+
+# ---------------------------------------------------------------- resuming
+
+
+def test_a_run_killed_after_epoch_one_resumes_to_the_uninterrupted_weights(reference,
+                                                                           tmp_path):
+    with pytest.raises(Killed):
+        run(CONFIG, tmp_path, perturb=counting(noisy, [], kill_after=STEPS_PER_EPOCH))
+    assert len(models.read_metadata(tmp_path / "model.safetensors")["history"]) == 1
+
+    batches: list[int] = []
+    messages: list[str] = []
+    resumed = train(CONFIG, tmp_path, progress=False, log=messages.append,
+                    perturb=counting(noisy, batches))
+    assert any("resuming" in m for m in messages)
+    assert len(batches) == STEPS_PER_EPOCH  # only epoch 2 ran
+    assert same_weights(resumed.model, reference.model)
+    assert without_seconds(resumed.history) == without_seconds(reference.history)
+
+
+def test_resuming_a_finished_run_trains_nothing_and_returns_its_model(reference, tmp_path):
+    shutil.copytree(reference.checkpoint.parent, tmp_path, dirs_exist_ok=True)
+    batches: list[int] = []
+    again = run(CONFIG, tmp_path, perturb=counting(noisy, batches))
+    assert batches == []
+    assert same_weights(again.model, reference.model)
+
+
+def test_resuming_with_another_config_is_refused_naming_the_difference(reference, tmp_path):
+    shutil.copy(reference.checkpoint.parent / "state.pt", tmp_path / "state.pt")
+    with pytest.raises(ValueError, match=r"another configuration \(lr: 0.001 -> 0.002\)") as err:
+        run(replace(CONFIG, lr=2e-3), tmp_path)
+    assert "resume=False" in str(err.value)
+
+
+def test_resume_false_starts_over_in_a_folder_of_another_run(reference, tmp_path):
+    shutil.copy(reference.checkpoint.parent / "state.pt", tmp_path / "state.pt")
+    fresh = run(replace(CONFIG, epochs=1, train_limit=256, val_limit=100), tmp_path,
+                resume=False)
+    assert len(fresh.history) == 1
+    assert models.read_metadata(fresh.checkpoint)["config"]["epochs"] == 1
+
+
+# ---------------------------------------------------------------- configuration checks
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("arch", "resnet9000"), ("optimizer", "rmsprop"), ("schedule", "linear"),
+    ("epochs", 0), ("batch_size", 0), ("lr", 0.0), ("lr", -0.001), ("weight_decay", -0.1),
+])
+def test_a_bad_config_is_refused_naming_the_value(field, value):
+    with pytest.raises(ValueError, match=re.escape(str(value))) as err:
+        TrainConfig(**{field: value})
+    assert field in str(err.value)
