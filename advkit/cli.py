@@ -28,6 +28,7 @@ DatasetOpt = Annotated[str, typer.Option(help="mnist, fashion-mnist, cifar10, ..
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
 TrustOpt = Annotated[bool, typer.Option("--trust", help="allow unpickling the model file "
                                                          "(only for files you trust)")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ... or auto (cuda if present)")]
 
 
 def _fail(message: str) -> typer.Exit:
@@ -103,11 +104,28 @@ def _build_attack(name: str, norm: str, eps: float, **options: object) -> attack
     return _build_attacks([name], norm, [eps], **options)[0]
 
 
-def _load_model_and_data(model: str, dataset: str, split: str, limit: int | None, trust: bool):
+def _device(name: str) -> str:
+    import torch
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _load_model_and_data(model: str, dataset: str, split: str, limit: int | None, trust: bool,
+                         device: str):
     from advkit import data, models
-    net = models.load(model, trust=trust)
+    net = models.load(model, trust=trust, map_location=device)
     x, y = data.load(dataset, split=split, limit=limit)
     return net, x, y
+
+
+def _provenance(net, model: str, dataset: str, split: str, n: int, device: str) -> dict:
+    """What a result was produced with (DESIGN.md, principle 4)."""
+    from advkit.environment import describe
+    from advkit.models import fingerprint
+    return {"model": model, "model_fingerprint": fingerprint(net),
+            "data": {"dataset": dataset, "split": split, "first": n},
+            "environment": describe(device)}
 
 
 @app.command()
@@ -129,6 +147,7 @@ def attack(
     batch_size: Annotated[int, typer.Option(help="images per batch")] = 500,
     save: Annotated[Path | None, typer.Option(help="write x_adv, y, success, norms (.npz)")] = None,
     trust: TrustOpt = False,
+    device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Run one attack on a model and a data slice; print the result (optionally save x_adv)."""
@@ -139,13 +158,14 @@ def attack(
     try:
         atk = _build_attack(attack_name, norm, eps, steps=steps, step_size=step_size,
                             restarts=restarts, loss=loss, seed=seed)
-        net, x, y = _load_model_and_data(model, dataset, split, limit, trust)
+        device = _device(device)
+        net, x, y = _load_model_and_data(model, dataset, split, limit, trust, device)
         targets = None
         if target is not None:
             keep = y != target
             x, y = x[keep], y[keep]
             targets = torch.full_like(y, target)
-        clean = accuracy(net, x, y)
+        clean = accuracy(net, x, y, device=device)
         result = run_attack(atk, net, x, y, targets, batch_size=batch_size, progress=not as_json)
     except (ValueError, FileNotFoundError, TypeError) as err:
         raise _fail(str(err)) from err
@@ -155,7 +175,8 @@ def attack(
                             success=result.success.numpy(), norms=result.norms.numpy())
         row["saved"] = str(save)
     if as_json:
-        _print_json({"model": model, "dataset": dataset, "config": result.config, **row})
+        _print_json({**_provenance(net, model, dataset, split, len(x), device),
+                     "config": result.config, **row})
     else:
         _print_rows([row], f"{result.attack} on {model} ({dataset} {split}, {len(result)} images)",
                     TABLE_KEYS)
@@ -174,6 +195,7 @@ def evaluate(
     limit: Annotated[int, typer.Option(help="number of test images")] = 1000,
     batch_size: Annotated[int, typer.Option(help="images per batch")] = 500,
     trust: TrustOpt = False,
+    device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Clean and robust accuracy of a model under attacks at one or more eps."""
@@ -183,16 +205,18 @@ def evaluate(
     try:
         attacks = _build_attacks(attack_names, norm, eps_list, steps=steps, restarts=restarts,
                                  seed=seed)
-        net, x, y = _load_model_and_data(model, dataset, "test", limit, trust)
-        clean = accuracy(net, x, y)
+        device = _device(device)
+        net, x, y = _load_model_and_data(model, dataset, "test", limit, trust, device)
+        clean = accuracy(net, x, y, device=device)
         results = [run_attack(a, net, x, y, batch_size=batch_size, progress=not as_json)
                    for a in attacks]
     except (ValueError, FileNotFoundError, TypeError) as err:
         raise _fail(str(err)) from err
     rows = table_rows(results, clean)
     if as_json:
-        _print_json({"model": model, "dataset": dataset, "n": int(x.shape[0]),
-                     "clean_accuracy": clean, "results": rows})
+        _print_json({**_provenance(net, model, dataset, "test", len(x), device),
+                     "n": int(x.shape[0]), "clean_accuracy": clean, "results": rows,
+                     "configs": [r.config for r in results]})
     else:
         _print_rows(rows, f"{model} on {dataset} ({x.shape[0]} test images)", TABLE_KEYS)
 
@@ -211,6 +235,7 @@ def train_cmd(
     train_limit: Annotated[int | None, typer.Option(help="first N training images")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="run folder (checkpoints)")] = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = True,
+    device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Train a zoo model (checkpoint every epoch, resumable); install it for `--model ARCH`."""
@@ -223,7 +248,7 @@ def train_cmd(
                              lr=lr, optimizer=optimizer, schedule=schedule,
                              weight_decay=weight_decay, seed=seed, train_limit=train_limit)
         run_dir = out_dir or model_dir() / "runs" / f"{arch}-{dataset}-seed{seed}"
-        result = train(config, run_dir, resume=resume, progress=not as_json,
+        result = train(config, run_dir, resume=resume, progress=not as_json, device=_device(device),
                        log=(lambda _: None) if as_json else console.print)
     except (ValueError, FileNotFoundError) as err:
         raise _fail(str(err)) from err

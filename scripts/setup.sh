@@ -10,7 +10,7 @@ PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+PIP=(.venv/bin/python -m pip install -qq --disable-pip-version-check)
 
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     "${PIP[@]}" "torch==2.13.0"
