@@ -53,6 +53,7 @@ def merge(parts: Sequence[AttackResult]) -> AttackResult:
         forward_passes=sum(p.forward_passes for p in parts),
         backward_passes=sum(p.backward_passes for p in parts),
         seconds=sum(p.seconds for p in parts),
+        extras={k: torch.cat([p.extras[k] for p in parts]) for k in first.extras},
     )
 
 
@@ -83,7 +84,8 @@ def _to_cpu(result: AttackResult) -> AttackResult:
     move = lambda t: t.cpu() if isinstance(t, Tensor) else t  # noqa: E731
     return replace(result, x_adv=move(result.x_adv), success=move(result.success),
                    norms=move(result.norms), predictions=move(result.predictions),
-                   labels=move(result.labels), targets=move(result.targets))
+                   labels=move(result.labels), targets=move(result.targets),
+                   extras={k: move(v) for k, v in result.extras.items()})
 
 
 def finite_or_none(value: float) -> float | None:

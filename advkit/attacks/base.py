@@ -54,6 +54,9 @@ class AttackResult:
             (one image through the model once = 1), checks and the success
             pass included.
         seconds: wall time of the whole call.
+        extras: further per-sample tensors (first dim N) an attack reports, such as
+            ``queries`` (model queries per sample, for score- and decision-based
+            attacks) or several candidate examples per image.
     """
 
     x_adv: Tensor
@@ -69,6 +72,7 @@ class AttackResult:
     threat: ThreatModel
     kind: str = "budgeted"
     config: dict = field(default_factory=dict)
+    extras: dict[str, Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.x_adv.shape[0]
@@ -230,7 +234,8 @@ class Attack(ABC):
             generator = None
             if self.seed is not None:
                 generator = torch.Generator(device=x.device).manual_seed(self.seed)
-            x_adv = self._run(counted, x, y, targets, clean_logits, generator)
+            out = self._run(counted, x, y, targets, clean_logits, generator)
+            x_adv, extras = out if isinstance(out, tuple) else (out, {})
             x_adv = x_adv.detach().clamp(*self.threat.bounds)
             logits = counted.logits(x_adv)
         norms = self.threat.norms(x_adv - x)
@@ -244,6 +249,7 @@ class Attack(ABC):
             labels=y, targets=targets, forward_passes=counted.forward_passes,
             backward_passes=counted.backward_passes, seconds=time.perf_counter() - start,
             attack=type(self).__name__, threat=self.threat, kind=self.kind, config=self.config(),
+            extras=extras,
         )
 
     def _choose_targets(self, clean_logits: Tensor, y: Tensor,
@@ -255,8 +261,13 @@ class Attack(ABC):
     def _run(
         self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
         clean_logits: Tensor, generator: torch.Generator | None,
-    ) -> Tensor:
-        """Return adversarial images for ``x`` (shape of x, inside the threat model)."""
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        """Return adversarial images for ``x`` (shape of x, inside the threat model).
+
+        An attack may also return ``(x_adv, extras)``: per-sample tensors that end
+        up in ``AttackResult.extras``. Minimal-norm attacks return ``x`` itself
+        where they found nothing.
+        """
 
 
 def _check_inputs(
