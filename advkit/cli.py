@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from advkit import attacks as attack_lib
-from advkit.evaluation import finite_or_none, run_attack, table_rows
+from advkit.evaluation import curve_rows, curves, finite_or_none, run_attack, table_rows
 from advkit.threat import ThreatModel
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -81,13 +81,10 @@ def list_attacks(as_json: JsonOpt = False) -> None:
         _print_rows(rows, "advkit attacks")
 
 
-def _build_attacks(names: list[str], norm: str, eps_list: list[float],
-                   **options: object) -> list[attack_lib.Attack]:
-    """One attack per name and eps; each option goes to the attacks that take it.
-
-    An option none of the attacks takes is an error (a typo, or the wrong attack).
-    """
-    classes = [attack_lib.get(name) for name in names]
+def _options_for(classes: list[type[attack_lib.Attack]],
+                 options: dict[str, object]) -> list[dict[str, object]]:
+    """Each given option goes to the attacks that take it; one none of them takes is an
+    error (a typo, or the wrong attack)."""
     accepted = [inspect.signature(cls.__init__).parameters for cls in classes]
     given = {k: v for k, v in options.items() if v is not None}
     unused = [k for k in given if not any(k in params for params in accepted)]
@@ -96,12 +93,26 @@ def _build_attacks(names: list[str], norm: str, eps_list: list[float],
         flags = ", ".join("--" + k.replace("_", "-") for k in unused)
         raise ValueError(f"{', '.join(shown)} take{'s' if len(shown) == 1 else ''} "
                          f"no option {flags}")
-    return [cls(ThreatModel(norm=norm, eps=eps), **{k: v for k, v in given.items() if k in params})
-            for cls, params in zip(classes, accepted, strict=True) for eps in eps_list]
+    return [{k: v for k, v in given.items() if k in params} for params in accepted]
 
 
-def _build_attack(name: str, norm: str, eps: float, **options: object) -> attack_lib.Attack:
-    return _build_attacks([name], norm, [eps], **options)[0]
+def _build_attacks(names: list[str], norm: str, eps_list: list[float],
+                   **options: object) -> list[attack_lib.Attack]:
+    """One budgeted attack per name and eps; one uncapped run per minimal-norm attack
+    (its curve gives every eps)."""
+    classes = [attack_lib.get(name) for name in names]
+    return [cls(ThreatModel(norm=norm, eps=eps), **opts)
+            for cls, opts in zip(classes, _options_for(classes, options), strict=True)
+            for eps in ([math.inf] if cls.kind == "minimal" else eps_list)]
+
+
+def _build_attack(name: str, norm: str, eps: float | None,
+                  **options: object) -> attack_lib.Attack:
+    """One attack; no eps means 0.3 for a budgeted attack and no cap for a minimal-norm one."""
+    cls = attack_lib.get(name)
+    if eps is None:
+        eps = math.inf if cls.kind == "minimal" else 0.3
+    return cls(ThreatModel(norm=norm, eps=eps), **_options_for([cls], options)[0])
 
 
 def _device(name: str) -> str:
@@ -134,7 +145,9 @@ def attack(
     attack_name: Annotated[str, typer.Option("--attack", "-a",
                                              help="see `advkit attacks`")] = "pgd",
     norm: Annotated[str, typer.Option(help="linf, l2 or l1")] = "linf",
-    eps: Annotated[float, typer.Option(help="budget, [0, 1] pixel scale")] = 0.3,
+    eps: Annotated[float | None, typer.Option(
+        help="budget in [0, 1] pixel units (default 0.3; minimal-norm attacks: a cap, "
+             "none by default)")] = None,
     steps: Annotated[int | None, typer.Option(help="iterations")] = None,
     step_size: Annotated[float | None, typer.Option(help="step length")] = None,
     restarts: Annotated[int | None, typer.Option(help="random restarts (PGD)")] = None,
@@ -187,13 +200,17 @@ def evaluate(
     model: ModelOpt = "small_cnn",
     attack_names: Annotated[list[str], typer.Option("--attack", "-a", help="repeatable")] = None,
     norm: Annotated[str, typer.Option(help="linf, l2 or l1")] = "linf",
-    eps: Annotated[list[float], typer.Option(help="repeatable: one run per eps")] = None,
+    eps: Annotated[list[float], typer.Option(
+        help="repeatable: one run per eps (minimal-norm attacks run once; their curve is "
+             "read at each eps)")] = None,
     steps: Annotated[int | None, typer.Option(help="iterations")] = None,
     restarts: Annotated[int | None, typer.Option(help="random restarts (PGD)")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     dataset: DatasetOpt = "mnist",
     limit: Annotated[int, typer.Option(help="number of test images")] = 1000,
     batch_size: Annotated[int, typer.Option(help="images per batch")] = 500,
+    report: Annotated[Path | None, typer.Option(
+        help="also write an HTML report (table, accuracy-vs-eps plot, gallery) here")] = None,
     trust: TrustOpt = False,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
@@ -212,13 +229,33 @@ def evaluate(
                    for a in attacks]
     except (ValueError, FileNotFoundError, TypeError) as err:
         raise _fail(str(err)) from err
-    rows = table_rows(results, clean)
+    rows = [row for r in results for row in (
+        curve_rows(r, eps_list, clean) if r.kind == "minimal" else table_rows([r], clean))]
+    provenance = _provenance(net, model, dataset, "test", len(x), device)
+    if report is not None:
+        _write_report(report, net, x, results, rows, curves(results, eps_list, clean),
+                      provenance, dataset)
     if as_json:
-        _print_json({**_provenance(net, model, dataset, "test", len(x), device),
-                     "n": int(x.shape[0]), "clean_accuracy": clean, "results": rows,
-                     "configs": [r.config for r in results]})
+        _print_json({**provenance, "n": int(x.shape[0]), "clean_accuracy": clean,
+                     "results": rows, "configs": [r.config for r in results],
+                     **({"report": str(report)} if report is not None else {})})
     else:
         _print_rows(rows, f"{model} on {dataset} ({x.shape[0]} test images)", TABLE_KEYS)
+
+
+def _write_report(path: Path, net, x, results, rows, curve_points, provenance, dataset) -> None:
+    from advkit import data
+    from advkit.report import gallery_items, write_html_report
+    names = data.class_names(dataset)
+    strongest = max(results, key=lambda r: r.success_rate)
+    env = {**provenance.pop("environment"), **{k: str(v) for k, v in provenance.items()}}
+    shown = ["attack", "norm", "eps", "clean_acc", "robust_acc", "success_rate", "median_norm",
+             "images_per_s"]
+    write_html_report(path, title=f"advkit evaluation: {provenance['model']} on {dataset}",
+                      summary=[{k: row[k] for k in shown} for row in rows],
+                      curves=curve_points, gallery=gallery_items(net, x, strongest, names),
+                      environment=env,
+                      notes=["Success is re-checked with a fresh forward pass after every attack."])
 
 
 @app.command("train")

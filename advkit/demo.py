@@ -19,7 +19,7 @@ from advkit.attacks import FGSM, PGD, AttackResult
 from advkit.environment import describe
 from advkit.evaluation import run_attack, table_rows
 from advkit.models import checkpoint, trained_path
-from advkit.report import GalleryItem, write_html_report, write_json_report
+from advkit.report import gallery_items, write_html_report, write_json_report
 from advkit.threat import ThreatModel
 from advkit.train import TrainConfig, accuracy, train
 
@@ -74,7 +74,7 @@ def run_demo(out_dir: str | Path = "advkit-output/demo", *, limit: int = 1000,
     curves = {f"{name} (Linf)": [(0.0, clean)] + [(r.threat.eps, r.robust_accuracy)
                                                   for r in rs] for name, rs in results.items()}
     gallery_result = next(r for r in results["PGD"] if r.threat.eps == GALLERY_EPS)
-    gallery = _gallery(model, x, gallery_result)
+    gallery = gallery_items(model, x, gallery_result, data.class_names("mnist"))
     env = {**describe(), "model": "small_cnn (advkit zoo)",
            "model fingerprint": checkpoint.fingerprint(model),
            "data": f"MNIST test[:{x.shape[0]}]", "seed": 0,
@@ -94,27 +94,3 @@ def run_demo(out_dir: str | Path = "advkit-output/demo", *, limit: int = 1000,
                       gallery=gallery, environment=env, notes=notes)
     return {"n": int(x.shape[0]), "clean_accuracy": clean, "results": rows, "curves": curves,
             "report": str(report), "json": str(out_dir / "report.json")}
-
-
-def _gallery(model: nn.Module, x: torch.Tensor, result: AttackResult,
-             per_class: int = 1) -> list[GalleryItem]:
-    """One broken, originally correct example per class (the classic side-by-side figure)."""
-    names = data.class_names("mnist")
-    with torch.no_grad():
-        p_clean = model(x).softmax(1)
-        p_adv = model(result.x_adv).softmax(1)
-    items: list[GalleryItem] = []
-    taken: dict[int, int] = {}
-    for i in range(x.shape[0]):
-        label = int(result.labels[i])
-        if (not result.success[i] or int(p_clean[i].argmax()) != label
-                or taken.get(label, 0) >= per_class):
-            continue
-        taken[label] = taken.get(label, 0) + 1
-        c_pred, a_pred = int(p_clean[i].argmax()), int(p_adv[i].argmax())
-        items.append(GalleryItem(
-            clean=x[i], adversarial=result.x_adv[i], label=names[label],
-            clean_pred=names[c_pred], clean_conf=float(p_clean[i, c_pred]),
-            adv_pred=names[a_pred], adv_conf=float(p_adv[i, a_pred]),
-            attack=f"PGD linf eps={result.threat.eps:g}", norm=float(result.norms[i])))
-    return sorted(items, key=lambda item: names.index(item.label))

@@ -80,6 +80,27 @@ def table_rows(results: Sequence[AttackResult], clean_accuracy: float) -> list[d
     return rows
 
 
+def curve_rows(result: AttackResult, eps_list: Sequence[float],
+               clean_accuracy: float) -> list[dict]:
+    """Rows like :func:`table_rows`, one per eps, read off a minimal-norm attack's curve."""
+    base = table_rows([result], clean_accuracy)[0]
+    return [{**base, "eps": eps, "robust_acc": acc, "success_rate": 1.0 - acc}
+            for eps, acc in result.curve(eps_list)]
+
+
+def curves(results: Sequence[AttackResult], eps_list: Sequence[float],
+           clean_accuracy: float) -> dict[str, list[tuple[float, float]]]:
+    """Robust accuracy versus eps per attack: budgeted runs grouped by attack and norm,
+    minimal-norm runs read off at ``eps_list``; every curve starts at (0, clean)."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for r in results:
+        key = f"{r.attack} ({r.threat.norm})"
+        points = (r.curve(eps_list) if r.kind == "minimal"
+                  else [(r.threat.eps, r.robust_accuracy)])
+        out.setdefault(key, [(0.0, clean_accuracy)]).extend(points)
+    return {k: sorted(set(v)) for k, v in out.items()}
+
+
 def _to_cpu(result: AttackResult) -> AttackResult:
     move = lambda t: t.cpu() if isinstance(t, Tensor) else t  # noqa: E731
     return replace(result, x_adv=move(result.x_adv), success=move(result.success),

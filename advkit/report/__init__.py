@@ -3,6 +3,7 @@ robust-accuracy-versus-eps plot, adversarial-example gallery, environment) and i
 JSON twin.
 """
 
+from advkit.report.gallery import gallery_items
 from advkit.report.html import GalleryItem, write_html_report, write_json_report
 
-__all__ = ["GalleryItem", "write_html_report", "write_json_report"]
+__all__ = ["GalleryItem", "gallery_items", "write_html_report", "write_json_report"]
