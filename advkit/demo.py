@@ -21,7 +21,7 @@ from advkit.evaluation import run_attack, table_rows
 from advkit.models import checkpoint, trained_path
 from advkit.report import gallery_items, write_html_report, write_json_report
 from advkit.threat import ThreatModel
-from advkit.train import TrainConfig, accuracy, train
+from advkit.train import TrainConfig, accuracy, config_record, train
 
 #: The demo's model: three epochs of small_cnn, ~99% test accuracy in about a minute.
 DEMO_CONFIG = TrainConfig(arch="small_cnn", dataset="mnist", epochs=3, seed=0)
@@ -36,7 +36,7 @@ def demo_model(*, retrain: bool = False, progress: bool = True,
     if path.is_file() and not retrain:
         try:
             meta = checkpoint.read_metadata(path)
-            if meta.get("config") == _config_dict():
+            if meta.get("config") == config_record(DEMO_CONFIG):
                 log(f"using the cached model {path}")
                 return checkpoint.load_checkpoint(path)
             log(f"{path} was trained with another configuration; training the demo model")
@@ -48,11 +48,6 @@ def demo_model(*, retrain: bool = False, progress: bool = True,
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(result.checkpoint.read_bytes())
     return result.model
-
-
-def _config_dict() -> dict[str, Any]:
-    from advkit.train import _jsonable
-    return _jsonable(DEMO_CONFIG)
 
 
 def run_demo(out_dir: str | Path = "advkit-output/demo", *, limit: int = 1000,

@@ -1,4 +1,5 @@
-"""The trainer: standard training now; adversarial recipes plug in through ``perturb``.
+"""The trainer: every recipe (standard, adversarial, TRADES, MART, distillation, noise)
+runs through it; a recipe turns a batch into a loss (``advkit.defenses.Recipe``).
 
 Training is deterministic for a given seed (the shuffling order of every epoch
 is drawn from ``seed + epoch``), checkpoints every epoch, and resumes where an
@@ -18,20 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advkit import data as datasets
+from advkit.defenses.recipe import Recipe, StopTraining
 from advkit.models import checkpoint, zoo
 from advkit.progress import progress_bar
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine", "step", "onecycle")
-
-#: ``perturb(model, x, y) -> x_train``: how a recipe changes a training batch
-#: (adversarial training returns adversarial examples). The model is in train mode.
-Perturb = Callable[[nn.Module, Tensor, Tensor], Tensor]
-
 
 @dataclass
 class TrainConfig:
@@ -50,6 +46,7 @@ class TrainConfig:
     train_limit: int | None = None
     val_limit: int | None = 10000
     recipe: str = "standard"
+    lipschitz: bool = False
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -80,47 +77,57 @@ class TrainResult:
 
 
 def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
-          progress: bool = True, perturb: Perturb | None = None,
+          progress: bool = True, recipe: Recipe | None = None,
           device: str | torch.device = "cpu",
           log: Callable[[str], None] = print) -> TrainResult:
     """Train ``config.arch`` on ``config.dataset``; checkpoint to ``out_dir`` every epoch.
 
+    ``recipe`` (default: standard training) turns each batch into a loss; its name
+    must be ``config.recipe`` and its parameters are recorded with the config.
     Returns the trained model (eval mode), the path of its advkit checkpoint
     (``out_dir/model.safetensors``) and the per-epoch history. With ``resume``, a run
     interrupted in ``out_dir`` continues after its last finished epoch.
     """
+    recipe = recipe or Recipe()
+    if recipe.name != config.recipe:
+        raise ValueError(f"config.recipe is {config.recipe!r} but the recipe is "
+                         f"{recipe.name!r}; set TrainConfig(recipe={recipe.name!r})")
+    record = config_record(config, recipe)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     x_train, y_train = datasets.load(config.dataset, "train", config.train_limit)
     x_val, y_val = datasets.load(config.dataset, "test", config.val_limit)
     channels = x_train.shape[1]
     kwargs = {"num_classes": datasets.num_classes(config.dataset), "channels": channels,
-              **config.arch_kwargs}
+              "lipschitz": config.lipschitz, **config.arch_kwargs}
     torch.manual_seed(config.seed)
     model = zoo.create(config.arch, **kwargs).to(device)
     steps_per_epoch = -(-x_train.shape[0] // config.batch_size)
     optimizer = _optimizer(config, model)
     scheduler = _scheduler(config, optimizer, steps_per_epoch)
     history: list[dict[str, float]] = []
-    start_epoch, elapsed = 0, 0.0
+    start_epoch, elapsed, stopped = 0, 0.0, ""
     state_path = out_dir / "state.pt"
     if resume and state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=True)
         saved = json.loads(state["config"])
-        if saved != _jsonable(config):
+        if saved != record:
             raise ValueError(f"{out_dir} holds a run with another configuration "
-                             f"({_diff(saved, _jsonable(config))}); pick a new output folder "
+                             f"({_diff(saved, record)}); pick a new output folder "
                              "or pass resume=False (CLI: --no-resume) to start over")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         history, start_epoch = json.loads(state["history"]), int(state["epoch"]) + 1
-        elapsed = float(state["seconds"])
+        elapsed, stopped = float(state["seconds"]), str(state.get("stopped", ""))
         log(f"resuming {out_dir} after epoch {start_epoch} of {config.epochs}")
     ckpt = out_dir / "model.safetensors"
     for epoch in range(start_epoch, config.epochs):
+        if stopped:
+            break
         t0 = time.perf_counter()
+        recipe.start_epoch(epoch, config.epochs)
         order = torch.randperm(x_train.shape[0],
                                generator=torch.Generator().manual_seed(config.seed + epoch))
         model.train()
@@ -130,10 +137,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
             for i in range(steps_per_epoch):
                 idx = order[i * config.batch_size:(i + 1) * config.batch_size]
                 xb, yb = x_train[idx].to(device), y_train[idx].to(device)
-                if perturb is not None:
-                    xb = perturb(model, xb, yb).detach()
-                logits = model(xb)
-                loss = F.cross_entropy(logits, yb)
+                loss, logits = recipe.loss(model, xb, yb)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -143,20 +147,28 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
                 correct += int((logits.argmax(1) == yb).sum())
                 bar.advance(f"loss {loss_sum / seen:.4f}  acc {correct / seen:.2%}")
         model.eval()
+        try:
+            extra = recipe.end_epoch(model, epoch, x_val, y_val)
+        except StopTraining as stop:
+            stopped, extra = str(stop), {}
+            log(stopped)
         val_acc = accuracy(model, x_val, y_val, device=device)
         elapsed += time.perf_counter() - t0
         history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": correct / seen,
-                        "val_acc": val_acc, "seconds": elapsed})
+                        "val_acc": val_acc, **extra, "seconds": elapsed})
         log(f"epoch {epoch + 1}/{config.epochs}: loss {loss_sum / seen:.4f}, "
-            f"train acc {correct / seen:.2%}, test acc {val_acc:.2%} ({elapsed:.0f} s)")
+            f"train acc {correct / seen:.2%}, test acc {val_acc:.2%}"
+            + "".join(f", {k.replace('_', ' ')} {v:.2%}" for k, v in extra.items())
+            + f" ({elapsed:.0f} s)")
+        metrics = {"clean_accuracy": val_acc, "val_samples": int(x_val.shape[0]), **extra}
         checkpoint.save(model, ckpt, architecture=config.arch, arch_kwargs=kwargs,
-                        dataset=config.dataset, recipe=config.recipe, config=_jsonable(config),
-                        metrics={"clean_accuracy": val_acc, "val_samples": int(x_val.shape[0])},
-                        history=history, seconds=elapsed)
+                        dataset=config.dataset, recipe=config.recipe, config=record,
+                        metrics=metrics, history=history, seconds=elapsed,
+                        **({"stopped": stopped} if stopped else {}))
         _atomic_torch_save({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-            "epoch": epoch, "config": json.dumps(_jsonable(config)),
+            "epoch": epoch, "config": json.dumps(record), "stopped": stopped,
             "history": json.dumps(history), "seconds": elapsed,
         }, state_path)
     model.eval()
@@ -192,6 +204,11 @@ def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer,
     if config.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=total)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def config_record(config: TrainConfig, recipe: Recipe | None = None) -> dict[str, Any]:
+    """The configuration as recorded in checkpoints: config fields and recipe parameters."""
+    return {**_jsonable(config), "recipe_params": (recipe or Recipe()).params()}
 
 
 def _jsonable(config: TrainConfig) -> dict[str, Any]:

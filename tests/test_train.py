@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from advkit import models
+from advkit.defenses import Recipe
 from advkit.train import TrainConfig, TrainResult, accuracy, train
 
 #: Two short epochs: 8 batches each, ~65% test accuracy (chance is 10%).
@@ -27,24 +27,24 @@ class Killed(Exception):
     """Stands in for the process being killed mid-run."""
 
 
-def noisy(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+class Noisy(Recipe):
     """Gaussian-noise augmentation drawn from the global RNG, so that a resumed run only
-    matches when the trainer restores the RNG state too."""
-    return (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
+    matches when the trainer restores the RNG state too; counts its batches and, past
+    ``kill_after`` of them, 'kills' the run."""
 
+    def __init__(self, calls: list[int] | None = None, kill_after: int | None = None) -> None:
+        self.calls = calls if calls is not None else []
+        self.kill_after = kill_after
 
-def counting(perturb: Callable, calls: list[int], kill_after: int | None = None) -> Callable:
-    """``perturb`` that counts its batches and, past ``kill_after`` of them, 'kills' the run."""
-    def hook(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        if kill_after is not None and len(calls) >= kill_after:
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        if self.kill_after is not None and len(self.calls) >= self.kill_after:
             raise Killed
-        calls.append(1)
-        return perturb(model, x, y)
-    return hook
+        self.calls.append(1)
+        return super().loss(model, (x + 0.1 * torch.randn_like(x)).clamp(0, 1), y)
 
 
 def run(config: TrainConfig, out_dir: Path, **kwargs: object) -> TrainResult:
-    kwargs.setdefault("perturb", noisy)
+    kwargs.setdefault("recipe", Noisy())
     return train(config, out_dir, progress=False, log=lambda _: None, **kwargs)
 
 
@@ -86,7 +86,7 @@ def test_the_returned_model_is_in_eval_mode(reference):
 
 def test_the_checkpoint_holds_the_config_and_the_metrics(reference):
     meta = models.read_metadata(reference.checkpoint)
-    assert meta["config"] == asdict(CONFIG)
+    assert meta["config"] == {**asdict(CONFIG), "recipe_params": {}}
     assert meta["architecture"] == "small_cnn"
     assert meta["dataset"] == "mnist"
     assert meta["recipe"] == "standard"
@@ -121,13 +121,13 @@ def test_another_seed_gives_other_weights(reference, tmp_path):
 def test_a_run_killed_after_epoch_one_resumes_to_the_uninterrupted_weights(reference,
                                                                            tmp_path):
     with pytest.raises(Killed):
-        run(CONFIG, tmp_path, perturb=counting(noisy, [], kill_after=STEPS_PER_EPOCH))
+        run(CONFIG, tmp_path, recipe=Noisy(kill_after=STEPS_PER_EPOCH))
     assert len(models.read_metadata(tmp_path / "model.safetensors")["history"]) == 1
 
     batches: list[int] = []
     messages: list[str] = []
     resumed = train(CONFIG, tmp_path, progress=False, log=messages.append,
-                    perturb=counting(noisy, batches))
+                    recipe=Noisy(batches))
     assert any("resuming" in m for m in messages)
     assert len(batches) == STEPS_PER_EPOCH  # only epoch 2 ran
     assert same_weights(resumed.model, reference.model)
@@ -137,7 +137,7 @@ def test_a_run_killed_after_epoch_one_resumes_to_the_uninterrupted_weights(refer
 def test_resuming_a_finished_run_trains_nothing_and_returns_its_model(reference, tmp_path):
     shutil.copytree(reference.checkpoint.parent, tmp_path, dirs_exist_ok=True)
     batches: list[int] = []
-    again = run(CONFIG, tmp_path, perturb=counting(noisy, batches))
+    again = run(CONFIG, tmp_path, recipe=Noisy(batches))
     assert batches == []
     assert same_weights(again.model, reference.model)
 

@@ -146,12 +146,29 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
-def create(name: str, **kwargs: object) -> nn.Module:
+def create(name: str, *, lipschitz: bool = False, **kwargs: object) -> nn.Module:
     """A fresh model of the zoo architecture ``name`` (in eval mode).
 
-    ``kwargs`` go to the factory (``num_classes``, ``channels``, ...).
+    ``kwargs`` go to the factory (``num_classes``, ``channels``, ...). With
+    ``lipschitz=True`` every convolution and linear layer is spectrally normalised
+    (Miyato et al. 2018, arXiv 1802.05957), which bounds each layer's Lipschitz
+    constant (for convolutions, the normalised quantity is the reshaped kernel's
+    largest singular value: a bound up to a kernel-size factor, not exact).
     """
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}: use one of "
                          f"{', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[name].factory(**kwargs).eval()
+    model = ARCHITECTURES[name].factory(**kwargs)
+    if lipschitz:
+        spectral_normalize(model)
+    return model.eval()
+
+
+def spectral_normalize(model: nn.Module) -> nn.Module:
+    """Spectrally normalise every Conv2d and Linear layer of ``model`` in place."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    for module in list(model.modules()):
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            spectral_norm(module)
+    return model

@@ -1,0 +1,69 @@
+"""A training recipe: how one batch becomes a loss. The trainer runs any recipe.
+
+Standard training is the plain recipe; adversarial training, TRADES, MART,
+distillation and noise augmentation are recipes too, so they all share one
+trainer (seeding, checkpoints, resume, progress, distributed data parallelism).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class StopTraining(Exception):
+    """Raised by a recipe's ``end_epoch`` to end training early (with the reason)."""
+
+
+class Recipe:
+    """Standard training: cross-entropy on the clean batch.
+
+    Subclasses override :meth:`loss` (and may override :meth:`start_epoch`,
+    :meth:`end_epoch`). Everything that changes the result must be in
+    :meth:`params`: it is recorded in the checkpoint, and a resumed run with
+    other parameters is refused.
+    """
+
+    name = "standard"
+
+    def params(self) -> dict[str, Any]:
+        """The recipe's settings as JSON values."""
+        return {}
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Called before each epoch (``epoch`` counts from 0): schedules live here."""
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The loss of a batch (the model is in train mode) and the logits whose
+        accuracy the progress bar shows."""
+        logits = model(x)
+        return F.cross_entropy(logits, y), logits
+
+    def end_epoch(self, model: nn.Module, epoch: int, x_val: Tensor,
+                  y_val: Tensor) -> dict[str, float]:
+        """Called after each epoch with the model in eval mode and the held-out data;
+        returns extra metrics for the history, or raises :class:`StopTraining`."""
+        return {}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (attacks run on it directly:
+    an input-gradient pass through the wrapper would confuse its gradient reducer)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@contextmanager
+def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Craft training-time adversarial examples in eval mode (attack passes must not
+    update batch-norm statistics), then restore train mode. Yields the bare module."""
+    inner = unwrap(model)
+    was_training = inner.training
+    inner.eval()
+    try:
+        yield inner
+    finally:
+        inner.train(was_training)
