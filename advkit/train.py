@@ -147,6 +147,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
                 correct += int((logits.argmax(1) == yb).sum())
                 bar.advance(f"loss {loss_sum / seen:.4f}  acc {correct / seen:.2%}")
         model.eval()
+        if config.lipschitz:
+            zoo.settle_spectral_norms(model, x_val[:16].to(device))
         try:
             extra = recipe.end_epoch(model, epoch, x_val, y_val)
         except StopTraining as stop:

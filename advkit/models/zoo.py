@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -172,3 +173,30 @@ def spectral_normalize(model: nn.Module) -> nn.Module:
         if isinstance(module, nn.Conv2d | nn.Linear):
             spectral_norm(module)
     return model
+
+
+def settle_spectral_norms(model: nn.Module, x: Tensor, rounds: int = 50) -> None:
+    """Converge the power iteration of every spectral norm (in place, without gradients).
+
+    During training the estimate of each layer's largest singular value takes one
+    power-iteration step per batch while the weights move, so it lags behind; the
+    model as saved would then exceed the unit bound by a few percent. Only the
+    normalisations run in train mode here: batch-norm statistics do not change.
+    """
+    from torch.nn.utils.parametrize import is_parametrized
+
+    norms = [p for m in model.modules() if is_parametrized(m, "weight")
+             for p in m.parametrizations.weight]
+    if not norms:
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    for p in norms:
+        p.train()
+    try:
+        with torch.no_grad():
+            for _ in range(rounds):
+                model(x)
+    finally:
+        for module, training in modes:
+            module.training = training
