@@ -6,6 +6,7 @@ import inspect
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -270,26 +271,52 @@ def train_cmd(
     weight_decay: Annotated[float, typer.Option()] = 0.0,
     seed: Annotated[int, typer.Option()] = 0,
     train_limit: Annotated[int | None, typer.Option(help="first N training images")] = None,
+    defense: Annotated[str, typer.Option(
+        help="standard, pgd, fgsm_rs, trades, mart, distillation, noise")] = "standard",
+    norm: Annotated[str, typer.Option(help="adversarial recipes: linf, l2 or l1")] = "linf",
+    eps: Annotated[float, typer.Option(help="adversarial recipes: budget")] = 0.3,
+    attack_steps: Annotated[int | None, typer.Option(help="inner attack steps")] = None,
+    warmup_epochs: Annotated[int | None, typer.Option(help="eps warm-up epochs")] = None,
+    beta: Annotated[float | None, typer.Option(help="TRADES beta")] = None,
+    lam: Annotated[float | None, typer.Option(help="MART lambda")] = None,
+    temperature: Annotated[float | None, typer.Option(help="distillation T")] = None,
+    sigma: Annotated[float | None, typer.Option(help="noise std")] = None,
+    lipschitz: Annotated[bool, typer.Option(help="spectrally normalised layers")] = False,
     out_dir: Annotated[Path | None, typer.Option("--out", help="run folder (checkpoints)")] = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = True,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """Train a zoo model (checkpoint every epoch, resumable); install it for `--model ARCH`."""
+    """Train a zoo model with a recipe (checkpoint every epoch, resumable); install it so
+    that `--model ARCH` (or ARCH-DATASET) finds it."""
     import shutil
 
+    from advkit.defenses import build_recipe
     from advkit.models import model_dir, trained_path
     from advkit.train import TrainConfig, train
+    log = (lambda _: None) if as_json else console.print
+    options = {"steps": attack_steps, "warmup_epochs": warmup_epochs, "beta": beta, "lam": lam,
+               "temperature": temperature, "sigma": sigma}
     try:
         config = TrainConfig(arch=arch, dataset=dataset, epochs=epochs, batch_size=batch_size,
                              lr=lr, optimizer=optimizer, schedule=schedule,
-                             weight_decay=weight_decay, seed=seed, train_limit=train_limit)
-        run_dir = out_dir or model_dir() / "runs" / f"{arch}-{dataset}-seed{seed}"
-        result = train(config, run_dir, resume=resume, progress=not as_json, device=_device(device),
-                       log=(lambda _: None) if as_json else console.print)
+                             weight_decay=weight_decay, seed=seed, train_limit=train_limit,
+                             lipschitz=lipschitz)
+        run_dir = out_dir or model_dir() / "runs" / f"{arch}-{dataset}-{defense}-seed{seed}"
+        teacher = None
+        if defense == "distillation":  # the teacher first, at the same temperature
+            teacher_recipe = build_recipe("temperature", ThreatModel(norm, eps), **options)
+            log(f"training the distillation teacher at T={teacher_recipe.temperature:g}")
+            teacher = train(replace(config, recipe="temperature"), run_dir / "teacher",
+                            resume=resume, progress=not as_json, device=_device(device),
+                            recipe=teacher_recipe, log=log).model
+        recipe = build_recipe(defense, ThreatModel(norm, eps), teacher=teacher, **options)
+        result = train(replace(config, recipe=recipe.name), run_dir, resume=resume,
+                       progress=not as_json, device=_device(device), recipe=recipe, log=log)
     except (ValueError, FileNotFoundError) as err:
         raise _fail(str(err)) from err
-    installed = trained_path(f"{arch}-{dataset}")
+    # A defended model is installed beside the standard one: small_cnn-mnist-trades.
+    installed = trained_path(f"{arch}-{dataset}" + ("" if defense == "standard" else f"-{defense}"))
     installed.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result.checkpoint, installed)
     summary = {"checkpoint": str(result.checkpoint), "installed": str(installed),

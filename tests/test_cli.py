@@ -205,3 +205,24 @@ def test_a_pickled_model_file_is_refused_with_a_hint_to_trust(tmp_path):
     torch.save(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)), path)
     check_refused(invoke("attack", "--model", str(path), "--attack", "fgsm", "--json"),
                   "--trust")
+
+
+def test_train_with_a_defense_installs_the_model_beside_the_standard_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADVKIT_MODEL_DIR", str(tmp_path / "models"))
+    result = runner.invoke(app, ["train", "--defense", "fgsm_rs", "--eps", "0.1", "--epochs", "1",
+                                 "--train-limit", "256", "--out", str(tmp_path / "run"),
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["installed"].endswith("small_cnn-mnist-fgsm_rs.safetensors")
+    assert "robust_acc" in summary["history"][0]
+    meta = models.read_metadata(summary["installed"])
+    assert meta["recipe"] == "fgsm_rs" and meta["config"]["recipe_params"]["eps"] == 0.1
+
+
+@pytest.mark.parametrize("args", [["--defense", "nonsense"], ["--defense", "trades", "--sigma",
+                                                               "0.1"]])
+def test_train_refuses_a_bad_defense(args, tmp_path):
+    result = runner.invoke(app, ["train", *args, "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "error:" in result.stderr
