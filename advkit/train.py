@@ -93,6 +93,11 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
         raise ValueError(f"config.recipe is {config.recipe!r} but the recipe is "
                          f"{recipe.name!r}; set TrainConfig(recipe={recipe.name!r})")
     record = config_record(config, recipe)
+    world = _World.join(device)
+    if world.size > 1 and torch.device(device).type == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', world.rank))}"
+    log = log if world.main else (lambda _: None)
+    progress = progress and world.main
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     x_train, y_train = datasets.load(config.dataset, "train", config.train_limit)
@@ -103,6 +108,9 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
     torch.manual_seed(config.seed)
     model = zoo.create(config.arch, **kwargs).to(device)
     steps_per_epoch = -(-x_train.shape[0] // config.batch_size)
+    if 0 < x_train.shape[0] % config.batch_size < world.size or config.batch_size < world.size:
+        raise ValueError(f"every batch needs at least one image per process ({world.size}): "
+                         f"change batch_size ({config.batch_size}) or train_limit")
     optimizer = _optimizer(config, model)
     scheduler = _scheduler(config, optimizer, steps_per_epoch)
     history: list[dict[str, float]] = []
@@ -118,11 +126,14 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        rng = state["rng"]
+        torch.set_rng_state(rng[world.rank] if isinstance(rng, list) and len(rng) == world.size
+                            else rng[0] if isinstance(rng, list) else rng)
         history, start_epoch = json.loads(state["history"]), int(state["epoch"]) + 1
         elapsed, stopped = float(state["seconds"]), str(state.get("stopped", ""))
         log(f"resuming {out_dir} after epoch {start_epoch} of {config.epochs}")
     ckpt = out_dir / "model.safetensors"
+    net = world.wrap(model, device)
     for epoch in range(start_epoch, config.epochs):
         if stopped:
             break
@@ -135,17 +146,23 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
         with progress_bar(progress, f"epoch {epoch + 1}/{config.epochs}",
                           steps_per_epoch) as bar:
             for i in range(steps_per_epoch):
-                idx = order[i * config.batch_size:(i + 1) * config.batch_size]
+                batch = order[i * config.batch_size:(i + 1) * config.batch_size]
+                idx = world.shard(batch)
                 xb, yb = x_train[idx].to(device), y_train[idx].to(device)
-                loss, logits = recipe.loss(model, xb, yb)
+                loss, logits = recipe.loss(net, xb, yb)
+                # Data parallel: gradients are averaged over processes, so weigh each
+                # process's mean loss by its share of the batch: the step is then the
+                # single-process step on the whole batch.
+                scaled = loss * (idx.numel() * world.size / batch.numel())
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaled.backward()
                 optimizer.step()
                 scheduler.step()
                 seen += yb.shape[0]
                 loss_sum += loss.item() * yb.shape[0]
                 correct += int((logits.argmax(1) == yb).sum())
                 bar.advance(f"loss {loss_sum / seen:.4f}  acc {correct / seen:.2%}")
+        seen, loss_sum, correct = world.sum(seen, loss_sum, correct)
         model.eval()
         if config.lipschitz:
             zoo.settle_spectral_norms(model, x_val[:16].to(device))
@@ -163,18 +180,86 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
             + "".join(f", {k.replace('_', ' ')} {v:.2%}" for k, v in extra.items())
             + f" ({elapsed:.0f} s)")
         metrics = {"clean_accuracy": val_acc, "val_samples": int(x_val.shape[0]), **extra}
+        rng = world.gather_rng()
+        if not world.main:
+            world.barrier()
+            continue
         checkpoint.save(model, ckpt, architecture=config.arch, arch_kwargs=kwargs,
                         dataset=config.dataset, recipe=config.recipe, config=record,
                         metrics=metrics, history=history, seconds=elapsed,
                         **({"stopped": stopped} if stopped else {}))
         _atomic_torch_save({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+            "scheduler": scheduler.state_dict(), "rng": rng,
             "epoch": epoch, "config": json.dumps(record), "stopped": stopped,
             "history": json.dumps(history), "seconds": elapsed,
         }, state_path)
+        world.barrier()
     model.eval()
     return TrainResult(model=model, checkpoint=ckpt, history=history, seconds=elapsed)
+
+
+@dataclass
+class _World:
+    """This process's place among data-parallel processes (one process: rank 0 of 1).
+
+    Launched by ``torchrun`` (WORLD_SIZE > 1), training joins the process group
+    (gloo on CPU, NCCL on GPU), wraps the model in DistributedDataParallel, and
+    gives each process a contiguous shard of every global batch; only rank 0
+    writes checkpoints. The global batch, and so the optimisation, is the same as
+    in one process; the random draws of a recipe (random starts, noise) differ.
+    """
+
+    rank: int = 0
+    size: int = 1
+
+    @classmethod
+    def join(cls, device: str | torch.device) -> _World:
+        import torch.distributed as dist
+
+        if not dist.is_available() or (int(os.environ.get("WORLD_SIZE", "1")) <= 1
+                                       and not dist.is_initialized()):
+            return cls()
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: nn.Module, device: str | torch.device) -> nn.Module:
+        if self.size == 1:
+            return model
+        ids = [torch.device(device)] if torch.device(device).type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def shard(self, batch: Tensor) -> Tensor:
+        return batch.tensor_split(self.size)[self.rank]
+
+    def sum(self, *values: float) -> list[float]:
+        if self.size == 1:
+            return list(values)
+        import torch.distributed as dist
+
+        total = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(total)
+        return total.tolist()
+
+    def gather_rng(self) -> Tensor | list[Tensor]:
+        if self.size == 1:
+            return torch.get_rng_state()
+        import torch.distributed as dist
+
+        states: list[Tensor | None] = [None] * self.size
+        dist.all_gather_object(states, torch.get_rng_state())
+        return states  # type: ignore[return-value]
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
 
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 1000,
