@@ -7,6 +7,8 @@ robust-accuracy-versus-eps plot and a gallery of adversarial digits.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,8 +45,11 @@ def demo_model(*, retrain: bool = False, progress: bool = True,
         except ValueError as err:
             log(f"ignoring an unreadable cached model ({err}); training anew")
     log("training small_cnn on MNIST (3 epochs, about a minute on 2 CPU cores)")
-    result = train(DEMO_CONFIG, path.parent / "runs" / "demo-small_cnn-mnist", resume=not retrain,
-                   progress=progress, log=log)
+    # The run folder is keyed by the configuration: a changed config never resumes an
+    # old run (the trainer would refuse it), and an interrupted one resumes.
+    key = hashlib.sha256(json.dumps(config_record(DEMO_CONFIG), sort_keys=True).encode())
+    run_dir = path.parent / "runs" / f"demo-small_cnn-mnist-{key.hexdigest()[:8]}"
+    result = train(DEMO_CONFIG, run_dir, resume=not retrain, progress=progress, log=log)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(result.checkpoint.read_bytes())
     return result.model

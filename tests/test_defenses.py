@@ -62,10 +62,17 @@ def test_adversarial_recipes_beat_standard_training_under_pgd(recipe, standard, 
 
 def test_distillation_masks_gradients_and_a_margin_attack_sees_through_it(
         standard, heldout, tmp_path_factory):
-    teacher = fit(tmp_path_factory, TemperatureTraining(100.0)).model
-    student = fit(tmp_path_factory, Distillation(teacher, 100.0)).model
+    # A short run: lr 5e-3 lets the teacher's logits grow to the temperature's scale.
+    teacher = fit(tmp_path_factory, TemperatureTraining(50.0), lr=5e-3).model
+    student = fit(tmp_path_factory, Distillation(teacher, 50.0), lr=5e-3).model
     x, y = heldout
-    assert accuracy(student, x, y) >= 0.85
+    assert accuracy(student, x, y) >= 0.75
+    # The mechanism: at T = 1 the softmax saturates in float32 and input gradients of the
+    # cross-entropy are exactly zero on many images.
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(
+        torch.nn.functional.cross_entropy(student(xg), y, reduction="sum"), xg)
+    assert (grad.flatten(1).abs().amax(dim=1) == 0).float().mean() >= 0.3
     # Softmax saturates at T = 1: cross-entropy gradients vanish, so PGD-CE looks weak...
     masked = robust(student, heldout, "ce")
     assert masked >= robust(standard, heldout) + 0.2
