@@ -351,6 +351,11 @@ def demo(
         out.print(f"report: {summary['report']}")
 
 
+from advkit.universal_cli import universal_app  # noqa: E402  (needs `app`'s helpers above)
+
+app.add_typer(universal_app, name="universal")
+
+
 def main() -> None:
     """Entry point of the ``advkit`` console script."""
     try:

@@ -6,12 +6,17 @@ forward pass. ``REGISTRY`` maps each attack's name to its class.
 
 from advkit.attacks.base import Attack, AttackResult, CountedModel, Taxonomy
 from advkit.attacks.bim import BIM, ILLC
+from advkit.attacks.feature_adversary import FeatureAdversary
 from advkit.attacks.fgsm import FGSM
+from advkit.attacks.hot_cold import HotCold
+from advkit.attacks.jsma import JSMA
 from advkit.attacks.mifgsm import MIFGSM
 from advkit.attacks.pgd import PGD
+from advkit.attacks.universal import UniversalPerturbation
 
 REGISTRY: dict[str, type[Attack]] = {
-    cls.name.lower(): cls for cls in (FGSM, BIM, ILLC, PGD, MIFGSM)
+    cls.name.lower(): cls for cls in (FGSM, BIM, ILLC, PGD, MIFGSM, JSMA, HotCold,
+                                      FeatureAdversary, UniversalPerturbation)
 }
 
 
@@ -24,4 +29,5 @@ def get(name: str) -> type[Attack]:
 
 
 __all__ = ["Attack", "AttackResult", "CountedModel", "Taxonomy", "REGISTRY", "get",
-           "FGSM", "BIM", "ILLC", "PGD", "MIFGSM"]
+           "FGSM", "BIM", "ILLC", "PGD", "MIFGSM", "JSMA", "HotCold", "FeatureAdversary",
+           "UniversalPerturbation"]

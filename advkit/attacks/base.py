@@ -221,7 +221,7 @@ class Attack(ABC):
         Pass ``targets`` (N,) for a targeted attack. Returns an :class:`AttackResult`.
         """
         start = time.perf_counter()
-        x, y, targets = _check_inputs(model, x, y, targets, self.threat)
+        x, y, targets = check_inputs(model, x, y, targets, self.threat)
         if self.targeted_only and targets is None:
             raise ValueError(f"{type(self).__name__} is targeted: pass targets=")
         if self.kind == "budgeted":
@@ -229,7 +229,7 @@ class Attack(ABC):
         counted = CountedModel(model)
         with eval_mode(model):
             clean_logits = counted.logits(x)
-            _check_logits(clean_logits, y, targets)
+            check_logits(clean_logits, y, targets)
             targets = self._choose_targets(clean_logits, y, targets)
             generator = None
             if self.seed is not None:
@@ -270,7 +270,7 @@ class Attack(ABC):
         """
 
 
-def _check_inputs(
+def check_inputs(
     model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, threat: ThreatModel,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     if not isinstance(model, nn.Module):
@@ -318,7 +318,7 @@ def _check_labels(labels: Tensor, x: Tensor, what: str) -> Tensor:
     return labels.to(device=x.device, dtype=torch.long)
 
 
-def _check_logits(logits: Tensor, y: Tensor, targets: Tensor | None) -> None:
+def check_logits(logits: Tensor, y: Tensor, targets: Tensor | None) -> None:
     if logits.dim() != 2 or logits.shape[0] != y.shape[0]:
         raise ValueError(f"the model must return logits of shape (N, classes) (got "
                          f"{tuple(logits.shape)} for N={y.shape[0]})")
