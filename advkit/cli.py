@@ -151,7 +151,8 @@ def attack(
              "none by default)")] = None,
     steps: Annotated[int | None, typer.Option(help="iterations")] = None,
     step_size: Annotated[float | None, typer.Option(help="step length")] = None,
-    restarts: Annotated[int | None, typer.Option(help="random restarts (PGD)")] = None,
+    restarts: Annotated[int | None, typer.Option(help="random restarts (PGD, APGD)")] = None,
+    n_queries: Annotated[int | None, typer.Option(help="query budget (Square)")] = None,
     loss: Annotated[str | None, typer.Option(help="ce or margin")] = None,
     target: Annotated[int | None, typer.Option(help="targeted: this class for all")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
@@ -171,7 +172,7 @@ def attack(
     from advkit.train import accuracy
     try:
         atk = _build_attack(attack_name, norm, eps, steps=steps, step_size=step_size,
-                            restarts=restarts, loss=loss, seed=seed)
+                            restarts=restarts, n_queries=n_queries, loss=loss, seed=seed)
         device = _device(device)
         net, x, y = _load_model_and_data(model, dataset, split, limit, trust, device)
         targets = None
@@ -205,7 +206,8 @@ def evaluate(
         help="repeatable: one run per eps (minimal-norm attacks run once; their curve is "
              "read at each eps)")] = None,
     steps: Annotated[int | None, typer.Option(help="iterations")] = None,
-    restarts: Annotated[int | None, typer.Option(help="random restarts (PGD)")] = None,
+    restarts: Annotated[int | None, typer.Option(help="random restarts (PGD, APGD)")] = None,
+    n_queries: Annotated[int | None, typer.Option(help="query budget (Square)")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     dataset: DatasetOpt = "mnist",
     limit: Annotated[int, typer.Option(help="number of test images")] = 1000,
@@ -222,7 +224,7 @@ def evaluate(
     eps_list = eps or [0.3]
     try:
         attacks = _build_attacks(attack_names, norm, eps_list, steps=steps, restarts=restarts,
-                                 seed=seed)
+                                 n_queries=n_queries, seed=seed)
         device = _device(device)
         net, x, y = _load_model_and_data(model, dataset, "test", limit, trust, device)
         clean = accuracy(net, x, y, device=device)

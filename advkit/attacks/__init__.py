@@ -4,6 +4,7 @@ Every attack returns an :class:`AttackResult` whose ``success`` comes from a fre
 forward pass. ``REGISTRY`` maps each attack's name to its class.
 """
 
+from advkit.attacks.apgd import APGD, APGDT
 from advkit.attacks.base import Attack, AttackResult, CountedModel, Taxonomy
 from advkit.attacks.bim import BIM, ILLC
 from advkit.attacks.feature_adversary import FeatureAdversary
@@ -12,11 +13,12 @@ from advkit.attacks.hot_cold import HotCold
 from advkit.attacks.jsma import JSMA
 from advkit.attacks.mifgsm import MIFGSM
 from advkit.attacks.pgd import PGD
+from advkit.attacks.square import Square
 from advkit.attacks.universal import UniversalPerturbation
 
 REGISTRY: dict[str, type[Attack]] = {
-    cls.name.lower(): cls for cls in (FGSM, BIM, ILLC, PGD, MIFGSM, JSMA, HotCold,
-                                      FeatureAdversary, UniversalPerturbation)
+    cls.name.lower(): cls for cls in (FGSM, BIM, ILLC, PGD, MIFGSM, APGD, APGDT, Square, JSMA,
+                                      HotCold, FeatureAdversary, UniversalPerturbation)
 }
 
 
@@ -29,5 +31,5 @@ def get(name: str) -> type[Attack]:
 
 
 __all__ = ["Attack", "AttackResult", "CountedModel", "Taxonomy", "REGISTRY", "get",
-           "FGSM", "BIM", "ILLC", "PGD", "MIFGSM", "JSMA", "HotCold", "FeatureAdversary",
-           "UniversalPerturbation"]
+           "FGSM", "BIM", "ILLC", "PGD", "MIFGSM", "APGD", "APGDT", "Square", "JSMA", "HotCold",
+           "FeatureAdversary", "UniversalPerturbation"]

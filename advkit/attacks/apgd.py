@@ -23,8 +23,9 @@ def dlr_loss(logits: Tensor, labels: Tensor, targets: Tensor | None = None) -> T
 
     Untargeted: ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12)``; targeted:
     ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)``, where ``z_pi1 >= z_pi2 >= ...``
-    are the sorted logits. Dividing by a logit gap makes it invariant to shifting and
-    rescaling the logits, so it does not vanish on models with saturated softmax.
+    are the sorted logits. Dividing by a logit gap makes it invariant to shifting the
+    logits and scaling them by a positive factor, so it does not vanish on models with
+    a saturated softmax.
     """
     z = logits.sort(dim=1, descending=True).values
     z_y = logits.gather(1, labels[:, None]).squeeze(1)
