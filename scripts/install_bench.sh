@@ -12,6 +12,7 @@
 #   foolbox 3.3.4                       eagerpy, GitPython, requests, scipy, numpy,
 #                                       setuptools, typing-extensions
 #   adversarial-robustness-toolbox 1.20.1  numpy, scipy, scikit-learn, six, setuptools, tqdm
+# The lists below must equal the pyproject `bench` extra (checked before installing).
 # Idempotent: pip skips what is already installed at these versions. The script
 # refuses to run without torch, and fails if the torch version changed.
 set -euo pipefail
@@ -41,6 +42,21 @@ RUNTIME=(
     "requests>=2.24.0"
     "typing-extensions>=3.7.4.1"
 )
+
+# The pyproject `bench` extra documents the same list; refuse to install if they drift apart.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ -f "$ROOT/pyproject.toml" ]; then
+    "$PY" - "$ROOT/pyproject.toml" "${PEERS[@]}" "${RUNTIME[@]}" <<'EOF'
+import sys
+import tomllib
+
+with open(sys.argv[1], "rb") as f:
+    extra = tomllib.load(f)["project"]["optional-dependencies"]["bench"]
+if sorted(extra) != sorted(sys.argv[2:]):
+    sys.exit("error: scripts/install_bench.sh and the pyproject `bench` extra differ: "
+             f"{sorted(set(extra) ^ set(sys.argv[2:]))}")
+EOF
+fi
 
 "$PY" -m pip install --quiet --no-deps "${PEERS[@]}"
 # None of these depends on torch, so letting pip resolve their own needs is safe.
