@@ -7,6 +7,8 @@ forward pass. ``REGISTRY`` maps each attack's name to its class.
 from advkit.attacks.apgd import APGD, APGDT
 from advkit.attacks.base import Attack, AttackResult, CountedModel, Taxonomy
 from advkit.attacks.bim import BIM, ILLC
+from advkit.attacks.deepfool import DeepFool
+from advkit.attacks.fab import FAB
 from advkit.attacks.feature_adversary import FeatureAdversary
 from advkit.attacks.fgsm import FGSM
 from advkit.attacks.hot_cold import HotCold
@@ -17,8 +19,9 @@ from advkit.attacks.square import Square
 from advkit.attacks.universal import UniversalPerturbation
 
 REGISTRY: dict[str, type[Attack]] = {
-    cls.name.lower(): cls for cls in (FGSM, BIM, ILLC, PGD, MIFGSM, APGD, APGDT, Square, JSMA,
-                                      HotCold, FeatureAdversary, UniversalPerturbation)
+    cls.name.lower(): cls for cls in (FGSM, BIM, ILLC, PGD, MIFGSM, APGD, APGDT, Square,
+                                      DeepFool, FAB, JSMA, HotCold, FeatureAdversary,
+                                      UniversalPerturbation)
 }
 
 
@@ -32,4 +35,4 @@ def get(name: str) -> type[Attack]:
 
 __all__ = ["Attack", "AttackResult", "CountedModel", "Taxonomy", "REGISTRY", "get",
            "FGSM", "BIM", "ILLC", "PGD", "MIFGSM", "APGD", "APGDT", "Square", "JSMA", "HotCold",
-           "FeatureAdversary", "UniversalPerturbation"]
+           "FeatureAdversary", "UniversalPerturbation", "DeepFool", "FAB"]

@@ -1,0 +1,263 @@
+"""DeepFool (Moosavi-Dezfooli et al., 2016): the minimal step to the linearised boundary.
+
+Also home of the two pieces DeepFool and FAB share: the input gradients of several
+logit differences at one point (:func:`_logit_gradients`) and the smallest step onto
+a hyperplane inside the box (:func:`_project_onto_hyperplane`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from advkit.attacks.base import Attack, CountedModel, Taxonomy
+from advkit.threat import ThreatModel
+
+#: Guards divisions by a gradient norm that vanishes (a flat region of the model).
+_TINY = 1e-12
+#: Every step goes this far (in the threat model's norm) past the linearised boundary,
+#: as in the authors' code: without it, an iterate that the box slows down creeps
+#: towards the boundary without ever crossing it.
+_NUDGE = 1e-4
+BOX_HANDLING = ("clip", "project")
+
+
+class DeepFool(Attack):
+    """Step to the nearest linearised decision boundary until the label changes.
+
+    Moosavi-Dezfooli, Fawzi, Frossard. "DeepFool: a simple and accurate method to
+    fool deep neural networks", CVPR 2016. https://arxiv.org/abs/1511.04599
+
+    At the current point ``x_i`` every candidate class ``k`` defines a linearised
+    boundary with the label ``y``: ``f'_k = f_k(x_i) - f_y(x_i)`` and
+    ``w'_k = grad f_k(x_i) - grad f_y(x_i)``. The closest one, ``l = argmin_k
+    |f'_k| / ||w'_k||_q`` (``q`` the dual norm: 2 for L2, 1 for Linf), is reached by
+    the minimal step ``r_i = |f'_l| / ||w'_l||_2^2 * w'_l`` (L2) or
+    ``r_i = |f'_l| / ||w'_l||_1 * sign(w'_l)`` (Linf), lengthened by 1e-4 as in the
+    authors' code. The next point is ``x_{i+1} = clip(x + (1 + overshoot) * sum_i r_i)``:
+    the paper's output rule applied at every step and clipped into the box (as
+    Foolbox does). A sample leaves the batch as soon as it is misclassified; the
+    returned point is that first misclassified iterate, or ``x`` itself where
+    ``steps`` were not enough.
+
+    The box: the paper's step ignores it, and clipping then shortens the step
+    (pixels at 0 that the gradient pushes below 0 cannot move), so the iterate
+    approaches the boundary over several steps. ``box="project"`` instead takes the
+    smallest step onto each candidate's linearised boundary *inside* the box (the
+    projection FAB uses; the same step when the box does not bind) and picks the
+    candidate with the smallest such step, ``x_{i+1} = clip(x_i + (1 + overshoot) *
+    r_i)``. On the MNIST test CNN (1,000 test images) it needs 3-4x fewer steps but
+    finds 7% (Linf) to 9% (L2) larger perturbations: fewer linearisations follow the
+    boundary less closely.
+
+    The ``top_k`` candidate classes are those with the highest clean logits other
+    than the label, fixed for the run (as in the authors' code). Each step costs,
+    per image still in the batch, one forward pass and ``top_k`` backward passes for
+    the gradients of the candidates' logit differences, and one forward pass to
+    check the new point.
+
+    The threat model's eps is a cap: with a finite eps a sample counts as broken
+    only when its perturbation is at most eps; the attack itself ignores it.
+
+    Args:
+        threat: norm (``l2`` or ``linf``), eps (a cap, ``float("inf")`` for none), bounds.
+        steps: the most linearisation steps per sample (default 50, as the authors'
+            code and Foolbox).
+        overshoot: the relative length past the linearised boundary (default 0.02,
+            the paper's value). With ``overshoot=0`` the first step on an affine
+            classifier lands 1e-4 past its boundary: the exact minimal distance.
+        top_k: how many candidate classes to consider (default 10, every class of a
+            10-class problem); at most classes - 1 are used.
+        box: ``"clip"`` (default, the paper's steps clipped into the box) or
+            ``"project"`` (the smallest linearised step inside the box).
+        seed: unused (DeepFool is deterministic); kept for the common signature.
+    """
+
+    name = "DeepFool"
+    paper = ("Moosavi-Dezfooli et al. 2016, DeepFool: a simple and accurate method to fool "
+             "deep neural networks")
+    taxonomy = Taxonomy(specificity="untargeted", frequency="iterative", perturbation="optimized")
+    norms = ("l2", "linf")
+    kind = "minimal"
+
+    def __init__(
+        self, threat: ThreatModel, *, steps: int = 50, overshoot: float = 0.02,
+        top_k: int = 10, box: str = "clip", seed: int | None = 0,
+    ) -> None:
+        super().__init__(threat, seed=seed)
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1 (got {steps})")
+        if not overshoot >= 0:
+            raise ValueError(f"overshoot must be >= 0 (got {overshoot})")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1 (got {top_k}); 10 considers every class of "
+                             "a 10-class problem")
+        if box not in BOX_HANDLING:
+            raise ValueError(f"unknown box handling {box!r}: use one of {', '.join(BOX_HANDLING)}")
+        self.steps = steps
+        self.overshoot = overshoot
+        self.top_k = top_k
+        self.box = box
+
+    def _choose_targets(self, clean_logits: Tensor, y: Tensor,
+                        targets: Tensor | None) -> Tensor | None:
+        if targets is not None:
+            raise ValueError("DeepFool is untargeted (it crosses the nearest boundary, whichever "
+                             "class lies behind it); for a targeted minimal-norm attack use FAB "
+                             "with targets=")
+        return None
+
+    def _run(self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
+             clean_logits: Tensor, generator: torch.Generator | None) -> Tensor:
+        classes = clean_logits.shape[1]
+        if classes < 2:
+            raise ValueError(f"DeepFool needs a model with at least 2 classes (got {classes})")
+        k = min(self.top_k, classes - 1)
+        candidates = clean_logits.scatter(1, y[:, None], float("-inf")).topk(k, dim=1).indices
+        lo, hi = self.threat.bounds
+        grow = 1 + self.overshoot
+        out = x.clone()
+        # Misclassified samples are done before any step (returned unchanged, norm 0).
+        active = (clean_logits.argmax(dim=1) == y).nonzero().squeeze(1)
+        x0, ya, ca = x[active], y[active], candidates[active]
+        xa, r_total = x0, torch.zeros_like(x0)
+        for _ in range(self.steps):
+            if active.numel() == 0:
+                break
+            _, f, grads = _logit_gradients(model, xa, _differences(ca, ya, classes))
+            if self.box == "clip":
+                r_total = r_total + self._paper_step(f, grads)
+                xa = (x0 + grow * r_total).clamp(lo, hi)
+            else:
+                xa = (xa + grow * self._box_step(xa, f, grads)).clamp(lo, hi)
+            done = model.logits(xa).argmax(dim=1) != ya
+            if done.any():
+                out[active[done]] = xa[done]
+                keep = ~done
+                active, x0, xa, ya, ca = active[keep], x0[keep], xa[keep], ya[keep], ca[keep]
+                r_total = r_total[keep]
+        return out
+
+    def _dual_norms(self, w: Tensor) -> Tensor:
+        return w.norm(dim=-1) if self.threat.norm == "l2" else w.abs().sum(dim=-1)
+
+    def _paper_step(self, f: Tensor, grads: Tensor) -> Tensor:
+        """The paper's step onto the closest linearised boundary (the box ignored)."""
+        n = f.shape[0]
+        w = grads.flatten(2)
+        dual = self._dual_norms(w).clamp_min(_TINY)
+        closest = (f.abs() / dual).argmin(dim=1)
+        rows = torch.arange(n, device=f.device)
+        w_l, f_l, dual_l = w[rows, closest], f[rows, closest].abs(), dual[rows, closest]
+        length = f_l / dual_l + _NUDGE
+        if self.threat.norm == "l2":
+            r = (length / dual_l)[:, None] * w_l
+        else:
+            r = length[:, None] * w_l.sign()
+        return r.view(n, *grads.shape[2:])
+
+    def _box_step(self, xa: Tensor, f: Tensor, grads: Tensor) -> Tensor:
+        """The smallest step onto the closest linearised boundary inside the box."""
+        n, k = f.shape
+        w = grads.flatten(2)
+        d = w.shape[2]
+        points = xa.flatten(1)[:, None, :].expand(n, k, d).reshape(n * k, d)
+        need = -f + _NUDGE * self._dual_norms(w)
+        delta, feasible = _project_onto_hyperplane(points, w.reshape(n * k, d), need.reshape(-1),
+                                                   self.threat.bounds, self.threat.norm)
+        # A boundary the box cannot reach is the last resort, the nearest by its shortfall.
+        size = self.threat.norms(delta).masked_fill(~feasible, math.inf).view(n, k)
+        closest = size.argmin(dim=1)
+        return delta.view(n, k, d)[torch.arange(n, device=f.device), closest].view_as(xa)
+
+
+def _differences(classes: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """Coefficients (n, k, C) of the logit differences ``f_classes[:, j] - f_labels``."""
+    n, k = classes.shape
+    coef = torch.zeros((n, k, num_classes), device=classes.device)
+    coef.scatter_(2, classes[:, :, None], 1.0)
+    coef.scatter_add_(2, labels[:, None, None].expand(n, k, 1),
+                      torch.full((n, k, 1), -1.0, device=classes.device))
+    return coef
+
+
+def _logit_gradients(
+    model: CountedModel, x: Tensor, coefficients: Tensor | Callable[[Tensor], Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Input gradients of k linear combinations of the logits, per sample.
+
+    ``coefficients`` is a tensor (n, k, C), or a function of the logits at ``x``
+    returning one (so the combinations may depend on the current prediction).
+    Returns the logits (n, C), the combinations' values (n, k) and their input
+    gradients (n, k, *x.shape[1:]).
+
+    :class:`CountedModel` has one door per objective (one gradient), and DeepFool
+    and FAB need k gradients at the same point: this helper goes through
+    ``model.model`` with one forward pass, then k backward passes through the same
+    graph (one per combination, batched over the samples), and counts exactly that,
+    ``n`` forward and ``n * k`` backward passes. (One backward with the k cotangents
+    batched by ``is_grads_batched`` was no faster on CPU, and needs every operation of
+    the model to support vmap.)
+    """
+    n = x.shape[0]
+    xg = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model.model(xg)
+        coef = coefficients(logits.detach()) if callable(coefficients) else coefficients
+        coef = coef.to(logits.dtype)
+        k = coef.shape[1]
+        values = (coef * logits[:, None, :]).sum(dim=2)
+        grads = [torch.autograd.grad(values[:, j].sum(), xg, retain_graph=j < k - 1)[0]
+                 for j in range(k)]
+    model.forward_passes += n
+    model.backward_passes += n * k
+    return logits.detach(), values.detach(), torch.stack(grads, dim=1)
+
+
+def _project_onto_hyperplane(
+    p: Tensor, w: Tensor, c: Tensor, bounds: tuple[float, float], norm: str,
+) -> tuple[Tensor, Tensor]:
+    """Per row, the smallest ``delta`` in ``norm`` with ``w . delta = c``, ``p + delta`` in the box.
+
+    ``p`` and ``w`` are (m, D), ``c`` is (m,). Returns ``delta`` (m, D) and a flag
+    (m,), False where the box cannot reach the hyperplane; ``delta`` then moves
+    every coordinate as far as the box allows towards it.
+
+    Each coordinate moves in the direction ``sign(c * w_i)``, by at most its room to
+    the box. L2: ``|delta_i| = min(lam * |w_i|, room_i)``; Linf:
+    ``|delta_i| = min(tau, room_i)`` where ``w_i != 0``. Both make ``w . delta`` a
+    piecewise-linear increasing function of the multiplier, solved exactly by
+    sorting its breakpoints. L1: fill the coordinates with the largest ``|w_i|``
+    first (Croce & Hein 2020, Sec. 3.1, with the box). Computed in ``p``'s dtype.
+    """
+    lo, hi = bounds
+    a = w.abs()
+    up = (w > 0) == (c >= 0)[:, None]  # the coordinate moves up (towards hi)
+    room = torch.where(up, hi - p, p - lo).clamp_min_(0) * (a > 0)
+    need = c.abs()[:, None]
+    gain = a * room
+    feasible = gain.sum(dim=1) >= need.squeeze(1)
+    if norm == "l1":
+        a_sorted, order = a.sort(dim=1, descending=True)
+        gain_sorted = gain.gather(1, order)
+        before = gain_sorted.cumsum(dim=1) - gain_sorted
+        move_sorted = torch.minimum((need - before).clamp_min_(0) / a_sorted.clamp_min(1e-30),
+                                    room.gather(1, order))
+        move = torch.zeros_like(a).scatter_(1, order, move_sorted)
+    else:
+        speed = a if norm == "l2" else (a > 0).to(a.dtype)
+        # Coordinate i reaches the box at multiplier room_i / speed_i (never if it cannot move).
+        t_sorted, order = (room / speed).nan_to_num_(nan=math.inf).sort(dim=1)
+        gain_sorted = gain.gather(1, order)
+        rate = (a * speed).gather(1, order)
+        # On segment k the coordinates before k sit at the box, the others move on.
+        before = gain_sorted.cumsum(dim=1) - gain_sorted
+        slope = (rate.sum(dim=1, keepdim=True) - rate.cumsum(dim=1) + rate).clamp_min_(0)
+        reach = before + t_sorted * slope  # NaN (never reached) where t = inf and slope = 0
+        k = (reach < need).sum(dim=1, keepdim=True).clamp_max_(a.shape[1] - 1)
+        lam = (need - before.gather(1, k)).clamp_min_(0) / slope.gather(1, k).clamp_min(1e-30)
+        move = torch.where(speed > 0, torch.minimum(lam * speed, room), 0.0)
+    return torch.where(up, move, -move), feasible
