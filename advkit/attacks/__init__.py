@@ -7,7 +7,9 @@ forward pass. ``REGISTRY`` maps each attack's name to its class.
 from advkit.attacks.apgd import APGD, APGDT
 from advkit.attacks.base import Attack, AttackResult, CountedModel, Taxonomy
 from advkit.attacks.bim import BIM, ILLC
+from advkit.attacks.carlini_wagner import CarliniWagnerL2, CarliniWagnerLinf
 from advkit.attacks.deepfool import DeepFool
+from advkit.attacks.ead import EAD
 from advkit.attacks.fab import FAB
 from advkit.attacks.feature_adversary import FeatureAdversary
 from advkit.attacks.fgsm import FGSM
@@ -20,8 +22,8 @@ from advkit.attacks.universal import UniversalPerturbation
 
 REGISTRY: dict[str, type[Attack]] = {
     cls.name.lower(): cls for cls in (FGSM, BIM, ILLC, PGD, MIFGSM, APGD, APGDT, Square,
-                                      DeepFool, FAB, JSMA, HotCold, FeatureAdversary,
-                                      UniversalPerturbation)
+                                      DeepFool, FAB, CarliniWagnerL2, CarliniWagnerLinf, EAD,
+                                      JSMA, HotCold, FeatureAdversary, UniversalPerturbation)
 }
 
 
@@ -35,4 +37,5 @@ def get(name: str) -> type[Attack]:
 
 __all__ = ["Attack", "AttackResult", "CountedModel", "Taxonomy", "REGISTRY", "get",
            "FGSM", "BIM", "ILLC", "PGD", "MIFGSM", "APGD", "APGDT", "Square", "JSMA", "HotCold",
-           "FeatureAdversary", "UniversalPerturbation", "DeepFool", "FAB"]
+           "FeatureAdversary", "UniversalPerturbation", "DeepFool", "FAB",
+           "CarliniWagnerL2", "CarliniWagnerLinf", "EAD"]

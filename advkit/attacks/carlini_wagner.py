@@ -4,7 +4,8 @@ Both optimise in "tanh space": the image is ``x' = lo + (hi - lo) * (tanh(w) + 1
 so every ``w`` gives an image inside the box and Adam can run without projections.
 The attack term is the logit margin ``f(x') = max(Z_y - max_{i != y} Z_i, -kappa)``
 (untargeted) or ``max(max_{i != t} Z_i - Z_t, -kappa)`` (targeted): it reaches its
-floor ``-kappa`` exactly when the example is adversarial with a margin above kappa.
+floor ``-kappa`` exactly when the example is adversarial with a margin of at least kappa.
+As in the authors' code, the loss uses ``f + kappa >= 0`` (same gradients).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from advkit.threat import ThreatModel
 _TANH_SHRINK = 0.999999
 _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
+#: The authors' Adam learning rates (L2, Linf) at their 1000 steps per run.
+_PAPER_L2_LR, _PAPER_LINF_LR, _PAPER_STEPS = 1e-2, 5e-3, 1000
 
 
 def _margin(logits: Tensor, labels: Tensor, targets: Tensor | None) -> Tensor:
@@ -32,6 +35,11 @@ def _margin(logits: Tensor, labels: Tensor, targets: Tensor | None) -> Tensor:
     own = logits.gather(1, cls[:, None]).squeeze(1)
     others = logits.scatter(1, cls[:, None], float("-inf")).amax(dim=1)
     return own - others if targets is None else others - own
+
+
+def _hinge(logits: Tensor, labels: Tensor, targets: Tensor | None, kappa: float) -> Tensor:
+    """The attack term ``max(margin + kappa, 0)`` (the paper's f plus the constant kappa)."""
+    return (_margin(logits, labels, targets) + kappa).clamp_min(0)
 
 
 def _to_tanh_space(x: Tensor, bounds: tuple[float, float]) -> Tensor:
@@ -79,8 +87,19 @@ def _bisect_const(const: Tensor, lower: Tensor, upper: Tensor, success: Tensor) 
                             torch.where(success, const, const * 10)))
 
 
+def _is_count(steps: object) -> bool:
+    return isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1
+
+
+def _scaled_lr(paper_lr: float, steps: int) -> float:
+    """The paper's learning rate at its 1000 steps, scaled by ``1000 / steps`` for fewer."""
+    if not _is_count(steps):
+        return paper_lr  # the step count is refused by the checks
+    return paper_lr * max(1.0, _PAPER_STEPS / steps)
+
+
 def _check_common(steps: int, learning_rate: float, confidence: float) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not _is_count(steps):
         raise ValueError(f"steps must be an integer >= 1 (got {steps!r})")
     if not (isinstance(learning_rate, (int, float)) and learning_rate > 0
             and math.isfinite(learning_rate)):
@@ -92,7 +111,7 @@ def _check_common(steps: int, learning_rate: float, confidence: float) -> None:
 
 
 def _check_search(search_steps: int, initial_const: float) -> None:
-    if isinstance(search_steps, bool) or not isinstance(search_steps, int) or search_steps < 1:
+    if not _is_count(search_steps):
         raise ValueError(f"search_steps must be an integer >= 1 (got {search_steps!r})")
     if not (isinstance(initial_const, (int, float)) and 0 < initial_const < 1e9):
         raise ValueError(f"initial_const must be in (0, 1e9) (got {initial_const!r})")
@@ -125,14 +144,20 @@ class CarliniWagnerL2(Attack):
     Args:
         threat: norm ``"l2"``; eps is a cap (``float("inf")`` for none); bounds.
         steps: Adam steps per value of c. The paper uses 1000 (its code allows up to
-            10000 with early abort); the default 100 is ten times cheaper and, on the
-            MNIST test CNN, finds examples on every image with a median L2 norm about
-            10% above the 1000-step one (see the report in this module's tests).
+            10000 with early abort); the default 100, with the learning rate scaled to
+            0.1, costs a tenth and on the test MNIST CNN (first 20 test images, all
+            broken by both) gives a mean L2 2.6% above the 1000-step one (1.51 vs 1.48).
         search_steps: values of c tried per sample (binary search steps; paper: 9).
         initial_const: the first c (paper: 1e-3).
         confidence: kappa, the logit margin an example must exceed (paper: 0);
             larger values give larger, more confidently misclassified examples.
-        learning_rate: Adam's step size in tanh space (paper: 0.01).
+        learning_rate: Adam's step size in tanh space. Default: the paper's 0.01 at its
+            1000 steps, scaled by ``1000 / steps`` for fewer steps (0.1 at the default
+            100). Fewer steps need larger ones: pixels at 0 or 1 sit at ``|w| = 7.25``
+            and Adam moves ``w`` by about the learning rate per step, so at 100 steps
+            of 0.01 they cannot move at all (the attack then breaks only 11 of the
+            first 20 MNIST test images). On models whose inputs are not saturated, a
+            smaller rate than the default can give smaller norms.
         abort_early: stop a sample's run when its loss has stopped decreasing.
         seed: unused (the attack is deterministic); kept for the common signature.
     """
@@ -145,10 +170,12 @@ class CarliniWagnerL2(Attack):
 
     def __init__(
         self, threat: ThreatModel, *, steps: int = 100, search_steps: int = 9,
-        initial_const: float = 1e-3, confidence: float = 0.0, learning_rate: float = 0.01,
-        abort_early: bool = True, seed: int | None = 0,
+        initial_const: float = 1e-3, confidence: float = 0.0,
+        learning_rate: float | None = None, abort_early: bool = True, seed: int | None = 0,
     ) -> None:
         super().__init__(threat, seed=seed)
+        if learning_rate is None:
+            learning_rate = _scaled_lr(_PAPER_L2_LR, steps)
         _check_common(steps, learning_rate, confidence)
         _check_search(search_steps, initial_const)
         self.steps = steps
@@ -202,7 +229,7 @@ class CarliniWagnerL2(Attack):
             w = wa + modifier
             x_adv = _from_tanh_space(w, bounds)
             logits, grad_f = model.gradient(
-                x_adv, lambda z, c=ca, yy=ya, tt=ta: c * _margin(z, yy, tt).clamp_min(-kappa))
+                x_adv, lambda z, c=ca, yy=ya, tt=ta: c * _hinge(z, yy, tt, kappa))
             delta = x_adv - xa
             dist2 = delta.flatten(1).pow(2).sum(1)
             margin = _margin(logits, ya, ta)
@@ -212,18 +239,19 @@ class CarliniWagnerL2(Attack):
             best[idx[better]] = x_adv[better]
             best_norm[idx[better]] = dist[better]
             success[local[adversarial]] = True
-            grad_w = (2 * delta + grad_f) * _tanh_jacobian(w, bounds)
-            modifier = _adam(modifier, grad_w, m, v, step + 1, self.learning_rate)
             if self.abort_early and step % check_every == 0:
-                loss = dist2 + ca * margin.clamp_min(-kappa)
+                loss = dist2 + ca * (margin + kappa).clamp_min(0)
                 keep = ~(loss > prev * 0.9999)
                 prev = loss
                 if not keep.all():
-                    local, idx, xa, wa, ya, ca = (t[keep] for t in (local, idx, xa, wa, ya, ca))
+                    local, idx, xa, wa, ya, ca, w, delta, grad_f, modifier, m, v, prev = (
+                        t[keep] for t in (local, idx, xa, wa, ya, ca, w, delta, grad_f,
+                                          modifier, m, v, prev))
                     ta = ta[keep] if ta is not None else None
-                    modifier, m, v, prev = modifier[keep], m[keep], v[keep], prev[keep]
                     if idx.numel() == 0:
                         break
+            grad_w = (2 * delta + grad_f) * _tanh_jacobian(w, bounds)
+            modifier = _adam(modifier, grad_w, m, v, step + 1, self.learning_rate)
         return success
 
 
@@ -246,13 +274,18 @@ class CarliniWagnerLinf(Attack):
        stop once c reaches ``largest_const``.
 
     The result is the last success, i.e. the smallest Linf example found, or ``x``
-    where none was found. This follows the authors' code (learning rate 5e-3, c from
-    1e-5 to 20, factor 2, decrease 0.9), batched: each sample runs its own state
-    machine (own tau, c, warm start and Adam step count) and leaves the batch when
-    done, so the result does not depend on the other images in the batch. One
-    simplification: ``confidence`` (kappa) is added here for symmetry with the L2
-    attack (the paper's Linf attack has none; 0 reproduces it). Samples already
-    adversarial by more than ``confidence`` are returned as they are (norm 0).
+    where none was found. This follows the authors' code (learning rate 5e-3 at 1000
+    steps, c from 1e-5 to 20, factor 2, decrease 0.9), batched: each sample runs its
+    own state machine (own tau, c, warm start and Adam step count) and leaves the
+    batch when done, so its result does not depend on the other images in the batch.
+    Two additions, both documented below: ``abort_early`` ends an attempt whose loss
+    has stalled (the final, failing tau otherwise costs ``steps`` passes for every
+    doubling of c up to ``largest_const``, most of the work), and ``confidence``
+    (kappa) for symmetry with the L2 attack (the paper's Linf attack has none; 0
+    reproduces it). Samples already adversarial by more than ``confidence`` are
+    returned as they are (norm 0). Cost per image: at most ``steps`` gradient passes
+    per success (tau shrinks) and per failure (c doubles); on MNIST with the defaults
+    about 950.
 
     With a finite eps in the threat model (a cap), samples whose smallest example
     is larger than eps are returned unchanged (``success`` False).
@@ -265,7 +298,13 @@ class CarliniWagnerLinf(Attack):
         const_factor: the factor c grows by after a failed attempt (paper: 2).
         decrease_factor: the factor tau shrinks by after a success (paper: 0.9).
         confidence: kappa, the logit margin an example must exceed (default 0).
-        learning_rate: Adam's step size in tanh space (paper: 5e-3).
+        learning_rate: Adam's step size in tanh space. Default: the paper's 5e-3 at its
+            1000 steps, scaled by ``1000 / steps`` for fewer (see :class:`CarliniWagnerL2`).
+        abort_early: also end an attempt as failed (doubling c, keeping the iterate)
+            when its loss has not dropped below 0.9999 of its value ``steps // 10``
+            steps earlier, the L2 attack's abort rule. False runs every attempt for
+            ``steps`` steps as the authors' code does; it costs about 2.7 times as
+            many passes on MNIST for a median Linf 2% smaller.
         seed: unused (the attack is deterministic); kept for the common signature.
     """
 
@@ -278,9 +317,12 @@ class CarliniWagnerLinf(Attack):
     def __init__(
         self, threat: ThreatModel, *, steps: int = 100, initial_const: float = 1e-5,
         largest_const: float = 20.0, const_factor: float = 2.0, decrease_factor: float = 0.9,
-        confidence: float = 0.0, learning_rate: float = 5e-3, seed: int | None = 0,
+        confidence: float = 0.0, learning_rate: float | None = None, abort_early: bool = True,
+        seed: int | None = 0,
     ) -> None:
         super().__init__(threat, seed=seed)
+        if learning_rate is None:
+            learning_rate = _scaled_lr(_PAPER_LINF_LR, steps)
         _check_common(steps, learning_rate, confidence)
         if not (isinstance(initial_const, (int, float)) and 0 < initial_const < largest_const):
             raise ValueError(f"initial_const must be > 0 and below largest_const={largest_const} "
@@ -298,6 +340,7 @@ class CarliniWagnerLinf(Attack):
         self.decrease_factor = float(decrease_factor)
         self.confidence = float(confidence)
         self.learning_rate = float(learning_rate)
+        self.abort_early = abort_early
 
     def _run(self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
              clean_logits: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -317,11 +360,13 @@ class CarliniWagnerLinf(Attack):
         attempt = torch.zeros_like(idx)              # steps spent at the current (tau, c)
         tau = torch.full(idx.shape, width, device=x.device, dtype=x.dtype)
         const = torch.full_like(tau, self.initial_const)
+        prev = torch.full_like(tau, math.inf)         # loss at the last abort check
+        check_every = max(1, self.steps // 10)
         while idx.numel():
             w = start + modifier
             x_adv = _from_tanh_space(w, bounds)
             logits, grad_f = model.gradient(
-                x_adv, lambda z, c=const, yy=ya, tt=ta: c * _margin(z, yy, tt).clamp_min(-kappa))
+                x_adv, lambda z, c=const, yy=ya, tt=ta: c * _hinge(z, yy, tt, kappa))
             delta = x_adv - xa
             t = tau.view(-1, *([1] * (x.dim() - 1)))
             excess = (delta.abs() - t).clamp_min(0)
@@ -334,7 +379,6 @@ class CarliniWagnerLinf(Attack):
             best[idx[better]] = x_adv[better]
             best_norm[idx[better]] = size[better]
             tau = torch.where(worked, torch.minimum(tau, size) * self.decrease_factor, tau)
-            # Failure after `steps` steps: raise c, keep the iterate and Adam's state.
             grad_w = (torch.sign(delta) * (excess > 0) + grad_f) * _tanh_jacobian(w, bounds)
             adam_t = adam_t + 1
             moved = _adam(modifier, grad_w, m, v, adam_t, self.learning_rate)
@@ -344,16 +388,22 @@ class CarliniWagnerLinf(Attack):
             m.masked_fill_(wk.expand_as(m), 0.0)
             v.masked_fill_(wk.expand_as(v), 0.0)
             adam_t = torch.where(worked, torch.zeros_like(adam_t), adam_t)
+            # Failure: `steps` steps at this (tau, c), or (abort_early) a stalled loss.
+            at_check = attempt % check_every == 0
+            stalled = at_check & (loss > prev * 0.9999) & self.abort_early
+            prev = torch.where(at_check, loss, prev)
             attempt = torch.where(worked, torch.zeros_like(attempt), attempt + 1)
-            failed = attempt >= self.steps
+            failed = ~worked & ((attempt >= self.steps) | stalled)
             const = torch.where(failed, const * self.const_factor, const)
             attempt = torch.where(failed, torch.zeros_like(attempt), attempt)
+            prev = torch.where(worked | failed, torch.full_like(prev, math.inf), prev)
             done = (tau <= width / 256) | (const >= self.largest_const)
             if done.any():
                 keep = ~done
                 idx, xa, ya, start, modifier, m, v = (
                     z[keep] for z in (idx, xa, ya, start, modifier, m, v))
-                adam_t, attempt, tau, const = (z[keep] for z in (adam_t, attempt, tau, const))
+                adam_t, attempt, tau, const, prev = (
+                    z[keep] for z in (adam_t, attempt, tau, const, prev))
                 ta = ta[keep] if ta is not None else None
         if self.threat.bounded:
             best[best_norm > self.threat.eps] = x[best_norm > self.threat.eps]
