@@ -12,7 +12,8 @@ from scipy.optimize import linprog, minimize
 from torch import nn
 
 from advkit import ThreatModel
-from advkit.attacks.deepfool import DeepFool, _project_onto_hyperplane
+from advkit.attacks._linearise import project_onto_hyperplane
+from advkit.attacks.deepfool import DeepFool
 from advkit.attacks.fab import FAB
 
 NO_CAP = math.inf
@@ -98,7 +99,7 @@ def test_projection_is_the_box_constrained_minimum_of_a_generic_solver(norm):
         w = torch.randn(1, d, generator=g, dtype=torch.float64)
         w[0, 5] = 0.0
         c = torch.randn(1, generator=g, dtype=torch.float64)
-        delta, feasible = _project_onto_hyperplane(p, w, c, (0.0, 1.0), norm)
+        delta, feasible = project_onto_hyperplane(p, w, c, (0.0, 1.0), norm)
         expected = box_constrained_minimum(p[0].numpy(), w[0].numpy(), c.item(), norm)
         assert ((p + delta) >= 0).all() and ((p + delta) <= 1).all()
         assert bool(feasible) == (expected is not None)
@@ -111,7 +112,7 @@ def test_projection_is_the_box_constrained_minimum_of_a_generic_solver(norm):
 def test_projection_where_the_box_cannot_reach_moves_everything_towards_the_hyperplane():
     p = torch.full((1, 4), 0.5, dtype=torch.float64)
     w = torch.tensor([[1.0, -2.0, 0.0, 3.0]], dtype=torch.float64)
-    delta, feasible = _project_onto_hyperplane(p, w, torch.tensor([100.0]).double(), (0.0, 1.0),
+    delta, feasible = project_onto_hyperplane(p, w, torch.tensor([100.0]).double(), (0.0, 1.0),
                                                "l2")
     assert not feasible.item()
     torch.testing.assert_close(delta, torch.tensor([[0.5, -0.5, 0.0, 0.5]], dtype=torch.float64))

@@ -1,18 +1,21 @@
 """DeepFool (Moosavi-Dezfooli et al., 2016): the minimal step to the linearised boundary.
 
-Also home of the two pieces DeepFool and FAB share: the input gradients of several
-logit differences at one point (:func:`_logit_gradients`) and the smallest step onto
-a hyperplane inside the box (:func:`_project_onto_hyperplane`).
+The linearisation (logit gradients, projection onto a hyperplane inside the box) is
+shared with FAB and lives in :mod:`advkit.attacks._linearise`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from advkit.attacks._linearise import (
+    logit_differences,
+    logit_gradients,
+    project_onto_hyperplane,
+)
 from advkit.attacks.base import Attack, CountedModel, Taxonomy
 from advkit.threat import ThreatModel
 
@@ -127,7 +130,7 @@ class DeepFool(Attack):
         for _ in range(self.steps):
             if active.numel() == 0:
                 break
-            _, f, grads = _logit_gradients(model, xa, _differences(ca, ya, classes))
+            _, f, grads = logit_gradients(model, xa, logit_differences(ca, ya, classes))
             if self.box == "clip":
                 r_total = r_total + self._paper_step(f, grads)
                 xa = (x0 + grow * r_total).clamp(lo, hi)
@@ -166,98 +169,9 @@ class DeepFool(Attack):
         d = w.shape[2]
         points = xa.flatten(1)[:, None, :].expand(n, k, d).reshape(n * k, d)
         need = -f + _NUDGE * self._dual_norms(w)
-        delta, feasible = _project_onto_hyperplane(points, w.reshape(n * k, d), need.reshape(-1),
+        delta, feasible = project_onto_hyperplane(points, w.reshape(n * k, d), need.reshape(-1),
                                                    self.threat.bounds, self.threat.norm)
         # A boundary the box cannot reach is the last resort, the nearest by its shortfall.
         size = self.threat.norms(delta).masked_fill(~feasible, math.inf).view(n, k)
         closest = size.argmin(dim=1)
         return delta.view(n, k, d)[torch.arange(n, device=f.device), closest].view_as(xa)
-
-
-def _differences(classes: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    """Coefficients (n, k, C) of the logit differences ``f_classes[:, j] - f_labels``."""
-    n, k = classes.shape
-    coef = torch.zeros((n, k, num_classes), device=classes.device)
-    coef.scatter_(2, classes[:, :, None], 1.0)
-    coef.scatter_add_(2, labels[:, None, None].expand(n, k, 1),
-                      torch.full((n, k, 1), -1.0, device=classes.device))
-    return coef
-
-
-def _logit_gradients(
-    model: CountedModel, x: Tensor, coefficients: Tensor | Callable[[Tensor], Tensor],
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Input gradients of k linear combinations of the logits, per sample.
-
-    ``coefficients`` is a tensor (n, k, C), or a function of the logits at ``x``
-    returning one (so the combinations may depend on the current prediction).
-    Returns the logits (n, C), the combinations' values (n, k) and their input
-    gradients (n, k, *x.shape[1:]).
-
-    :class:`CountedModel` has one door per objective (one gradient), and DeepFool
-    and FAB need k gradients at the same point: this helper goes through
-    ``model.model`` with one forward pass, then k backward passes through the same
-    graph (one per combination, batched over the samples), and counts exactly that,
-    ``n`` forward and ``n * k`` backward passes. (One backward with the k cotangents
-    batched by ``is_grads_batched`` was no faster on CPU, and needs every operation of
-    the model to support vmap.)
-    """
-    n = x.shape[0]
-    xg = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        logits = model.model(xg)
-        coef = coefficients(logits.detach()) if callable(coefficients) else coefficients
-        coef = coef.to(logits.dtype)
-        k = coef.shape[1]
-        values = (coef * logits[:, None, :]).sum(dim=2)
-        grads = [torch.autograd.grad(values[:, j].sum(), xg, retain_graph=j < k - 1)[0]
-                 for j in range(k)]
-    model.forward_passes += n
-    model.backward_passes += n * k
-    return logits.detach(), values.detach(), torch.stack(grads, dim=1)
-
-
-def _project_onto_hyperplane(
-    p: Tensor, w: Tensor, c: Tensor, bounds: tuple[float, float], norm: str,
-) -> tuple[Tensor, Tensor]:
-    """Per row, the smallest ``delta`` in ``norm`` with ``w . delta = c``, ``p + delta`` in the box.
-
-    ``p`` and ``w`` are (m, D), ``c`` is (m,). Returns ``delta`` (m, D) and a flag
-    (m,), False where the box cannot reach the hyperplane; ``delta`` then moves
-    every coordinate as far as the box allows towards it.
-
-    Each coordinate moves in the direction ``sign(c * w_i)``, by at most its room to
-    the box. L2: ``|delta_i| = min(lam * |w_i|, room_i)``; Linf:
-    ``|delta_i| = min(tau, room_i)`` where ``w_i != 0``. Both make ``w . delta`` a
-    piecewise-linear increasing function of the multiplier, solved exactly by
-    sorting its breakpoints. L1: fill the coordinates with the largest ``|w_i|``
-    first (Croce & Hein 2020, Sec. 3.1, with the box). Computed in ``p``'s dtype.
-    """
-    lo, hi = bounds
-    a = w.abs()
-    up = (w > 0) == (c >= 0)[:, None]  # the coordinate moves up (towards hi)
-    room = torch.where(up, hi - p, p - lo).clamp_min_(0) * (a > 0)
-    need = c.abs()[:, None]
-    gain = a * room
-    feasible = gain.sum(dim=1) >= need.squeeze(1)
-    if norm == "l1":
-        a_sorted, order = a.sort(dim=1, descending=True)
-        gain_sorted = gain.gather(1, order)
-        before = gain_sorted.cumsum(dim=1) - gain_sorted
-        move_sorted = torch.minimum((need - before).clamp_min_(0) / a_sorted.clamp_min(1e-30),
-                                    room.gather(1, order))
-        move = torch.zeros_like(a).scatter_(1, order, move_sorted)
-    else:
-        speed = a if norm == "l2" else (a > 0).to(a.dtype)
-        # Coordinate i reaches the box at multiplier room_i / speed_i (never if it cannot move).
-        t_sorted, order = (room / speed).nan_to_num_(nan=math.inf).sort(dim=1)
-        gain_sorted = gain.gather(1, order)
-        rate = (a * speed).gather(1, order)
-        # On segment k the coordinates before k sit at the box, the others move on.
-        before = gain_sorted.cumsum(dim=1) - gain_sorted
-        slope = (rate.sum(dim=1, keepdim=True) - rate.cumsum(dim=1) + rate).clamp_min_(0)
-        reach = before + t_sorted * slope  # NaN (never reached) where t = inf and slope = 0
-        k = (reach < need).sum(dim=1, keepdim=True).clamp_max_(a.shape[1] - 1)
-        lam = (need - before.gather(1, k)).clamp_min_(0) / slope.gather(1, k).clamp_min(1e-30)
-        move = torch.where(speed > 0, torch.minimum(lam * speed, room), 0.0)
-    return torch.where(up, move, -move), feasible

@@ -8,8 +8,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from advkit.attacks._linearise import (
+    logit_differences,
+    logit_gradients,
+    project_onto_hyperplane,
+)
 from advkit.attacks.base import Attack, CountedModel, Taxonomy, goal_reached
-from advkit.attacks.deepfool import _differences, _logit_gradients, _project_onto_hyperplane
 from advkit.threat import ThreatModel, random_in_ball
 
 #: Radius of the random starts when the threat model has no finite eps (the
@@ -135,12 +139,12 @@ class FAB(Attack):
         elif self.target_classes is not None:
             k = min(self.target_classes, classes - 1)
             ranked = clean_logits[active].scatter(1, ya[:, None], -math.inf).topk(k, dim=1)
-            runs = [(_differences(ranked.indices[:, j:j + 1], ya, classes), None)
+            runs = [(logit_differences(ranked.indices[:, j:j + 1], ya, classes), None)
                     for j in range(k)]
         else:
             others = torch.arange(classes, device=x.device).expand(len(active), classes)
             others = others[others != ya[:, None]].view(len(active), classes - 1)
-            runs = [(_differences(others, ya, classes), None)]
+            runs = [(logit_differences(others, ya, classes), None)]
         for coefficients, goal_targets in runs:
             for restart in range(self.restarts):
                 start = x[active] if restart == 0 else self._random_start(
@@ -169,7 +173,7 @@ class FAB(Attack):
         rows = torch.arange(n, device=x0.device)
         xi = start
         for _ in range(self.steps):
-            _, f, grads = _logit_gradients(model, xi, coefficients)
+            _, f, grads = logit_gradients(model, xi, coefficients)
             w = grads.flatten(2)
             if f.shape[1] > 1:
                 dual = {"l2": w.norm(dim=2), "linf": w.abs().sum(dim=2),
@@ -181,7 +185,7 @@ class FAB(Attack):
             flat = xi.flatten(1)
             # The linearised boundary: f + w . (z - x_i) = 0, reached from x_i and from x.
             need = torch.cat([-f, -f - (w * (flat0 - flat)).sum(dim=1)])
-            delta, _ = _project_onto_hyperplane(torch.cat([flat, flat0]), torch.cat([w, w]),
+            delta, _ = project_onto_hyperplane(torch.cat([flat, flat0]), torch.cat([w, w]),
                                                 need, bounds, norm)
             d_i, d_x = delta[:n], delta[n:]
             a_i, a_x = self.threat.norms(d_i), self.threat.norms(d_x)
@@ -202,6 +206,6 @@ def _rival_of(targets: Tensor, classes: int) -> Callable[[Tensor], Tensor]:
 
     def coefficients(logits: Tensor) -> Tensor:
         rival = logits.scatter(1, targets[:, None], -math.inf).argmax(dim=1)
-        return _differences(targets[:, None], rival, classes)
+        return logit_differences(targets[:, None], rival, classes)
 
     return coefficients
