@@ -214,12 +214,34 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="images per batch")] = 500,
     report: Annotated[Path | None, typer.Option(
         help="also write an HTML report (table, accuracy-vs-eps plot, gallery) here")] = None,
+    suite: Annotated[str | None, typer.Option(
+        help="run an attack suite (fast, standard, thorough, rand, minimal, or a .toml/.yaml "
+             "file) with per-sample worst case and masking checks, recorded in --store")] = None,
+    store: Annotated[Path, typer.Option(help="suite runs: the SQLite result store")] = Path(
+        "advkit-output/runs.sqlite"),
+    resume: Annotated[int | None, typer.Option(
+        help="continue the interrupted suite run RUN (see `advkit runs`)")] = None,
+    checks: Annotated[bool, typer.Option(help="suite runs: gradient-masking checks")] = True,
+    check_samples: Annotated[int, typer.Option(help="images the checks attack")] = 100,
     trust: TrustOpt = False,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """Clean and robust accuracy of a model under attacks at one or more eps."""
+    """Clean and robust accuracy of a model under attacks at one or more eps, or under an
+    attack suite (--suite) recorded in a resumable store."""
     from advkit.train import accuracy
+    if suite is not None or resume is not None:
+        if attack_names:
+            raise _fail("use either --attack (single attacks) or --suite (a suite), not both")
+        if eps is not None and len(eps) > 1:
+            raise _fail("a suite run has one eps; run once per eps (or use --suite minimal "
+                        "for the whole curve)")
+        _evaluate_suite(model=model, suite=suite or "standard", norm=norm,
+                        eps=eps[0] if eps else 0.3, dataset=dataset, limit=limit,
+                        batch_size=batch_size, seed=seed, store=store, resume=resume,
+                        checks=checks, check_samples=check_samples, trust=trust,
+                        device=device, as_json=as_json)
+        return
     attack_names = attack_names or ["pgd"]
     eps_list = eps or [0.3]
     try:
@@ -244,6 +266,19 @@ def evaluate(
                      **({"report": str(report)} if report is not None else {})})
     else:
         _print_rows(rows, f"{model} on {dataset} ({x.shape[0]} test images)", TABLE_KEYS)
+
+
+def _evaluate_suite(*, as_json: bool, device: str, **options: object) -> None:
+    from advkit.runs_cli import evaluate_suite, print_report_tables
+    try:
+        summary = evaluate_suite(device=_device(device), quiet=as_json,
+                                 log=(lambda _: None) if as_json else console.print, **options)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        raise _fail(str(err)) from err
+    if as_json:
+        _print_json(summary)
+    else:
+        print_report_tables(summary, out)
 
 
 def _write_report(path: Path, net, x, results, rows, curve_points, provenance, dataset) -> None:
@@ -356,6 +391,12 @@ def demo(
 from advkit.universal_cli import universal_app  # noqa: E402  (needs `app`'s helpers above)
 
 app.add_typer(universal_app, name="universal")
+
+from advkit.runs_cli import report as report_cmd  # noqa: E402
+from advkit.runs_cli import runs_app  # noqa: E402
+
+app.add_typer(runs_app, name="runs")
+app.command("report")(report_cmd)
 
 
 def main() -> None:

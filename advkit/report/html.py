@@ -109,7 +109,9 @@ class GalleryItem:
 def write_html_report(path: str | Path, *, title: str, summary: Sequence[Mapping[str, object]],
                       curves: Mapping[str, Sequence[tuple[float, float]]],
                       gallery: Sequence[GalleryItem], environment: Mapping[str, object],
-                      notes: Sequence[str] = ()) -> Path:
+                      notes: Sequence[str] = (),
+                      tables: Sequence[tuple[str, Sequence[Mapping[str, object]]]] = (),
+                      ) -> Path:
     """Write a self-contained HTML robustness report.
 
     Args:
@@ -127,6 +129,8 @@ def write_html_report(path: str | Path, *, title: str, summary: Sequence[Mapping
             fingerprint, ...), shown as a table for reproducibility.
         notes: warnings or remarks shown prominently at the top (e.g. signs of
             gradient masking).
+        tables: further sections after the summary, each ``(heading, rows)`` with
+            rows shaped like ``summary``'s (e.g. per stage, checks, per class).
 
     Returns:
         ``Path(path)``.
@@ -135,17 +139,19 @@ def write_html_report(path: str | Path, *, title: str, summary: Sequence[Mapping
         ValueError: if any input is malformed; nothing is written then.
     """
     fields = _validate(title, summary, curves, gallery, environment, notes)
-    rows = [[_cell(key, row[key]) for key in fields["columns"]] for row in fields["summary"]]
-    # Right-align a column when its cells are numbers (empty cells do not count).
-    columns = [{"name": key.replace("_", " "),
-                "numeric": all(row[i]["numeric"] is not False for row in rows)
-                and any(row[i]["numeric"] for row in rows)}
-               for i, key in enumerate(fields["columns"])]
+    columns, rows = _table(fields["columns"], fields["summary"])
+    sections = []
+    for heading, table_rows in tables:
+        if not isinstance(heading, str) or not heading.strip():
+            raise ValueError(f"a table heading must be a non-empty string (got {heading!r})")
+        keys, checked = _validate_summary(table_rows)
+        sections.append((heading, *_table(keys, checked)))
     html = _template().render(
         title=fields["title"],
         notes=fields["notes"],
         columns=columns,
         rows=rows,
+        sections=sections,
         plot=Markup(curves_svg(fields["curves"])) if fields["curves"] else None,
         curve_names=list(fields["curves"]),
         gallery=[_card(item) for item in gallery],
@@ -154,10 +160,23 @@ def write_html_report(path: str | Path, *, title: str, summary: Sequence[Mapping
     return _write_atomically(Path(path), html)
 
 
+def _table(keys: Sequence[str], checked: Sequence[Mapping[str, Scalar]]
+           ) -> tuple[list[dict[str, object]], list[list[dict[str, object]]]]:
+    rows = [[_cell(key, row[key]) for key in keys] for row in checked]
+    # Right-align a column when its cells are numbers (empty cells do not count).
+    columns = [{"name": key.replace("_", " "),
+                "numeric": all(row[i]["numeric"] is not False for row in rows)
+                and any(row[i]["numeric"] for row in rows)}
+               for i, key in enumerate(keys)]
+    return columns, rows
+
+
 def write_json_report(path: str | Path, *, title: str, summary: Sequence[Mapping[str, object]],
                       curves: Mapping[str, Sequence[tuple[float, float]]],
                       gallery: Sequence[GalleryItem], environment: Mapping[str, object],
-                      notes: Sequence[str] = ()) -> Path:
+                      notes: Sequence[str] = (),
+                      tables: Sequence[tuple[str, Sequence[Mapping[str, object]]]] = (),
+                      ) -> Path:
     """Write the machine-readable twin of :func:`write_html_report`.
 
     Takes the same arguments and validates them the same way. The gallery is
@@ -178,6 +197,7 @@ def write_json_report(path: str | Path, *, title: str, summary: Sequence[Mapping
                    for name, points in fields["curves"].items()},
         "gallery": [item.metadata() for item in gallery],
         "environment": fields["environment"],
+        "tables": {heading: _validate_summary(rows)[1] for heading, rows in tables},
     }
     text = json.dumps(_json_safe(document), indent=2, ensure_ascii=False, allow_nan=False)
     return _write_atomically(Path(path), text + "\n")

@@ -1,0 +1,466 @@
+"""The evaluation engine: a suite of attacks over a data set, per-sample worst case,
+masking checks, a resumable SQLite record, and sharding over torch.distributed.
+
+The work is cut into *chunks*: stage ``s`` (0 is the clean pass) takes the samples
+it must attack (for a budgeted suite: correctly classified and not broken by any
+earlier stage), in index order, in slices of ``batch_size``. A chunk's seed is
+derived from the run's seed, the stage and the chunk number alone, so a chunk gives
+the same per-sample outcome whoever runs it, in one process or many, in one go or
+after a resume. Each finished chunk is committed to the store at once; a resumed
+run skips the chunks already there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from advkit.attacks.base import check_inputs, eval_mode
+from advkit.environment import describe
+from advkit.evaluation import checks as checks_lib
+from advkit.evaluation.store import ChunkRecord, Outcome, Store
+from advkit.evaluation.suites import Suite, get_suite
+from advkit.progress import progress_bar
+from advkit.threat import ThreatModel
+
+GALLERY_PER_CHUNK = 4     # adversarial examples kept per chunk (first two chunks of a stage)
+
+
+class ExpectedLogits(nn.Module):
+    """The logits averaged over ``draws`` forward passes: attacking it follows the expected
+    gradient (EOT, Athalye et al. 2018) of a randomised model."""
+
+    def __init__(self, model: nn.Module, draws: int) -> None:
+        super().__init__()
+        self.model = model
+        self.draws = draws
+
+    def forward(self, x: Tensor) -> Tensor:
+        total = self.model(x)
+        for _ in range(self.draws - 1):
+            total = total + self.model(x)
+        return total / self.draws
+
+
+@dataclass
+class EvaluationReport:
+    """The outcome of :func:`evaluate` (or of a run read back from the store).
+
+    Attributes:
+        run_id / store: where the run is recorded (``advkit report RUN``).
+        clean_accuracy / robust_accuracy: over all samples; robust accuracy is the
+            per-sample worst case over every stage (for a minimal suite: the share of
+            samples whose smallest perturbation found exceeds eps).
+        stages: one dict per stage (robust accuracy after it, samples it broke, time, passes).
+        per_sample: one dict per sample: label, clean prediction, which stage broke it,
+            with what norm, after how many model passes (``passes_exact`` False where only
+            the chunk's average is known) and whether it is robust.
+        per_class: clean and robust accuracy per true class.
+        checks: the masking checks; ``reliable`` is False when any of them failed.
+        curves: robust accuracy versus eps (name -> points).
+        chunks_run: chunks this call computed (0 when everything was already stored).
+    """
+
+    run_id: int
+    store: str
+    suite: str
+    kind: str
+    threat: ThreatModel
+    n: int
+    clean_accuracy: float
+    robust_accuracy: float
+    stages: list[dict]
+    per_sample: list[dict]
+    per_class: list[dict]
+    checks: list[checks_lib.Check]
+    curves: dict[str, list[tuple[float, float]]]
+    seconds: float
+    chunks_run: int = 0
+    config: dict = field(default_factory=dict)
+    environment: dict = field(default_factory=dict)
+
+    @property
+    def reliable(self) -> bool:
+        return not any(c.status == "fail" for c in self.checks)
+
+    def summary(self) -> dict:
+        return {"run": self.run_id, "suite": self.suite, "norm": self.threat.norm,
+                "eps": self.threat.eps, "n": self.n, "clean_accuracy": self.clean_accuracy,
+                "robust_accuracy": self.robust_accuracy, "reliable": self.reliable,
+                "seconds": self.seconds}
+
+
+# --- distribution -------------------------------------------------------------------------------
+
+
+class _World:
+    """Rank and size of the torch.distributed group (1 process when none is set up)."""
+
+    def __init__(self, device: torch.device) -> None:
+        dist = torch.distributed
+        if (dist.is_available() and not dist.is_initialized()
+                and int(os.environ.get("WORLD_SIZE", "1")) > 1):  # launched by torchrun
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        self.on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.rank = dist.get_rank() if self.on else 0
+        self.size = dist.get_world_size() if self.on else 1
+
+    def from_root(self, make: Callable[[], object]) -> object:
+        """``make()`` on rank 0, its result on every rank."""
+        box = [make() if self.rank == 0 else None]
+        if self.on:
+            torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, item: object) -> list[object]:
+        if not self.on:
+            return [item]
+        items: list[object] = [None] * self.size
+        torch.distributed.all_gather_object(items, item)
+        return items
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+def data_digest(x: Tensor, y: Tensor) -> str:
+    """A short hash of the images and labels (a resumed run must see the same data)."""
+    h = hashlib.sha256()
+    h.update(x.detach().cpu().contiguous().numpy().tobytes())
+    h.update(y.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _chunk_seed(seed: int, stage: int, chunk: int) -> int:
+    return (seed * 1_000_003 + stage * 10_007 + chunk) % (2**31 - 1)
+
+
+def _stage_threat(threat: ThreatModel, suite: Suite) -> ThreatModel:
+    # A minimal suite looks for each sample's smallest perturbation: no cap.
+    return ThreatModel(threat.norm, math.inf, threat.bounds) if suite.kind == "minimal" else threat
+
+
+def evaluate(
+    model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
+    suite: str | Path | Suite = "standard", *, seed: int = 0, batch_size: int = 500,
+    store: str | Path | Store | None = None, resume: int | None = None,
+    checks: bool = True, check_samples: int = 100, device: str | torch.device | None = None,
+    progress: bool = True, log: Callable[[str], None] | None = None,
+    describe_model: dict | None = None, describe_data: dict | None = None,
+) -> EvaluationReport:
+    """Evaluate ``model`` on (x, y) under ``threat`` with an attack suite.
+
+    Args:
+        suite: "fast", "standard" (AutoAttack's attacks), "thorough", "rand" (randomised
+            models), "minimal" (the accuracy-versus-eps curve), a :class:`Suite`, or a
+            .toml / .yaml / .json file.
+        seed: the run's seed; every chunk's seed derives from it.
+        batch_size: samples per chunk (the unit that is committed and resumed).
+        store: the SQLite result store (path or :class:`Store`); None keeps the run in
+            memory only.
+        resume: the id of an unfinished run in ``store`` to continue; model, data,
+            threat model, suite, seed and batch size must match the original.
+        checks: run the gradient-masking checks on ``check_samples`` correctly
+            classified images.
+        device: where the model runs (default: its parameters' device).
+        describe_model / describe_data: recorded with the run (the CLI records the
+            model spec and data slice, so ``--resume`` can reload them).
+
+    Returns:
+        An :class:`EvaluationReport`. Under ``torchrun`` every process returns it; only
+        rank 0 writes to the store.
+    """
+    start = time.perf_counter()
+    log = log or (lambda _: None)
+    suite = get_suite(suite).for_norm(threat.norm)
+    x, y, _ = check_inputs(model, x, y, None, threat)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+    if check_samples < 1:
+        raise ValueError(f"check_samples must be >= 1 (got {check_samples})")
+    if suite.kind == "budgeted":
+        threat.check_eps_for(x)
+    if device is None:
+        param = next(iter(model.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device)
+    world = _World(device)
+    from advkit.models import fingerprint
+    config = {
+        "suite": suite.to_dict(), "threat": {"norm": threat.norm, "eps": threat.eps,
+                                             "bounds": list(threat.bounds)},
+        "seed": seed, "batch_size": batch_size, "n": int(x.shape[0]),
+        "data_digest": data_digest(x, y), "model_fingerprint": fingerprint(model),
+        "checks": checks, "check_samples": check_samples,
+        "model": describe_model or {}, "data": describe_data or {},
+    }
+    owned = not isinstance(store, Store)
+    db = None
+    if world.rank == 0:
+        db = store if isinstance(store, Store) else Store(store if store is not None
+                                                          else ":memory:")
+    try:
+        run_id = world.from_root(lambda: _open_run(db, resume, config, device))
+        engine = _Engine(model, x, y, threat, suite, config, db, run_id, world, device, progress,
+                         log)
+        with eval_mode(model):
+            engine.run_stages()
+            if checks:
+                engine.run_checks()
+        report = world.from_root(lambda: read_report(db, run_id, finish=True))
+    finally:
+        if db is not None and owned and store is not None:
+            db.close()
+    report.seconds = time.perf_counter() - start
+    report.chunks_run = sum(world.gather(engine.chunks_run))
+    return report
+
+
+def _open_run(db: Store, resume: int | None, config: dict, device) -> int:
+    if resume is None:
+        return db.create_run(config, describe(device))
+    stored = db.run(resume)["config"]
+    for key in ("suite", "threat", "seed", "batch_size", "n", "data_digest", "model_fingerprint"):
+        if stored[key] != config[key]:
+            raise ValueError(f"run {resume} was made with a different {key.replace('_', ' ')} "
+                             f"({stored[key]!r}, now {config[key]!r}); resume with the same model, "
+                             "data and settings, or start a new run")
+    return resume
+
+
+class _Engine:
+    def __init__(self, model, x, y, threat, suite, config, db, run_id, world, device, progress,
+                 log) -> None:
+        self.model, self.x, self.y, self.threat, self.suite = model, x, y, threat, suite
+        self.config, self.db, self.run_id, self.world = config, db, run_id, world
+        self.device, self.progress, self.log = torch.device(device), progress, log
+        self.chunks_run = 0
+
+    # which samples each stage attacks, decided from the store on rank 0
+    def _inputs(self, stage: int) -> list[int]:
+        if stage == 0:
+            return list(range(len(self.x)))
+        rows = self.db.samples(self.run_id)
+        todo = {idx for idx, label, pred, _ in rows if pred == label}
+        if self.suite.kind == "budgeted":
+            for _, o in self.db.outcomes(self.run_id):
+                if o.success:
+                    todo.discard(o.idx)
+        return sorted(todo)
+
+    def run_stages(self) -> None:
+        bs = self.config["batch_size"]
+        for stage in range(len(self.suite.stages) + 1):
+            name = "clean" if stage == 0 else self.suite.stages[stage - 1].name
+            plan = self.world.from_root(lambda s=stage: (
+                self._inputs(s), sorted(self.db.done_chunks(self.run_id, s))))
+            inputs, done = plan
+            chunks = [inputs[i:i + bs] for i in range(0, len(inputs), bs)]
+            pending = [c for c in range(len(chunks)) if c not in set(done)]
+            todo = sum(len(chunks[c]) for c in pending)
+            with progress_bar(self.progress and self.world.rank == 0, f"{name}", todo) as bar:
+                for first in range(0, len(pending), self.world.size):
+                    mine = pending[first + self.world.rank] if (
+                        first + self.world.rank < len(pending)) else None
+                    record = None
+                    if mine is not None:
+                        record = self._run_chunk(stage, mine, chunks[mine])
+                        self.chunks_run += 1
+                    for rec in self.world.gather(record):
+                        if rec is not None and self.world.rank == 0:
+                            self._commit(stage, rec)
+                            bar.advance(steps=rec[0].n)
+            if self.world.rank == 0:
+                self.log(self._stage_line(stage, name))
+
+    def _stage_line(self, stage: int, name: str) -> str:
+        rows = self.db.per_sample_rows(self.run_id) if stage else None
+        if stage == 0:
+            samples = self.db.samples(self.run_id)
+            acc = sum(p == lbl for _, lbl, p, _ in samples) / max(len(samples), 1)
+            return f"clean: accuracy {acc:.1%} ({len(samples)} images)"
+        stage_names = ["clean"] + [s.name for s in self.suite.stages]
+        upto = set(stage_names[:stage + 1])
+        robust = sum(1 for r in rows if r["broken_by"] is None or r["broken_by"] not in upto)
+        if self.suite.kind == "minimal":
+            eps = self.threat.eps
+            robust = sum(1 for r in rows if not (r["broken_by"] in upto and r["norm"] is not None
+                                                  and r["norm"] <= eps * (1 + 1e-9)))
+        return f"{name}: robust accuracy {robust / max(len(rows), 1):.1%}"
+
+    def _run_chunk(self, stage: int, chunk: int, idx: list[int]):
+        index = torch.tensor(idx, dtype=torch.long)
+        xc, yc = self.x[index].to(self.device), self.y[index].to(self.device)
+        t0 = time.perf_counter()
+        if stage == 0:
+            with torch.no_grad():
+                probs = self.model(xc).softmax(1)
+            conf, pred = probs.max(1)
+            rows = [(i, int(lbl), int(p), float(c)) for i, lbl, p, c in
+                    zip(idx, yc.tolist(), pred.tolist(), conf.tolist(), strict=True)]
+            return (ChunkRecord(0, chunk, len(idx), len(idx), 0, time.perf_counter() - t0), rows,
+                    [])
+        spec = self.suite.stages[stage - 1]
+        model = self.model if spec.eot == 1 else ExpectedLogits(self.model, spec.eot)
+        attack = spec.build(_stage_threat(self.threat, self.suite),
+                            _chunk_seed(self.config["seed"], stage, chunk))
+        result = attack(model, xc, yc)
+        n = len(idx)
+        per_sample = result.extras.get("queries", result.extras.get("passes"))
+        exact = per_sample is not None
+        if per_sample is None:
+            per_sample = torch.full((n,), (result.forward_passes + result.backward_passes) / n)
+        per_sample = per_sample.double() * spec.eot
+        outcomes = [Outcome(i, bool(s), float(nm) if math.isfinite(nm) else None, int(p), float(q),
+                            exact)
+                    for i, s, nm, p, q in zip(idx, result.success.tolist(), result.norms.tolist(),
+                                              result.predictions.tolist(), per_sample.tolist(),
+                                              strict=True)]
+        images = []
+        if chunk < 2:
+            picks = result.success.nonzero().flatten()[:GALLERY_PER_CHUNK]
+            if len(picks):
+                with torch.no_grad():
+                    probs = model(result.x_adv[picks]).softmax(1)
+                for j, p in zip(picks.tolist(), probs, strict=True):
+                    conf, pred = p.max(0)
+                    info = {"attack": spec.name, "norm": float(result.norms[j]),
+                            "adv_pred": int(pred), "adv_conf": float(conf)}
+                    images.append((idx[j], info, xc[j].cpu().numpy(),
+                                   result.x_adv[j].cpu().numpy()))
+        record = ChunkRecord(stage, chunk, n, result.forward_passes * spec.eot,
+                             result.backward_passes * spec.eot, time.perf_counter() - t0)
+        return record, outcomes, images
+
+    def _commit(self, stage: int, rec) -> None:
+        record, rows, images = rec
+        if stage == 0:
+            self.db.add_clean(self.run_id, record, rows)
+        else:
+            self.db.add_outcomes(self.run_id, record, rows, images)
+
+    def run_checks(self) -> None:
+        if self.world.rank == 0:
+            done = {c["name"] for c in self.db.checks(self.run_id)}
+            for check in self._checks(done):
+                self.db.set_check(self.run_id, check.name, check.status, check.message,
+                                  check.details)
+                self.log(f"check {check.name}: {check.status.upper()} - {check.message}")
+        if self.world.on:
+            torch.distributed.barrier()
+
+    def _checks(self, done: set[str]):
+        rows = self.db.samples(self.run_id)
+        correct = [idx for idx, label, pred, _ in rows if pred == label]
+        pick = torch.tensor(correct[:self.config["check_samples"]], dtype=torch.long)
+        if len(pick) == 0:
+            yield checks_lib.Check("samples", "fail", "No image is classified correctly: there is "
+                                   "nothing to attack, and no check can run.")
+            return
+        xs, ys = self.x[pick].to(self.device), self.y[pick].to(self.device)
+        eot = max(s.eot for s in self.suite.stages)
+        model = self.model if eot == 1 else ExpectedLogits(self.model, eot)
+        if "randomness" not in done:
+            yield checks_lib.forward_randomness(self.model, xs, self.suite)
+        if "logits" not in done:
+            yield checks_lib.logit_outputs(self.model, xs)
+        if "gradients" not in done:
+            yield checks_lib.gradient_health(model, xs, ys)
+        if "black_box" not in done:
+            knowledge = {s.name: s.attack_class.taxonomy.knowledge for s in self.suite.stages}
+            yield checks_lib.black_box_gain(self.db.per_sample_rows(self.run_id), self.suite,
+                                            knowledge)
+        if not {"eps_monotone", "unbounded", "restarts"} <= done:
+            if self.threat.bounded:
+                yield from checks_lib.eps_behaviour(model, xs, ys, self.threat,
+                                                    self.config["seed"])
+            else:
+                yield checks_lib.Check("eps_monotone", "skip", "No finite eps to vary.")
+
+
+# --- reading a run back ---------------------------------------------------------------------
+
+
+def read_report(db: Store, run_id: int, finish: bool = False) -> EvaluationReport:
+    """The :class:`EvaluationReport` of a stored run (``finish``: mark it done)."""
+    run = db.run(run_id)
+    config = run["config"]
+    suite = Suite.from_dict(config["suite"])
+    threat = ThreatModel(config["threat"]["norm"], config["threat"]["eps"],
+                         tuple(config["threat"]["bounds"]))
+    rows = db.per_sample_rows(run_id)
+    n = len(rows)
+    if n < config["n"]:
+        raise ValueError(f"run {run_id} is unfinished ({n} of {config['n']} samples have a clean "
+                         "prediction); continue it with --resume")
+    clean = sum(r["clean_pred"] == r["label"] for r in rows) / n
+    robust = sum(r["robust"] for r in rows) / n
+    chunk_rows = db.chunks(run_id)
+    stages = []
+    names = [s.name for s in suite.stages]
+    for i, spec in enumerate(suite.stages, start=1):
+        parts = [c for c in chunk_rows if c.stage == i]
+        upto = {"clean", *names[:i]}
+        if suite.kind == "minimal":
+            alive = sum(1 for r in rows if not (r["broken_by"] in upto and r["norm"] is not None
+                                                and r["norm"] <= threat.eps * (1 + 1e-9)))
+        else:
+            alive = sum(1 for r in rows if r["broken_by"] not in upto)
+        seconds = sum(c.seconds for c in parts)
+        stages.append({
+            "stage": spec.name, "attack": spec.attack_class.__name__,
+            "attacked": sum(c.n for c in parts),
+            "broken": sum(1 for r in rows if r["broken_by"] == spec.name),
+            "robust_acc_after": alive / n, "seconds": seconds,
+            "forward_passes": sum(c.forward for c in parts),
+            "backward_passes": sum(c.backward for c in parts),
+        })
+    classes = sorted({r["label"] for r in rows})
+    per_class = []
+    for c in classes:
+        members = [r for r in rows if r["label"] == c]
+        per_class.append({"class": c, "n": len(members),
+                          "clean_acc": sum(r["clean_pred"] == c for r in members) / len(members),
+                          "robust_acc": sum(r["robust"] for r in members) / len(members)})
+    checks = [checks_lib.Check(**c) for c in db.checks(run_id)]
+    report = EvaluationReport(
+        run_id=run_id, store=str(db.path), suite=suite.name, kind=suite.kind, threat=threat, n=n,
+        clean_accuracy=clean, robust_accuracy=robust, stages=stages, per_sample=rows,
+        per_class=per_class, checks=checks, curves=_curves(rows, suite, threat, clean, robust,
+                                                            checks),
+        seconds=sum(c.seconds for c in chunk_rows), config=config,
+        environment=run["environment"])
+    if finish and run["status"] != "done":
+        db.finish_run(run_id, report.summary())
+    return report
+
+
+def _curves(rows: Sequence[dict], suite: Suite, threat: ThreatModel, clean: float,
+            robust: float, checks: Sequence[checks_lib.Check]) -> dict:
+    curves: dict[str, list[tuple[float, float]]] = {}
+    n = len(rows)
+    if suite.kind == "minimal":
+        norms = sorted(r["norm"] for r in rows if r["broken_by"] and r["norm"] is not None)
+        top = max([threat.eps if threat.bounded else 0.0] + norms[-1:]) or 1.0
+        grid = [top * i / 24 for i in range(25)]
+        curves[f"{suite.name} suite (smallest norm per image)"] = [
+            (e, sum(1 for r in rows if not (r["broken_by"] and r["norm"] is not None
+                                            and r["norm"] <= e)) / n) for e in grid]
+    else:
+        curves[f"{suite.name} suite"] = [(0.0, clean), (threat.eps, robust)]
+    for c in checks:
+        if c.name == "eps_monotone" and "points" in c.details:
+            # The unbounded point (the whole box) lives in the checks table: on the plot it
+            # would squash every other point against the left edge.
+            pts = [(0.0, 1.0)] + [tuple(p) for p in c.details["points"][:len(
+                checks_lib.EPS_FACTORS)]]
+            curves[f"APGD-CE probe ({c.details['samples']} correct images)"] = pts
+    return curves

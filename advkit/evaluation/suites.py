@@ -1,0 +1,202 @@
+"""Attack suites: named compositions of configured attacks, nothing more.
+
+A suite is an ordered list of :class:`Stage` s. In a *budgeted* suite each stage
+attacks only the samples no earlier stage broke, and robust accuracy is the
+per-sample worst case over all stages. In a *minimal* suite every stage runs on
+every correctly classified sample without an eps cap, and each sample keeps its
+smallest perturbation: one run gives the whole accuracy-versus-eps curve.
+
+Users compose their own suites in TOML (or YAML, when PyYAML is installed)::
+
+    kind = "budgeted"
+    [[stage]]
+    name = "apgd-ce"
+    attack = "apgd"
+    params = { steps = 100, loss = "ce" }
+    [[stage]]
+    name = "square"
+    attack = "square"
+    params = { n_queries = 5000 }
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from advkit import attacks as attack_lib
+from advkit.attacks.base import Attack
+from advkit.threat import ThreatModel
+
+KINDS = ("budgeted", "minimal")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One configured attack of a suite.
+
+    Attributes:
+        name: a short unique label ("apgd-ce"), used in logs, the store and reports.
+        attack: the attack's registry name (see ``advkit attacks``).
+        params: constructor keyword arguments (besides the threat model and seed).
+        eot: expectation over transformation: the stage attacks the average of the
+            logits over this many forward passes (for randomised models); 1 = off.
+        norms: the threat-model norms the stage applies to (empty: every norm the
+            attack supports); stages that do not apply to a norm are skipped.
+    """
+
+    name: str
+    attack: str
+    params: dict = field(default_factory=dict)
+    eot: int = 1
+    norms: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.name or not isinstance(self.name, str):
+            raise ValueError(f"a stage needs a non-empty name (got {self.name!r})")
+        attack_lib.get(self.attack)  # unknown attack: a clear error now, not mid-run
+        if not isinstance(self.params, dict):
+            raise ValueError(f"stage {self.name!r}: params must be a table/dict")
+        if isinstance(self.eot, bool) or not isinstance(self.eot, int) or self.eot < 1:
+            raise ValueError(f"stage {self.name!r}: eot must be an integer >= 1 (got {self.eot!r})")
+        object.__setattr__(self, "norms", tuple(self.norms))
+
+    @property
+    def attack_class(self) -> type[Attack]:
+        return attack_lib.get(self.attack)
+
+    def applies_to(self, norm: str) -> bool:
+        return norm in self.attack_class.norms and (not self.norms or norm in self.norms)
+
+    def build(self, threat: ThreatModel, seed: int) -> Attack:
+        """The configured attack for ``threat`` (minimal-norm attacks get ``threat``'s eps as
+        their cap) with the given seed."""
+        return self.attack_class(threat, **self.params, seed=seed)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "attack": self.attack, "params": dict(self.params),
+                "eot": self.eot, "norms": list(self.norms)}
+
+
+@dataclass(frozen=True)
+class Suite:
+    """An ordered list of stages and how their results combine (budgeted or minimal)."""
+
+    name: str
+    stages: tuple[Stage, ...]
+    kind: str = "budgeted"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"suite kind must be one of {', '.join(KINDS)} (got {self.kind!r})")
+        if not self.stages:
+            raise ValueError(f"suite {self.name!r} has no stages")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"suite {self.name!r}: stage names must be unique (got {names})")
+        if "clean" in names:
+            raise ValueError("'clean' is reserved for the clean-accuracy pass; rename the stage")
+        object.__setattr__(self, "stages", tuple(self.stages))
+
+    def for_norm(self, norm: str) -> Suite:
+        """The stages that apply to ``norm``; an error if none does."""
+        stages = tuple(s for s in self.stages if s.applies_to(norm))
+        if not stages:
+            raise ValueError(f"no stage of suite {self.name!r} supports the {norm} norm")
+        return Suite(self.name, stages, self.kind)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "stages": [s.to_dict() for s in self.stages]}
+
+    @classmethod
+    def from_dict(cls, data: dict, name: str = "custom") -> Suite:
+        if not isinstance(data, dict):
+            raise ValueError("a suite must be a table with a list of stages")
+        raw = data.get("stages", data.get("stage"))
+        if not isinstance(raw, list) or not raw:
+            raise ValueError("a suite needs a non-empty list of stages ([[stage]] in TOML)")
+        stages = []
+        for i, entry in enumerate(raw):
+            if not isinstance(entry, dict) or "attack" not in entry:
+                raise ValueError(f"stage {i + 1}: needs at least `attack = \"...\"`")
+            unknown = set(entry) - {"name", "attack", "params", "eot", "norms"}
+            if unknown:
+                raise ValueError(f"stage {i + 1}: unknown keys {sorted(unknown)}; use name, "
+                                 "attack, params, eot, norms")
+            stages.append(Stage(name=entry.get("name", entry["attack"]), attack=entry["attack"],
+                                params=dict(entry.get("params", {})), eot=entry.get("eot", 1),
+                                norms=tuple(entry.get("norms", ()))))
+        return cls(data.get("name", name), tuple(stages), data.get("kind", "budgeted"))
+
+
+def _standard() -> list[Stage]:
+    # AutoAttack's published "standard" configuration (Croce & Hein 2020).
+    return [
+        Stage("apgd-ce", "apgd", {"steps": 100, "loss": "ce"}),
+        Stage("apgd-t", "apgdt", {"steps": 100, "n_target_classes": 9}),
+        Stage("fab-t", "fab", {"steps": 100, "target_classes": 9}),
+        Stage("square", "square", {"n_queries": 5000}),
+    ]
+
+
+SUITES: dict[str, Suite] = {
+    "fast": Suite("fast", (Stage("apgd-ce", "apgd", {"steps": 100, "loss": "ce"}),)),
+    "standard": Suite("standard", tuple(_standard())),
+    "thorough": Suite("thorough", tuple(_standard() + [
+        Stage("apgd-ce-restarts", "apgd", {"steps": 100, "loss": "ce", "restarts": 5}),
+        Stage("apgd-dlr", "apgd", {"steps": 100, "loss": "dlr", "restarts": 5}),
+        Stage("fab", "fab", {"steps": 100, "restarts": 5}),
+        Stage("pgd-margin", "pgd", {"steps": 200, "loss": "margin", "restarts": 2}),
+        Stage("cw-l2", "carliniwagnerl2", {}, norms=("l2",)),
+        Stage("cw-linf", "carliniwagnerlinf", {}, norms=("linf",)),
+        Stage("ead", "ead", {}, norms=("l1",)),
+    ])),
+    # For randomised models (AutoAttack's "rand" version): APGD on the expected logits.
+    "rand": Suite("rand", (
+        Stage("apgd-ce-eot", "apgd", {"steps": 100, "loss": "ce"}, eot=20),
+        Stage("apgd-dlr-eot", "apgd", {"steps": 100, "loss": "dlr"}, eot=20),
+    )),
+    "minimal": Suite("minimal", (
+        Stage("deepfool", "deepfool", {}, norms=("l2", "linf")),
+        Stage("fab", "fab", {"steps": 100}),
+        Stage("fab-t", "fab", {"steps": 100, "target_classes": 9}),
+        Stage("cw-l2", "carliniwagnerl2", {}, norms=("l2",)),
+        Stage("ead", "ead", {}, norms=("l1",)),
+    ), kind="minimal"),
+}
+
+
+def get_suite(name_or_path: str | Path | Suite) -> Suite:
+    """A built-in suite by name, or a suite file (.toml, .json, .yaml/.yml)."""
+    if isinstance(name_or_path, Suite):
+        return name_or_path
+    key = str(name_or_path)
+    if key in SUITES:
+        return SUITES[key]
+    path = Path(key)
+    if not path.suffix:
+        raise ValueError(f"unknown suite {key!r}: use one of {', '.join(SUITES)} or a "
+                         ".toml / .yaml / .json file")
+    if not path.is_file():
+        raise FileNotFoundError(f"suite file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError as err:
+                raise ValueError("YAML suite files need PyYAML (pip install pyyaml); "
+                                 "or write the suite in TOML") from err
+            data = yaml.safe_load(text)
+        else:
+            raise ValueError(f"suite file {path}: use .toml, .yaml or .json")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"suite file {path} is not valid: {err}") from err
+    return Suite.from_dict(data, name=path.stem)
+

@@ -1,0 +1,89 @@
+"""The report of a stored evaluation run (``advkit report RUN``): summary, stages, checks,
+per-class table, robust accuracy versus eps, a gallery and the environment, read from
+the store alone (no model or data needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from advkit.report.html import GalleryItem, write_html_report, write_json_report
+
+
+def _class_name(names: list[str] | None, index: int) -> str:
+    return names[index] if names and 0 <= index < len(names) else str(index)
+
+
+def write_run_report(store: str | Path, run_id: int, out: str | Path) -> tuple[Path, Path]:
+    """Write ``out`` (HTML) and its JSON twin beside it (``.json``); return both paths."""
+    from advkit.evaluation import Store, read_report
+
+    with Store(store) as db:
+        report = read_report(db, run_id)
+        images = db.images(run_id)
+    names = None
+    dataset = report.config.get("data", {}).get("dataset")
+    if dataset:
+        from advkit import data
+        try:
+            names = data.class_names(dataset)
+        except ValueError:
+            names = None
+    status = {c.name: c.status for c in report.checks}
+    notes = []
+    if not report.reliable:
+        failed = [c for c in report.checks if c.status == "fail"]
+        notes.append("UNRELIABLE: " + "; ".join(f"check '{c.name}' failed: {c.message}"
+                                                for c in failed))
+    if not report.checks:
+        notes.append("The masking checks were not run (--no-checks): nothing vouches for these "
+                     "numbers.")
+    notes.append("Robust accuracy is the per-sample worst case over every stage; success is "
+                 "re-checked with a fresh forward pass after every attack.")
+    summary = [{
+        "run": report.run_id, "suite": report.suite, "norm": report.threat.norm,
+        "eps": report.threat.eps, "images": report.n, "clean_acc": report.clean_accuracy,
+        "robust_acc": report.robust_accuracy,
+        "reliable": "yes" if report.reliable else "NO (see checks)",
+        "seconds": report.seconds,
+    }]
+    stages = [{"stage": s["stage"], "attack": s["attack"], "attacked": s["attacked"],
+               "broken": s["broken"], "robust_acc": s["robust_acc_after"],
+               "seconds": s["seconds"], "forward_passes": s["forward_passes"],
+               "backward_passes": s["backward_passes"]} for s in report.stages]
+    checks = [{"check": c.name, "status": c.status.upper(), "explanation": c.message}
+              for c in report.checks] or [{"check": "-", "status": "not run",
+                                           "explanation": "checks were switched off"}]
+    per_class = [{"class": _class_name(names, c["class"]), "images": c["n"],
+                  "clean_acc": c["clean_acc"], "robust_acc": c["robust_acc"]}
+                 for c in report.per_class]
+    rows = {r["idx"]: r for r in report.per_sample}
+    gallery = []
+    stage_names = [s["stage"] for s in report.stages]
+    for stage, idx, info, clean, adv in images[:12]:
+        row = rows[idx]
+        gallery.append(GalleryItem(
+            clean=torch.from_numpy(clean.copy()), adversarial=torch.from_numpy(adv.copy()),
+            label=_class_name(names, row["label"]),
+            clean_pred=_class_name(names, row["clean_pred"]), clean_conf=row["clean_conf"],
+            adv_pred=_class_name(names, info["adv_pred"]), adv_conf=info["adv_conf"],
+            attack=f"{stage_names[stage - 1]} ({report.threat.norm})", norm=info["norm"]))
+    environment = {**{k: str(v) for k, v in report.environment.items()},
+                   "model": str(report.config.get("model", {}).get("spec", "(python object)")),
+                   "model fingerprint": report.config["model_fingerprint"],
+                   "data": str(report.config.get("data") or "(python tensors)"),
+                   "data digest": report.config["data_digest"],
+                   "seed": report.config["seed"], "batch size": report.config["batch_size"],
+                   "store": report.store, "checks": ", ".join(f"{k}={v}" for k, v in
+                                                               status.items()) or "none"}
+    title = (f"advkit evaluation run {report.run_id}: {report.suite} suite, "
+             f"{report.threat.norm} eps={report.threat.eps:g}"
+             + ("" if report.reliable else " [UNRELIABLE]"))
+    args = {"title": title, "summary": summary, "curves": report.curves, "gallery": gallery,
+            "environment": environment, "notes": notes}
+    out = Path(out)
+    tables = [("Stages", stages), ("Checks", checks), ("Per class", per_class)]
+    html = write_html_report(out, **args, tables=tables)
+    js = write_json_report(out.with_suffix(".json"), **args, tables=tables)
+    return html, js
