@@ -125,6 +125,12 @@ class ThreatModel:
         ``eps`` overrides the budget: a float, or a per-sample tensor of shape (N,).
         """
         eps = self.eps if eps is None else eps
+        if self.norm == "linf" and not isinstance(eps, Tensor):
+            # The hot path of every Linf attack step: clamp into [x - eps, x + eps], then
+            # into the box (exact: the two intervals meet, both contain x). Five passes
+            # over the batch instead of the nine of the general perturbation form.
+            lo, hi = self.bounds
+            return torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp_(lo, hi)
         return x + project_delta(x_adv - x, x, eps, self.norm, self.bounds)
 
     def random_start(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:

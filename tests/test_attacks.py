@@ -164,7 +164,8 @@ def test_fgsm_counts_one_gradient_per_image(batch):
     result = FGSM(ThreatModel("linf", 0.1))(model, x, y)
     n = x.shape[0]
     assert result.backward_passes == n
-    assert result.forward_passes == 3 * n  # entry check, gradient, success check
+    # The gradient pass at x also serves the entry checks; then the fresh success pass.
+    assert result.forward_passes == 2 * n
 
 
 def test_without_early_exit_pgd_spends_exactly_steps_passes(batch):
@@ -174,6 +175,21 @@ def test_without_early_exit_pgd_spends_exactly_steps_passes(batch):
     assert result.forward_passes == 9 * x.shape[0]
 
 
+@pytest.mark.parametrize(("attack", "clean_pass"), [
+    (PGD(ThreatModel("linf", 0.1), steps=7, early_exit=False), 1),      # random start
+    (PGD(ThreatModel("linf", 0.1), steps=7, early_exit=False, random_start=False), 0),
+    (BIM(ThreatModel("l2", 1.0), steps=7, early_exit=False), 0),
+    (MIFGSM(ThreatModel("linf", 0.1), steps=7, early_exit=False), 0),
+    (ILLC(ThreatModel("linf", 0.1), steps=7, early_exit=False), 1),     # targets from it
+])
+def test_a_clean_pass_is_spent_only_when_the_first_step_is_not_at_x(attack, clean_pass, batch):
+    model, (x, y) = small_cnn(), batch
+    result = attack(model, x, y)
+    n = x.shape[0]
+    assert result.backward_passes == 7 * n
+    assert result.forward_passes == (7 + clean_pass + 1) * n  # steps, clean?, success
+
+
 def test_early_exit_spends_nothing_on_already_broken_samples(batch):
     model, (x, _) = small_cnn(), batch
     with torch.no_grad():
@@ -181,6 +197,7 @@ def test_early_exit_spends_nothing_on_already_broken_samples(batch):
     result = PGD(ThreatModel("linf", 0.1), steps=40, random_start=False)(model, x, wrong)
     assert result.success.all()
     assert result.backward_passes == x.shape[0]  # one gradient pass finds them all broken
+    assert result.forward_passes == 2 * x.shape[0]  # that pass and the success pass
     torch.testing.assert_close(result.x_adv, x)
 
 
@@ -246,6 +263,43 @@ def test_bad_labels_are_refused(pgd, batch):
         pgd(model, x, y.float())
     with pytest.raises(ValueError, match="targets equal their true labels"):
         pgd(model, x, y, targets=y)
+
+
+# Attacks whose first pass is at x check that pass's logits (no separate clean pass); the
+# others check a clean forward pass. Both must refuse bad models and labels alike.
+CHECKED = [FGSM(ThreatModel("linf", 0.1)), BIM(ThreatModel("linf", 0.1), steps=2),
+           PGD(ThreatModel("linf", 0.1), steps=2, random_start=False),
+           MIFGSM(ThreatModel("l2", 1.0), steps=2), PGD(ThreatModel("l2", 1.0), steps=2),
+           ILLC(ThreatModel("linf", 0.1), steps=2)]
+
+
+class _Broken(nn.Module):
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x):
+        return self.out(small_cnn()(x))
+
+
+@pytest.mark.parametrize("attack", CHECKED, ids=lambda a: type(a).__name__)
+def test_entry_checks_hold_for_every_first_pass(attack, batch):
+    x, y = batch
+    with pytest.raises(ValueError, match=r"must be in \[0, 9\]"):
+        attack(small_cnn(), x, y + 10)  # refused before any loss sees the bad labels
+    with pytest.raises(ValueError, match="NaN or inf logits"):
+        attack(_Broken(lambda z: z * float("nan")).eval(), x, y)
+    with pytest.raises(ValueError, match=r"logits of shape \(N, classes\)"):
+        attack(_Broken(lambda z: z[:, :, None]).eval(), x, y)
+
+
+@pytest.mark.parametrize("attack", CHECKED, ids=lambda a: type(a).__name__)
+def test_probability_warning_names_the_callers_line(attack, batch):
+    x, y = batch
+    model = nn.Sequential(small_cnn(), nn.Softmax(dim=1)).eval()
+    with pytest.warns(UserWarning, match="probabilities") as record:
+        attack(model, x, y)
+    assert record[0].filename == __file__
 
 
 def test_bad_configurations_are_refused():

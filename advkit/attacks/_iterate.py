@@ -79,22 +79,28 @@ def ascend(
 ) -> Tensor:
     """Run ``steps`` projected ascent steps from ``x_start``; return the final points.
 
-    ``step(x_adv, grad, state)`` returns the unprojected next point; ``state`` holds
-    per-sample tensors (first dim N) that travel with their samples (momentum).
-    ``objective_fn(labels, targets)`` builds the per-sample objective for a batch.
-    With ``early_exit``, a sample whose goal is reached at the current point is
-    written out and dropped from the working batch.
+    ``step(x_adv, grad, state)`` returns the unprojected next point (a new tensor:
+    ``x_start`` is never written to); ``state`` holds per-sample tensors (first dim N)
+    that travel with their samples (momentum). ``objective_fn(labels, targets)``
+    builds the per-sample objective for a batch. With ``early_exit``, a sample whose
+    goal is reached at the current point is written out and dropped from the working
+    batch.
     """
-    out = x_start.clone()
-    active = torch.arange(x.shape[0], device=x.device)
-    xa, x0, ya = x_start, x, labels
-    ta = targets
+    # The loop does nothing but the model pass, the step and the projection unless a
+    # sample leaves: the objective is rebuilt, and the output allocated, only then.
+    out: Tensor | None = None
+    active: Tensor | None = None  # indices of the working batch; None while it is all of x
+    xa, x0, ya, ta = x_start, x, labels, targets
     state = dict(state or {})
+    objective_a = objective_fn(ya, ta)
     for _ in range(steps):
-        logits, grad = model.gradient(xa, objective_fn(ya, ta))
+        logits, grad = model.gradient(xa, objective_a)
         if early_exit:
             done = goal_reached(logits, ya, ta)
             if done.any():
+                if out is None:
+                    out = torch.empty_like(x_start)
+                    active = torch.arange(x.shape[0], device=x.device)
                 out[active[done]] = xa[done]
                 keep = ~done
                 active, xa, x0, ya, grad = active[keep], xa[keep], x0[keep], ya[keep], grad[keep]
@@ -102,6 +108,9 @@ def ascend(
                 state = {k: v[keep] for k, v in state.items()}
                 if active.numel() == 0:
                     return out
+                objective_a = objective_fn(ya, ta)
         xa = threat.project(step(xa, grad, state), x0)
+    if out is None:
+        return xa
     out[active] = xa
     return out

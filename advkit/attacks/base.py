@@ -9,12 +9,15 @@ decides success — so an attack's own code (``_run``) only crafts ``x_adv``.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -128,18 +131,32 @@ class AttackResult:
 
 
 class CountedModel:
-    """A model seen through the only two doors an attack may use, each counting images."""
+    """A model seen through the only two doors an attack may use, each counting images.
 
-    def __init__(self, model: nn.Module) -> None:
+    ``check_first``, if given, is called once with the logits of the first pass through
+    either door, before anything else sees them (the gradient door calls it before the
+    objective is evaluated): the entry checks of attacks whose first pass is at the clean
+    images (see :meth:`Attack._first_pass_at_x`).
+    """
+
+    def __init__(self, model: nn.Module,
+                 check_first: Callable[[Tensor], None] | None = None) -> None:
         self.model = model
         self.forward_passes = 0
         self.backward_passes = 0
+        self.check_first = check_first
+
+    def _checked(self, logits: Tensor) -> Tensor:
+        if self.check_first is not None:
+            check, self.check_first = self.check_first, None
+            check(logits.detach())
+        return logits
 
     def logits(self, x: Tensor) -> Tensor:
         """Logits without a graph (one forward pass per image)."""
         self.forward_passes += x.shape[0]
         with torch.no_grad():
-            return self.model(x)
+            return self._checked(self.model(x))
 
     def gradient(self, x: Tensor, objective: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
         """Logits at ``x`` and the gradient of ``objective(logits)`` (per sample, summed).
@@ -150,7 +167,7 @@ class CountedModel:
         self.backward_passes += x.shape[0]
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            logits = self.model(x)
+            logits = self._checked(self.model(x))
             (grad,) = torch.autograd.grad(objective(logits).sum(), x)
         return logits.detach(), grad
 
@@ -228,13 +245,22 @@ class Attack(ABC):
             self.threat.check_eps_for(x)
         counted = CountedModel(model)
         with eval_mode(model):
-            clean_logits = counted.logits(x)
-            check_logits(clean_logits, y, targets)
-            targets = self._choose_targets(clean_logits, y, targets)
+            clean_logits: Tensor | None = None
+            if self._first_pass_at_x():
+                # The attack's own first pass is at x: check its logits instead of paying
+                # for a separate clean forward pass (the checks still run before any use).
+                counted.check_first = lambda logits: check_logits(logits, y, targets)
+            else:
+                clean_logits = counted.logits(x)
+                check_logits(clean_logits, y, targets)
+                targets = self._choose_targets(clean_logits, y, targets)
             generator = None
             if self.seed is not None:
                 generator = torch.Generator(device=x.device).manual_seed(self.seed)
             out = self._run(counted, x, y, targets, clean_logits, generator)
+            if counted.check_first is not None:
+                raise RuntimeError(f"{type(self).__name__} declared that its first model pass "
+                                   "is at x but made none; fix its _first_pass_at_x()")
             x_adv, extras = out if isinstance(out, tuple) else (out, {})
             x_adv = x_adv.detach().clamp(*self.threat.bounds)
             logits = counted.logits(x_adv)
@@ -257,12 +283,24 @@ class Attack(ABC):
         """Attacks that pick their own targets (ILLC) override this."""
         return targets
 
+    def _first_pass_at_x(self) -> bool:
+        """True when ``_run``'s first model pass is at ``x`` itself, on every sample.
+
+        Such an attack saves the clean forward pass: ``_run`` gets ``clean_logits=None``
+        (so it must not read them, nor choose targets from them) and the entry checks
+        run on the logits of its first pass, before the objective is evaluated.
+        """
+        return False
+
     @abstractmethod
     def _run(
         self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
-        clean_logits: Tensor, generator: torch.Generator | None,
+        clean_logits: Tensor | None, generator: torch.Generator | None,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """Return adversarial images for ``x`` (shape of x, inside the threat model).
+
+        ``clean_logits`` are the model's logits at ``x``, or None for an attack whose
+        :meth:`_first_pass_at_x` is True.
 
         An attack may also return ``(x_adv, extras)``: per-sample tensors that end
         up in ``AttackResult.extras``. Minimal-norm attacks return ``x`` itself
@@ -287,10 +325,11 @@ def check_inputs(
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor in [0, 1] (got {x.dtype}); "
                         "for uint8 images use x.float() / 255")
-    if not torch.isfinite(x).all():
+    # One pass: NaN propagates into min and max, and an inf is itself the min or the max.
+    x_min, x_max = (v.item() for v in torch.aminmax(x))
+    if not (math.isfinite(x_min) and math.isfinite(x_max)):
         raise ValueError(f"x contains {int((~torch.isfinite(x)).sum())} NaN or inf values")
     lo, hi = threat.bounds
-    x_min, x_max = x.min().item(), x.max().item()
     if x_min < lo or x_max > hi:
         raise ValueError(
             f"x has values outside the bounds {threat.bounds} (min {x_min:.4g}, max "
@@ -335,5 +374,20 @@ def check_logits(logits: Tensor, y: Tensor, targets: Tensor | None) -> None:
             "the model's outputs look like probabilities (each row in [0, 1] summing to 1); "
             "attacks need logits: remove the final softmax. Gradients through a softmax "
             "saturate and make attacks look weaker than they are.",
-            stacklevel=3,
+            stacklevel=_outside_advkit(),
         )
+
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1]) + os.sep
+
+
+def _outside_advkit() -> int:
+    """The ``stacklevel`` that makes a warning name the first caller outside advkit.
+
+    To be called by the function that warns; the depth below the user's call varies
+    (the entry checks may run inside an attack's first model pass).
+    """
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level

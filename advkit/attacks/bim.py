@@ -55,6 +55,9 @@ class ILLC(BIM):
     name = "ILLC"
     taxonomy = Taxonomy(specificity="targeted", frequency="iterative")
 
+    def _first_pass_at_x(self) -> bool:
+        return False  # the targets come from the clean logits, before any objective exists
+
     def _choose_targets(self, clean_logits: Tensor, y: Tensor,
                         targets: Tensor | None) -> Tensor:
         if targets is not None:

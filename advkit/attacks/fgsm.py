@@ -37,11 +37,14 @@ class FGSM(Attack):
         objective(loss, torch.zeros(1, dtype=torch.long), None)  # validates the name
         self.loss = loss
 
+    def _first_pass_at_x(self) -> bool:
+        return True  # the one gradient pass is at x: it also serves the entry checks
+
     def _run(self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
-             clean_logits: Tensor, generator: torch.Generator | None) -> Tensor:
+             clean_logits: Tensor | None, generator: torch.Generator | None) -> Tensor:
         eps, norm = self.threat.eps, self.threat.norm
         return ascend(
             model, x, y, targets, x, self.threat, 1,
             lambda labels, tgts: objective(self.loss, labels, tgts),
-            lambda xa, grad, state: xa + eps * steepest_direction(grad, norm),
+            lambda xa, grad, state: torch.add(xa, steepest_direction(grad, norm), alpha=eps),
         )

@@ -50,10 +50,14 @@ class MIFGSM(Attack):
     def _step(self, xa: Tensor, grad: Tensor, state: dict[str, Tensor]) -> Tensor:
         l1 = grad.abs().flatten(1).sum(1).clamp_min(1e-12).view(-1, *([1] * (grad.dim() - 1)))
         state["g"].mul_(self.decay).add_(grad / l1)
-        return xa + self.step_size * steepest_direction(state["g"], self.threat.norm)
+        return torch.add(xa, steepest_direction(state["g"], self.threat.norm),
+                         alpha=self.step_size)
+
+    def _first_pass_at_x(self) -> bool:
+        return True  # the iteration starts at x: its first gradient pass serves the checks
 
     def _run(self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
-             clean_logits: Tensor, generator: torch.Generator | None) -> Tensor:
-        return ascend(model, x, y, targets, x.clone(), self.threat, self.steps,
+             clean_logits: Tensor | None, generator: torch.Generator | None) -> Tensor:
+        return ascend(model, x, y, targets, x, self.threat, self.steps,
                       lambda labels, tgts: objective(self.loss, labels, tgts), self._step,
                       state={"g": torch.zeros_like(x)}, early_exit=self.early_exit)

@@ -70,13 +70,17 @@ class PGD(Attack):
     def _step(self, xa: Tensor, grad: Tensor, state: dict[str, Tensor]) -> Tensor:
         direction = steepest_direction(grad, self.threat.norm, xa, self.threat.bounds,
                                        self.l1_sparsity)
-        return xa + self.step_size * direction
+        return torch.add(xa, direction, alpha=self.step_size)
+
+    def _first_pass_at_x(self) -> bool:
+        # Without a random start the first gradient pass is at x (every restart starts there).
+        return not self.random_start
 
     def _start(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
-        return self.threat.random_start(x, generator) if self.random_start else x.clone()
+        return self.threat.random_start(x, generator) if self.random_start else x
 
     def _run(self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
-             clean_logits: Tensor, generator: torch.Generator | None) -> Tensor:
+             clean_logits: Tensor | None, generator: torch.Generator | None) -> Tensor:
         if self.restarts == 1:
             return ascend(model, x, y, targets, self._start(x, generator), self.threat,
                           self.steps, self._objective, self._step, early_exit=self.early_exit)
