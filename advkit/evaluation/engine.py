@@ -42,6 +42,7 @@ class ExpectedLogits(nn.Module):
         super().__init__()
         self.model = model
         self.draws = draws
+        self.train(model.training)
 
     def forward(self, x: Tensor) -> Tensor:
         total = self.model(x)
@@ -251,8 +252,9 @@ class _Engine:
         rows = self.db.samples(self.run_id)
         todo = {idx for idx, label, pred, _ in rows if pred == label}
         if self.suite.kind == "budgeted":
-            for _, o in self.db.outcomes(self.run_id):
-                if o.success:
+            # Earlier stages only: a resumed stage must cut the very chunks it cut at first.
+            for done_stage, o in self.db.outcomes(self.run_id):
+                if o.success and done_stage < stage:
                     todo.discard(o.idx)
         return sorted(todo)
 

@@ -1,0 +1,358 @@
+"""The evaluation engine: suites, per-sample worst case, masking checks, the store."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+import torch
+from torch import nn
+
+import advkit
+from advkit.evaluation import SUITES, Stage, Store, Suite, get_suite, read_report
+from advkit.threat import ThreatModel
+
+LINF = ThreatModel("linf", 0.1)
+
+
+def quick_suite() -> Suite:
+    """The standard suite's four attacks with small budgets (tests stay in seconds)."""
+    return Suite("quick", (
+        Stage("apgd-ce", "apgd", {"steps": 20, "loss": "ce"}),
+        Stage("apgd-t", "apgdt", {"steps": 20, "n_target_classes": 3}),
+        Stage("fab-t", "fab", {"steps": 20, "target_classes": 2}),
+        Stage("square", "square", {"n_queries": 100}),
+    ))
+
+
+class Scaled(nn.Module):
+    """Logits times a huge temperature: the softmax saturates and CE gradients vanish
+    (the classic gradient-masking trap, as in defensive distillation)."""
+
+    def __init__(self, model: nn.Module, factor: float = 1e4) -> None:
+        super().__init__()
+        self.model, self.factor = model, factor
+
+    def forward(self, x):
+        return self.model(x) * self.factor
+
+
+class Noisy(nn.Module):
+    """A randomised model: Gaussian noise on the input at every forward pass."""
+
+    def __init__(self, model: nn.Module, sigma: float = 0.1) -> None:
+        super().__init__()
+        self.model, self.sigma = model, sigma
+
+    def forward(self, x):
+        return self.model(x + self.sigma * torch.randn_like(x))
+
+
+class Softmaxed(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).softmax(1)
+
+
+@pytest.fixture(scope="module")
+def data(mnist_test):
+    x, y = mnist_test
+    return x[:200], y[:200]
+
+
+# --- suites ------------------------------------------------------------------------------------
+
+
+def test_standard_suite_is_autoattacks_published_configuration():
+    stages = {s.name: s for s in SUITES["standard"].stages}
+    assert [s.name for s in SUITES["standard"].stages] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert stages["apgd-ce"].params == {"steps": 100, "loss": "ce"}
+    assert stages["apgd-t"].params == {"steps": 100, "n_target_classes": 9}
+    assert stages["fab-t"].params == {"steps": 100, "target_classes": 9}
+    assert stages["square"].params == {"n_queries": 5000}
+    assert SUITES["minimal"].kind == "minimal"
+    assert all(s.eot > 1 for s in SUITES["rand"].stages)
+    # thorough = standard + more
+    assert [s.name for s in SUITES["thorough"].stages][:4] == list(stages)
+
+
+def test_suite_from_toml_and_json(tmp_path):
+    (tmp_path / "s.toml").write_text(
+        'kind = "budgeted"\n[[stage]]\nname = "a"\nattack = "apgd"\nparams = { steps = 5 }\n'
+        '[[stage]]\nattack = "square"\nparams = { n_queries = 10 }\n')
+    suite = get_suite(tmp_path / "s.toml")
+    assert [s.name for s in suite.stages] == ["a", "square"]
+    assert suite.stages[0].params == {"steps": 5}
+    (tmp_path / "s.json").write_text(json.dumps(suite.to_dict()))
+    assert get_suite(tmp_path / "s.json").to_dict() == {**suite.to_dict(), "name": "s"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[[stage]]\nattack = "nope"\n', "unknown attack"),
+    ('[[stage]]\nname = "x"\n', "needs at least `attack"),
+    ('kind = "budgeted"\n', "non-empty list of stages"),
+    ('[[stage]]\nattack = "apgd"\n[[stage]]\nattack = "apgd"\n', "unique"),
+    ('[[stage]]\nattack = "apgd"\nspeed = 3\n', "unknown keys"),
+    ('[[stage]]\nattack = "apgd"\neot = 0\n', "eot must be"),
+    ('[[stage\n', "not valid"),
+])
+def test_bad_suite_files_are_refused(tmp_path, text, message):
+    (tmp_path / "bad.toml").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        get_suite(tmp_path / "bad.toml")
+
+
+def test_unknown_suite_and_missing_file():
+    with pytest.raises(ValueError, match="unknown suite 'strong'"):
+        get_suite("strong")
+    with pytest.raises(FileNotFoundError):
+        get_suite("missing.toml")
+
+
+def test_suite_keeps_only_stages_for_the_norm():
+    assert [s.name for s in SUITES["minimal"].for_norm("l1").stages] == ["fab", "fab-t", "ead"]
+    with pytest.raises(ValueError, match="supports the l1 norm"):
+        Suite("x", (Stage("sq", "square"),)).for_norm("l1")
+
+
+# --- the engine ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quick_run(mnist_model, data):
+    """One run of the quick suite, its report and its store, shared by several tests."""
+    x, y = data
+    store = Store(":memory:")
+    report = advkit.evaluate(mnist_model, x[:120], y[:120], LINF, quick_suite(), batch_size=50,
+                             progress=False, check_samples=30, store=store)
+    return report, store
+
+
+def test_per_sample_worst_case_and_each_stage_only_attacks_survivors(quick_run):
+    report, _ = quick_run
+    rows = report.per_sample
+    n = len(rows)
+    clean_correct = [r for r in rows if r["clean_pred"] == r["label"]]
+    assert report.clean_accuracy == pytest.approx(len(clean_correct) / n)
+    assert report.robust_accuracy == pytest.approx(sum(r["broken_by"] is None for r in rows) / n)
+    # each stage attacked exactly the samples still standing after the previous ones
+    standing = len(clean_correct)
+    for stage in report.stages:
+        assert stage["attacked"] == standing
+        standing -= stage["broken"]
+    assert standing == round(report.robust_accuracy * n)
+    assert 0.3 < report.robust_accuracy < 0.9  # eps 0.1 breaks some, not all
+    # the first stage found most; the per-sample record says which and with what norm
+    assert report.stages[0]["broken"] > 0
+    for r in rows:
+        if r["broken_by"] not in (None, "clean"):
+            assert 0 < r["norm"] <= 0.1 + 1e-6 and r["prediction"] != r["label"]
+    # Square reports exact per-sample queries; the others an average over their chunk
+    assert all(r["passes"] > 0 for r in clean_correct)
+
+
+def test_healthy_model_passes_every_check(quick_run):
+    report, _ = quick_run
+    status = {c.name: c.status for c in report.checks}
+    assert status == {"randomness": "pass", "logits": "pass", "gradients": "pass",
+                      "black_box": "pass", "eps_monotone": "pass", "unbounded": "pass",
+                      "restarts": "pass"}
+    assert report.reliable
+
+
+def test_success_flags_agree_with_a_fresh_forward_pass_on_stored_examples(quick_run,
+                                                                          mnist_model, data):
+    report, store = quick_run
+    x, y = data
+    images = store.images(report.run_id)
+    assert images
+    for _, idx, info, clean, adv in images:
+        adv = torch.from_numpy(adv.copy())[None]
+        assert torch.equal(torch.from_numpy(clean.copy()), x[idx])
+        assert (adv - x[idx]).abs().max() <= 0.1 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+        with torch.no_grad():
+            pred = mnist_model(adv).argmax(1).item()
+        assert pred == info["adv_pred"] != y[idx].item()
+
+
+def test_robust_accuracy_matches_the_closed_form_on_an_affine_classifier(mnist_test):
+    """For z = Wx + b under Linf eps inside the box [0, 1], min over the ball of the margin
+    z_y - z_j is separable per pixel: each pixel moves by the most it may, against the sign
+    of (w_y - w_j). A sample is robust iff every margin stays positive: APGD-T's targeted
+    runs (one per other class) must find exactly the breakable samples."""
+    x, y = mnist_test
+    x, y, x_fit, y_fit = x[:300], y[:300], x[300:2300], y[300:2300]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(60):  # logistic regression, about 92% accurate
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x_fit), y_fit).backward()
+        opt.step()
+    model.eval()
+    eps = 0.02
+    w, b = model[1].weight.detach().double(), model[1].bias.detach().double()
+    xf = x.reshape(len(x), -1).double()
+    robust = []
+    for i in range(len(x)):
+        c = w[y[i]] - w                     # (10, 784): margin gradients, per other class
+        lo, hi = (-xf[i]).clamp(min=-eps), (1 - xf[i]).clamp(max=eps)
+        worst = torch.where(c > 0, lo, hi)  # move each pixel to shrink the margin most
+        margins = (c * (xf[i] + worst)).sum(1) + (b[y[i]] - b)
+        margins[y[i]] = float("inf")
+        robust.append(bool((margins > 0).all()))
+    expected = sum(robust) / len(x)
+    suite = Suite("t", (Stage("apgd-t", "apgdt", {"steps": 10, "n_target_classes": 9}),))
+    report = advkit.evaluate(model, x, y, ThreatModel("linf", eps), suite, progress=False,
+                             checks=False)
+    assert 0.2 < expected < 0.95
+    assert report.robust_accuracy == pytest.approx(expected, abs=1 / 300)
+    assert [r["robust"] for r in report.per_sample].count(True) >= sum(robust) - 1
+
+
+def test_minimal_suite_gives_a_monotone_curve_and_accuracy_at_eps(mnist_model, data):
+    x, y = data
+    x, y = x[:60], y[:60]
+    suite = Suite("m", (Stage("deepfool", "deepfool", {}), Stage("fab", "fab", {"steps": 20})),
+                  kind="minimal")
+    store = Store(":memory:")
+    report = advkit.evaluate(mnist_model, x, y, ThreatModel("l2", 1.5), suite, progress=False,
+                             checks=False, store=store)
+    curve = next(iter(report.curves.values()))
+    accs = [a for _, a in curve]
+    assert accs == sorted(accs, reverse=True) and accs[0] == report.clean_accuracy
+    # every stage ran on every correctly classified sample; each keeps its smallest norm
+    found: dict[int, list[float]] = {}
+    for _, o in store.outcomes(report.run_id):
+        if o.success:
+            found.setdefault(o.idx, []).append(o.norm)
+    assert len(store.outcomes(report.run_id)) == 2 * round(report.clean_accuracy * 60)
+    for r in report.per_sample:
+        if r["broken_by"] not in (None, "clean"):
+            assert r["norm"] == min(found[r["idx"]])
+    expected = sum(r["broken_by"] is None or r["norm"] > 1.5 for r in report.per_sample) / 60
+    assert report.robust_accuracy == pytest.approx(expected)
+    assert 0 < report.robust_accuracy < report.clean_accuracy
+
+
+# --- checks --------------------------------------------------------------------------------------
+
+
+def test_masked_model_is_flagged_and_a_margin_attack_recovers_the_true_figure(mnist_model,
+                                                                               data):
+    x, y = data
+    x, y = x[:100], y[:100]
+    masked = Scaled(mnist_model).eval()
+    ce = Suite("ce", (Stage("apgd-ce", "apgd", {"steps": 20, "loss": "ce"}),))
+    fast = advkit.evaluate(masked, x, y, LINF, ce, progress=False, check_samples=20)
+    status = {c.name: c.status for c in fast.checks}
+    assert status["gradients"] == "fail" and status["unbounded"] == "fail"
+    assert not fast.reliable
+    honest = advkit.evaluate(mnist_model, x, y, LINF, ce, progress=False, checks=False)
+    assert fast.robust_accuracy > honest.robust_accuracy + 0.2   # the masked figure is inflated
+    dlr = Suite("dlr", (Stage("apgd-dlr", "apgd", {"steps": 20, "loss": "dlr"}),))
+    recovered = advkit.evaluate(masked, x, y, LINF, dlr, progress=False, checks=False)
+    assert recovered.robust_accuracy <= honest.robust_accuracy + 0.03
+
+
+def test_randomised_model_is_flagged_unless_the_suite_uses_eot(mnist_model, data):
+    x, y = data
+    noisy = Noisy(mnist_model).eval()
+    plain = Suite("plain", (Stage("apgd", "apgd", {"steps": 5}),))
+    report = advkit.evaluate(noisy, x[:30], y[:30], LINF, plain, progress=False,
+                             check_samples=10)
+    assert {c.name: c.status for c in report.checks}["randomness"] == "fail"
+    rand = Suite("rand", (Stage("apgd-eot", "apgd", {"steps": 5}, eot=4),))
+    report = advkit.evaluate(noisy, x[:30], y[:30], LINF, rand, progress=False,
+                             check_samples=10)
+    assert {c.name: c.status for c in report.checks}["randomness"] == "pass"
+    assert report.stages[0]["forward_passes"] % 4 == 0   # EOT draws are counted
+
+
+def test_probability_outputs_fail_the_logits_check(mnist_model, data):
+    x, y = data
+    with pytest.warns(UserWarning, match="probabilities"):
+        report = advkit.evaluate(Softmaxed(mnist_model).eval(), x[:30], y[:30], LINF,
+                                 Suite("q", (Stage("a", "apgd", {"steps": 5}),)),
+                                 progress=False, check_samples=10)
+    assert {c.name: c.status for c in report.checks}["logits"] == "fail"
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+def test_bad_inputs_get_clear_errors(mnist_model, data, tmp_path):
+    x, y = data
+    with pytest.raises(ValueError, match="NaN"):
+        bad = x[:10].clone()
+        bad[0, 0, 0, 0] = float("nan")
+        advkit.evaluate(mnist_model, bad, y[:10], LINF, "fast", progress=False)
+    with pytest.raises(ValueError, match="outside the bounds"):
+        advkit.evaluate(mnist_model, x[:10] * 2, y[:10], LINF, "fast", progress=False)
+    with pytest.raises(ValueError, match="shape"):
+        advkit.evaluate(mnist_model, x[0], y[:1], LINF, "fast", progress=False)
+    with pytest.raises(ValueError, match="eps"):
+        advkit.evaluate(mnist_model, x[:10], y[:10], ThreatModel("linf", 2.0), "fast",
+                        progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        advkit.evaluate(mnist_model, x[:10], y[:10], LINF, "fast", batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="is a directory"):
+        Store(tmp_path)
+    (tmp_path / "junk.sqlite").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(ValueError, match="not an advkit result store"):
+        Store(tmp_path / "junk.sqlite")
+
+
+def test_resume_refuses_other_data_or_settings(mnist_model, data, tmp_path):
+    x, y = data
+    suite = Suite("q", (Stage("a", "apgd", {"steps": 3}),))
+    path = tmp_path / "runs.sqlite"
+    first = advkit.evaluate(mnist_model, x[:20], y[:20], LINF, suite, store=path,
+                            progress=False, checks=False)
+    with pytest.raises(ValueError, match="data digest"):
+        advkit.evaluate(mnist_model, x[20:40], y[20:40], LINF, suite, store=path,
+                        resume=first.run_id, progress=False, checks=False)
+    with pytest.raises(ValueError, match="different threat"):
+        advkit.evaluate(mnist_model, x[:20], y[:20], ThreatModel("linf", 0.2), suite, store=path,
+                        resume=first.run_id, progress=False, checks=False)
+    with pytest.raises(ValueError, match="no run 99"):
+        advkit.evaluate(mnist_model, x[:20], y[:20], LINF, suite, store=path, resume=99,
+                        progress=False, checks=False)
+    # resuming a finished run computes nothing and gives the same numbers
+    again = advkit.evaluate(mnist_model, x[:20], y[:20], LINF, suite, store=path,
+                            resume=first.run_id, progress=False, checks=False)
+    assert again.chunks_run == 0 and again.per_sample == first.per_sample
+
+
+def test_store_refuses_a_newer_schema(tmp_path):
+    path = tmp_path / "runs.sqlite"
+    Store(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    with pytest.raises(ValueError, match="newer advkit"):
+        Store(path)
+
+
+def test_store_round_trip_and_export(mnist_model, data, tmp_path):
+    x, y = data
+    path = tmp_path / "runs.sqlite"
+    suite = Suite("q", (Stage("a", "apgd", {"steps": 5}),))
+    report = advkit.evaluate(mnist_model, x[:50], y[:50], LINF, suite, store=path,
+                             progress=False, check_samples=10)
+    with Store(path) as db:
+        again = read_report(db, report.run_id)
+        assert db.run(report.run_id)["status"] == "done"
+        csv_text = db.export(report.run_id, "csv")
+        doc = json.loads(db.export(report.run_id, "json"))
+        with pytest.raises(ValueError, match="unknown export format"):
+            db.export(report.run_id, "xml")
+    assert again.per_sample == report.per_sample and again.robust_accuracy == report.robust_accuracy
+    assert csv_text.splitlines()[0].startswith("idx,label,clean_pred")
+    assert len(csv_text.splitlines()) == 51
+    assert len(doc["per_sample"]) == 50 and doc["summary"]["robust_accuracy"] == pytest.approx(
+        report.robust_accuracy)
+    assert {c["name"] for c in doc["checks"]} >= {"gradients", "unbounded"}

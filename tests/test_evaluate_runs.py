@@ -1,0 +1,190 @@
+"""Runs that survive: kill -9 and resume, torchrun sharding, `advkit runs`, `advkit report`
+rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from browser import run_chromium
+from conftest import TEST_CACHE
+from typer.testing import CliRunner
+
+import advkit
+from advkit.cli import app
+from advkit.evaluation import Stage, Suite
+from advkit.threat import ThreatModel
+
+SUITE_TOML = """
+[[stage]]
+name = "apgd-ce"
+attack = "apgd"
+params = { steps = 30 }
+[[stage]]
+name = "square"
+attack = "square"
+params = { n_queries = 300 }
+"""
+
+
+@pytest.fixture(scope="module")
+def checkpoint(mnist_model) -> Path:
+    path = TEST_CACHE / "small_cnn-mnist.safetensors"
+    assert path.exists()
+    return path
+
+
+def _env() -> dict:
+    # One thread per process: the same arithmetic in every process, so the same results.
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _evaluate_args(checkpoint: Path, suite: Path, store: Path, limit: int, batch: int) -> list:
+    return ["-m", "advkit", "evaluate", "--model", str(checkpoint), "--suite", str(suite),
+            "--eps", "0.1", "--limit", str(limit), "--batch-size", str(batch), "--no-checks",
+            "--store", str(store), "--device", "cpu", "--json"]
+
+
+def _export(store: Path, run: int = 1) -> str:
+    result = CliRunner().invoke(app, ["runs", "export", str(run), "--store", str(store)])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _chunks(store: Path, stage_from: int = 1) -> int:
+    try:
+        with sqlite3.connect(store, timeout=30) as db:
+            return db.execute("SELECT COUNT(*) FROM chunks WHERE stage >= ?",
+                              (stage_from,)).fetchone()[0]
+    except sqlite3.OperationalError:  # not created yet
+        return 0
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_results(checkpoint, tmp_path):
+    suite = tmp_path / "suite.toml"
+    suite.write_text(SUITE_TOML)
+    whole, broken = tmp_path / "whole.sqlite", tmp_path / "broken.sqlite"
+    args = dict(checkpoint=checkpoint, suite=suite, limit=300, batch=30)
+    done = subprocess.run([sys.executable, *_evaluate_args(store=whole, **args)], env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    victim = subprocess.Popen([sys.executable, *_evaluate_args(store=broken, **args)],
+                              env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while _chunks(broken) < 3 and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run finished before it could be killed"
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    with sqlite3.connect(broken) as db:
+        before = db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+        assert db.execute("SELECT status FROM runs WHERE id=1").fetchone()[0] == "running"
+
+    resumed = subprocess.run([sys.executable, "-m", "advkit", "evaluate", "--resume", "1",
+                              "--store", str(broken), "--device", "cpu", "--json"],
+                             env=_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads(resumed.stdout)
+    with sqlite3.connect(broken) as db:
+        total = db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+    with sqlite3.connect(whole) as db:
+        assert total == db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+    assert summary["chunks_run"] == total - before     # no finished chunk was repeated
+    assert _export(broken) == _export(whole)           # same per-sample results
+
+
+def test_torchrun_two_processes_match_one(checkpoint, tmp_path):
+    suite = tmp_path / "suite.toml"
+    suite.write_text(SUITE_TOML)
+    one, two = tmp_path / "one.sqlite", tmp_path / "two.sqlite"
+    args = dict(checkpoint=checkpoint, suite=suite, limit=200, batch=25)
+    single = subprocess.run([sys.executable, *_evaluate_args(store=one, **args)], env=_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(port),
+               *_evaluate_args(store=two, **args)[1:]]
+    parallel = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    assert _export(two) == _export(one)
+    with sqlite3.connect(two) as db:   # one merged run, not one per process
+        assert db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1
+
+
+def test_runs_lists_and_report_renders_in_chromium(mnist_model, mnist_test, tmp_path):
+    x, y = mnist_test
+    store = tmp_path / "runs.sqlite"
+    suite = Suite("quick", (Stage("apgd-ce", "apgd", {"steps": 10}),
+                            Stage("square", "square", {"n_queries": 50})))
+    report = advkit.evaluate(mnist_model, x[:80], y[:80], ThreatModel("linf", 0.1), suite,
+                             store=store, progress=False, check_samples=20)
+    listed = CliRunner().invoke(app, ["runs", "--store", str(store), "--json"])
+    assert listed.exit_code == 0, listed.output
+    rows = json.loads(listed.output)
+    assert [r["run"] for r in rows] == [report.run_id] and rows[0]["status"] == "done"
+    assert rows[0]["robust_accuracy"] == pytest.approx(report.robust_accuracy)
+
+    page = tmp_path / "report.html"
+    made = CliRunner().invoke(app, ["report", str(report.run_id), "--store", str(store),
+                                    "--out", str(page)])
+    assert made.exit_code == 0, made.output
+    assert json.loads(page.with_suffix(".json").read_text())["tables"]["Stages"][0]["stage"] \
+        == "apgd-ce"
+    dom = run_chromium(page, tmp_path / "profile", "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    text = dom.stdout
+    for visible in ("Stages", "Checks", "Per class", "apgd-ce", "square", "gradients",
+                    "unbounded", "Robust accuracy versus perturbation budget",
+                    "Adversarial examples", report.config["model_fingerprint"],
+                    f"{report.robust_accuracy:.1%}"):
+        assert visible in text, visible
+    shot = tmp_path / "shot.png"
+    run_chromium(page, tmp_path / "profile", f"--screenshot={shot}")
+    assert shot.exists() and shot.stat().st_size > 20_000
+
+
+def test_unreliable_run_is_marked_in_the_report_and_the_list(mnist_model, mnist_test, tmp_path):
+    from test_evaluate import Scaled
+    x, y = mnist_test
+    store = tmp_path / "runs.sqlite"
+    report = advkit.evaluate(Scaled(mnist_model).eval(), x[:40], y[:40],
+                             ThreatModel("linf", 0.1), Suite("q", (Stage("a", "apgd",
+                                                                         {"steps": 5}),)),
+                             store=store, progress=False, check_samples=20)
+    assert not report.reliable
+    listed = CliRunner().invoke(app, ["runs", "--store", str(store)])
+    assert "NO" in listed.output
+    page = tmp_path / "r.html"
+    assert CliRunner().invoke(app, ["report", "1", "--store", str(store), "--out",
+                                    str(page)]).exit_code == 0
+    html = page.read_text()
+    assert "UNRELIABLE" in html and "check &#39;gradients&#39; failed" in html
+
+
+def test_cli_errors(tmp_path, checkpoint):
+    runner = CliRunner()
+    result = runner.invoke(app, ["evaluate", "--suite", "nope", "--model", str(checkpoint),
+                                 "--limit", "10"])
+    assert result.exit_code == 2 and "unknown suite" in result.output
+    result = runner.invoke(app, ["evaluate", "--suite", "fast", "--attack", "pgd"])
+    assert result.exit_code == 2 and "not both" in result.output
+    result = runner.invoke(app, ["report", "3", "--store", str(tmp_path / "none.sqlite")])
+    assert result.exit_code == 2 and "no store" in result.output
+    store = tmp_path / "s.sqlite"
+    advkit.evaluation.Store(store).close()
+    result = runner.invoke(app, ["report", "3", "--store", str(store)])
+    assert result.exit_code == 2 and "no run 3" in result.output
+    result = runner.invoke(app, ["evaluate", "--resume", "3", "--store", str(store)])
+    assert result.exit_code == 2 and "no run 3" in result.output
