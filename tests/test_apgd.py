@@ -85,6 +85,19 @@ def test_apgd_costs_at_most_steps_gradient_passes_per_sample(batch):
     assert result.forward_passes <= (13 + 1) * n + 2 * n  # + the clean and the success pass
 
 
+@pytest.mark.parametrize("attack", [APGD(ThreatModel("linf", 0.05), steps=13, restarts=2),
+                                    APGDT(ThreatModel("l2", 1.0), steps=7, n_target_classes=3)])
+def test_per_sample_passes_add_up_to_the_counted_passes(batch, attack):
+    model, (x, y) = small_cnn(), batch
+    result = attack(model, x, y)
+    passes = result.extras["passes"]
+    assert passes.shape == (x.shape[0],) and (passes >= 2).all()
+    assert passes.sum().item() == result.forward_passes + result.backward_passes
+    # a sample broken early costs less than one that held out to the end
+    if result.success.any() and (~result.success).any():
+        assert passes[result.success].min() <= passes[~result.success].max()
+
+
 def test_samples_already_misclassified_cost_nothing(batch):
     model, (x, _) = small_cnn(), batch
     with torch.no_grad():

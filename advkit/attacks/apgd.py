@@ -70,7 +70,7 @@ def _check_classes(loss: str, classes: int, targeted: bool) -> None:
 def apgd(
     model: CountedModel, x: Tensor, labels: Tensor, loss_targets: Tensor | None,
     goal_targets: Tensor | None, x_start: Tensor, threat: ThreatModel, steps: int, loss: str,
-    alpha: float = 0.75, rho: float = 0.75,
+    alpha: float = 0.75, rho: float = 0.75, passes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One APGD run (Algorithm 1 of the paper) from ``x_start``, batched, with early exit.
 
@@ -88,6 +88,9 @@ def apgd(
 
     Costs ``steps`` gradient passes and one forward pass per sample at most (the
     gradient at ``x_max`` is kept, so moving back costs nothing).
+
+    ``passes`` (N,), if given, counts each sample's model passes (a gradient = forward +
+    backward = 2), for per-sample accounting.
 
     Returns ``(x_out, reached, loss, logits)`` per sample: the first iterate that
     reached the goal where one did (``reached``), else the iterate of highest loss;
@@ -112,6 +115,8 @@ def apgd(
             logits, grad = model.gradient(xk, fn)
         else:
             logits, grad = model.logits(xk), torch.zeros_like(xk)
+        if passes is not None:
+            passes[idx] += 2 if k < steps else 1
         f = fn(logits)
         if out_logits is None:
             out_logits = torch.zeros(n, logits.shape[1], device=x.device, dtype=logits.dtype)
@@ -236,13 +241,21 @@ class APGD(Attack):
         return self.threat.random_start(x, generator) if self.random_start else x.clone()
 
     def _apgd(self, model: CountedModel, x: Tensor, y: Tensor, loss_targets: Tensor | None,
-              goal_targets: Tensor | None, generator: torch.Generator | None):
+              goal_targets: Tensor | None, generator: torch.Generator | None,
+              passes: Tensor | None = None):
         return apgd(model, x, y, loss_targets, goal_targets, self._start(x, generator),
-                    self.threat, self.steps, self.loss, self.alpha, self.rho)
+                    self.threat, self.steps, self.loss, self.alpha, self.rho, passes)
+
+    @staticmethod
+    def _passes(x: Tensor) -> Tensor:
+        """Per-sample model passes, starting with the clean and the final success pass."""
+        return torch.full((x.shape[0],), 2.0, device=x.device)
 
     def _run(self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
-             clean_logits: Tensor, generator: torch.Generator | None) -> Tensor:
+             clean_logits: Tensor, generator: torch.Generator | None,
+             ) -> tuple[Tensor, dict[str, Tensor]]:
         _check_classes(self.loss, clean_logits.shape[1], targets is not None)
+        passes = self._passes(x)
         best = x.clone()
         best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device, dtype=x.dtype)
         todo = (~goal_reached(clean_logits, y, targets)).nonzero().squeeze(1)
@@ -250,12 +263,14 @@ class APGD(Attack):
             if todo.numel() == 0:
                 break
             ts = targets[todo] if targets is not None else None
-            adv, reached, loss, _ = self._apgd(model, x[todo], y[todo], ts, ts, generator)
+            used = torch.zeros(todo.numel(), device=x.device)
+            adv, reached, loss, _ = self._apgd(model, x[todo], y[todo], ts, ts, generator, used)
+            passes[todo] += used
             score = torch.where(reached, torch.full_like(loss, float("inf")), loss)
             better = score > best_loss[todo]
             best[todo[better]], best_loss[todo[better]] = adv[better], score[better]
             todo = todo[~reached]
-        return best
+        return best, {"passes": passes}
 
 
 class APGDT(APGD):
@@ -308,8 +323,10 @@ class APGDT(APGD):
         return None
 
     def _run(self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
-             clean_logits: Tensor, generator: torch.Generator | None) -> Tensor:
+             clean_logits: Tensor, generator: torch.Generator | None,
+             ) -> tuple[Tensor, dict[str, Tensor]]:
         classes = clean_logits.shape[1]
+        passes = self._passes(x)
         _check_classes(self.loss, classes, targeted=True)
         k = min(self.n_target_classes, classes - 1)
         ranked = clean_logits.scatter(1, y[:, None], float("-inf")).topk(k, dim=1).indices
@@ -320,14 +337,16 @@ class APGDT(APGD):
         for j in range(k):
             for _ in range(self.restarts):
                 if todo.numel() == 0:
-                    return best
+                    return best, {"passes": passes}
                 ys = y[todo]
+                used = torch.zeros(todo.numel(), device=x.device)
                 adv, reached, _, logits = self._apgd(model, x[todo], ys, ranked[todo, j], None,
-                                                     generator)
+                                                     generator, used)
+                passes[todo] += used
                 own = logits.gather(1, ys[:, None]).squeeze(1)
                 margin = logits.scatter(1, ys[:, None], float("-inf")).amax(dim=1) - own
                 margin = torch.where(reached, torch.full_like(margin, float("inf")), margin)
                 better = margin > best_margin[todo]
                 best[todo[better]], best_margin[todo[better]] = adv[better], margin[better]
                 todo = todo[~reached]
-        return best
+        return best, {"passes": passes}
