@@ -12,6 +12,7 @@
 #   foolbox 3.3.4                       eagerpy, GitPython, requests, scipy, numpy,
 #                                       setuptools, typing-extensions
 #   adversarial-robustness-toolbox 1.20.1  numpy, scipy, scikit-learn, six, setuptools, tqdm
+#                                       (+ multiprocess, imported by its AutoAttack)
 # The lists below must equal the pyproject `bench` extra (checked before installing).
 # Idempotent: pip skips what is already installed at these versions. The script
 # refuses to run without torch, and fails if the torch version changed.
@@ -41,6 +42,7 @@ RUNTIME=(
     "GitPython>=3.0.7"
     "requests>=2.24.0"
     "typing-extensions>=3.7.4.1"
+    "multiprocess>=0.70"
 )
 
 # The pyproject `bench` extra documents the same list; refuse to install if they drift apart.

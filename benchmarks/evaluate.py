@@ -1,0 +1,236 @@
+"""advkit's evaluation engine versus AutoAttack's "standard" configuration, on the same models,
+images and eps, in one run.
+
+The reference is AutoAttack as published (Croce & Hein 2020): APGD-CE 100 iterations,
+APGD-T 100 iterations x 9 target classes, FAB-T 100 iterations x 9 targets, Square
+5,000 queries, each attack on the images that no earlier one broke. It is built from
+torchattacks' components configured that way (``torchattacks.AutoAttack`` as shipped
+runs 10 iterations; it is reported too), beside ART's ``AutoAttack`` as shipped.
+
+Every library's output is judged here: an image counts as robust when it was
+classified correctly and the returned adversarial image (checked to lie in the box
+and the eps-ball) is still classified correctly by a fresh forward pass. advkit's
+per-sample records come from its own fresh forward passes.
+
+Models: ``standard`` (the demo's small_cnn), ``pgd`` (small_cnn adversarially
+trained with PGD: ``advkit train --defense pgd``, see --help), ``masked`` (the
+standard model with its logits multiplied by 10^4: the softmax saturates, so
+cross-entropy gradients vanish — gradient masking by temperature, as in
+defensive distillation).
+
+Run ``python benchmarks/evaluate.py --help``. The run rewrites only its own
+sections of ``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # ART and torchattacks draw progress bars otherwise
+REPO = Path(__file__).resolve().parent.parent
+for path in (REPO, REPO / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from attacks import _device_name, _source_state, load_model  # noqa: E402
+
+import advkit  # noqa: E402
+from advkit.evaluation import SUITES  # noqa: E402
+from advkit.models.loaders import trained_path  # noqa: E402
+from advkit.threat import ThreatModel  # noqa: E402
+
+LIBRARIES = ("advkit", "reference", "torchattacks-aa", "art-aa")
+MODELS = ("standard", "pgd", "masked")
+PGD_TRAIN = ("advkit train --arch small_cnn --dataset mnist --epochs 4 --defense pgd --eps 0.3 "
+             "--attack-steps 7 --warmup-epochs 1")
+
+
+class Scaled(nn.Module):
+    """Logits times a large temperature: the softmax saturates (gradient masking)."""
+
+    def __init__(self, model: nn.Module, factor: float = 1e4) -> None:
+        super().__init__()
+        self.model, self.factor = model, factor
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x) * self.factor
+
+
+def get_model(name: str, device: torch.device, log: Callable[[str], None]) -> nn.Module:
+    if name == "pgd":
+        path = trained_path("small_cnn-mnist-pgd")
+        if not path.is_file():
+            raise SystemExit(f"no PGD-trained model at {path}; train it first with:\n  {PGD_TRAIN}")
+        return advkit.models.load(str(path)).to(device).eval()
+    model = load_model("small_cnn", device, log)
+    return Scaled(model).eval() if name == "masked" else model
+
+
+def judge(model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor, eps: float) -> Tensor:
+    """Per-sample: robust (correct before, correct after, the image a legal perturbation)."""
+    with torch.no_grad():
+        clean = model(x).argmax(1) == y
+        adv = model(x_adv).argmax(1) == y
+    legal = ((x_adv - x).flatten(1).abs().amax(1) <= eps + 1e-5) & (x_adv.min() >= 0) & (
+        x_adv.max() <= 1)
+    if not legal.all():
+        print(f"  warning: {int((~legal).sum())} returned images leave the ball or the box; "
+              "counted as broken only if legal", flush=True)
+    return clean & (adv | ~legal)
+
+
+def run_peer(library: str, model: nn.Module, x: Tensor, y: Tensor, eps: float,
+             batch_size: int) -> Tensor:
+    """x_adv from torchattacks (reference or AutoAttack as shipped) or ART's AutoAttack."""
+    if library == "art-aa":
+        from art.attacks.evasion import AutoAttack
+        from art.estimators.classification import PyTorchClassifier
+        clf = PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=(1, 28, 28),
+                                nb_classes=10, clip_values=(0.0, 1.0))
+        attack = AutoAttack(clf, norm="inf", eps=eps, eps_step=eps / 4, batch_size=batch_size)
+        return torch.from_numpy(attack.generate(x.numpy()))
+    import torchattacks as ta
+    if library == "reference":
+        attack = ta.MultiAttack([
+            ta.APGD(model, norm="Linf", eps=eps, steps=100, n_restarts=1, loss="ce", seed=0),
+            ta.APGDT(model, norm="Linf", eps=eps, steps=100, n_restarts=1, n_classes=10, seed=0),
+            ta.FAB(model, norm="Linf", eps=eps, steps=100, n_restarts=1, multi_targeted=True,
+                   n_classes=10, seed=0),
+            ta.Square(model, norm="Linf", eps=eps, n_queries=5000, n_restarts=1, seed=0),
+        ])
+    else:
+        attack = ta.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=10,
+                               seed=0)
+    return torch.cat([attack(x[i:i + batch_size], y[i:i + batch_size])
+                      for i in range(0, len(x), batch_size)])
+
+
+def measure(args: argparse.Namespace, name: str, log: Callable[[str], None]) -> list[dict]:
+    device = torch.device("cpu")
+    model = get_model(name, device, log)
+    x, y = advkit.data.load("mnist", split="test", limit=args.limit)
+    threat = ThreatModel("linf", args.eps)
+    rows = []
+    for library in args.libraries:
+        log(f"{name}: {library} ...")
+        t0 = time.perf_counter()
+        if library == "advkit":
+            report = advkit.evaluate(model, x, y, threat, "standard", batch_size=args.batch_size,
+                                     progress=False, checks=False, log=log)
+            seconds = time.perf_counter() - t0
+            robust = report.robust_accuracy
+            t1 = time.perf_counter()
+            checked = advkit.evaluate(model, x[:args.check_samples], y[:args.check_samples],
+                                      threat, SUITES["fast"], progress=False, log=log,
+                                      check_samples=args.check_samples)
+            check_seconds = time.perf_counter() - t1
+            failed = [c.name for c in checked.checks if c.status == "fail"]
+            stages = ", ".join(f"{s['stage']} {s['robust_acc_after']:.1%}" for s in report.stages)
+            extra = (f"after each stage: {stages}; checks ({check_seconds:.0f} s on "
+                     f"{args.check_samples} images): " + (f"FAIL {', '.join(failed)}" if failed
+                                                          else "all pass"))
+            rows.append({"library": "advkit `standard`", "robust": robust, "seconds": seconds,
+                         "notes": extra})
+            if name == "masked" or args.thorough:
+                t2 = time.perf_counter()
+                deep = advkit.evaluate(model, x, y, threat, "thorough", batch_size=args.batch_size,
+                                       progress=False, checks=False, log=log)
+                rows.append({"library": "advkit `thorough`", "robust": deep.robust_accuracy,
+                             "seconds": time.perf_counter() - t2,
+                             "notes": ", ".join(f"{s['stage']} {s['robust_acc_after']:.1%}"
+                                                for s in deep.stages)})
+            continue
+        x_adv = run_peer(library, model, x, y, args.eps, args.batch_size)
+        seconds = time.perf_counter() - t0
+        robust = judge(model, x, y, x_adv, args.eps).float().mean().item()
+        label = {"reference": "reference (torchattacks components as published)",
+                 "torchattacks-aa": "torchattacks.AutoAttack as shipped",
+                 "art-aa": "ART AutoAttack as shipped"}[library]
+        rows.append({"library": label, "robust": robust, "seconds": seconds, "notes": ""})
+    with torch.no_grad():
+        clean = (model(x).argmax(1) == y).float().mean().item()
+    return [{"clean": clean, **r} for r in rows]
+
+
+def section(name: str, rows: list[dict], args: argparse.Namespace, started: float) -> str:
+    versions = [f"torch {torch.__version__}", f"advkit {advkit.__version__}"]
+    for dist in ("torchattacks", "adversarial-robustness-toolbox"):
+        try:
+            versions.append(f"{dist} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    ref = next((r["seconds"] for r in rows if r["library"].startswith("reference")), None)
+    lines = [
+        f"<!-- benchmarks/evaluate.py {name}: begin -->",
+        f"## Evaluation, model `{name}`: MNIST Linf eps {args.eps}, {args.limit} test images",
+        "",
+        f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- device: {_device_name(torch.device('cpu'))}; torch threads {torch.get_num_threads()}",
+        f"- python {platform.python_version()}; versions: {', '.join(versions)}; advkit source "
+        f"{_source_state()}",
+        f"- run time {time.perf_counter() - started:.0f} s; 1-minute load average "
+        f"{args.load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at the end",
+        "",
+        "| library / configuration | clean | robust | seconds | vs reference | notes |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        ratio = f"{r['seconds'] / ref:.2f}" if ref else "–"
+        lines.append(f"| {r['library']} | {r['clean']:.1%} | {r['robust']:.1%} | "
+                     f"{r['seconds']:.1f} | {ratio} | {r['notes']} |")
+    lines.append(f"<!-- benchmarks/evaluate.py {name}: end -->")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, name: str, text: str) -> None:
+    begin, end = (f"<!-- benchmarks/evaluate.py {name}: {w} -->" for w in ("begin", "end"))
+    old = path.read_text() if path.exists() else "# advkit benchmark results\n"
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        old = head + text.rstrip("\n") + rest.split(end, 1)[1]
+    else:
+        old = old.rstrip("\n") + "\n\n" + text
+    path.write_text(old)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
+    parser.add_argument("--limit", type=int, default=1000, help="MNIST test images")
+    parser.add_argument("--eps", type=float, default=0.3)
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--check-samples", type=int, default=100,
+                        help="images for advkit's masking checks (timed apart)")
+    parser.add_argument("--thorough", action="store_true",
+                        help="also run advkit's thorough suite on every model (always on masked)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS.md")
+    args = parser.parse_args(argv)
+    args.load_before = os.getloadavg()[0]
+    torch.set_num_threads(args.threads)
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    for name in args.models:
+        started = time.perf_counter()
+        rows = measure(args, name, log)
+        write_section(args.out, name, section(name, rows, args, started))
+        log(f"wrote the {name} section of {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
