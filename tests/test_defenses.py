@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from advkit import ThreatModel, data
+from advkit import ThreatModel, data, evaluate
 from advkit.attacks import PGD
 from advkit.defenses import (
     MART,
@@ -21,6 +21,7 @@ from advkit.defenses import (
     StopTraining,
     TemperatureTraining,
 )
+from advkit.evaluation import Stage, Suite
 from advkit.models import create, load
 from advkit.train import TrainConfig, accuracy, train
 
@@ -78,6 +79,12 @@ def test_distillation_masks_gradients_and_a_margin_attack_sees_through_it(
     assert masked >= robust(standard, heldout) + 0.2
     # ...while the logit margin still has a gradient and breaks the "defense".
     assert robust(student, heldout, "margin") <= masked - 0.2
+    # The evaluation's checks flag it: a cross-entropy evaluation of it is unreliable.
+    probe = Suite("ce", (Stage("apgd-ce", "apgd", {"steps": 10, "loss": "ce"}),))
+    report = evaluate(student, x[:100], y[:100], THREAT, probe, progress=False,
+                      check_samples=40)
+    assert {c.name: c.status for c in report.checks}["gradients"] == "fail"
+    assert not report.reliable
 
 
 def test_noise_augmentation_makes_the_model_accurate_on_noisy_inputs(standard, heldout,
