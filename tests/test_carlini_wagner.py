@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from advkit import ThreatModel
-from advkit.attacks import FGSM
-from advkit.attacks.carlini_wagner import CarliniWagnerL2, CarliniWagnerLinf
+from advkit.attacks import FGSM, DeepFool
+from advkit.attacks.base import CountedModel
+from advkit.attacks.carlini_wagner import CarliniWagnerL2, CarliniWagnerLinf, _estimate_const
 
 INF = float("inf")
 #: Short runs for the small models: the contract does not depend on the budget.
@@ -174,12 +175,56 @@ def test_a_larger_confidence_buys_a_margin_of_at_least_kappa_with_a_larger_norm(
 
 
 def test_cw_l2_spends_one_gradient_per_image_per_step(batch):
+    """The paper's search (fixed first c, every search step run): steps x search_steps."""
     model, x, y = batch
-    result = CarliniWagnerL2(ThreatModel("l2", INF), steps=7, search_steps=3,
-                             abort_early=False)(model, x, y)
+    result = CarliniWagnerL2(ThreatModel("l2", INF), steps=7, search_steps=3, initial_const=1e-2,
+                             search_tolerance=0.0, abort_early=False)(model, x, y)
     n = x.shape[0]
     assert result.backward_passes == 7 * 3 * n
     assert result.forward_passes == result.backward_passes + 2 * n  # entry + success check
+
+
+def test_the_estimated_first_c_is_twice_the_linearised_threshold_on_a_linear_model():
+    """For a linear margin m + g.d, c = 2 m / ||g||^2 puts the minimiser on the boundary."""
+    model, x, y, a = binary_linear()
+    counted = CountedModel(model)
+    with torch.no_grad():
+        m = -margins(model, x, y)  # own logit minus the other: the margin the attack removes
+    const = _estimate_const(counted, x, y, None, kappa=0.0)
+    torch.testing.assert_close(const, 2 * 2 * m / a.pow(2).sum(), rtol=1e-4, atol=0)
+    assert counted.backward_passes == x.shape[0]  # one gradient pass per image
+    with_kappa = _estimate_const(counted, x, y, None, kappa=0.5)
+    torch.testing.assert_close(with_kappa, 2 * 2 * (m + 0.5) / a.pow(2).sum(), rtol=1e-4,
+                               atol=0)
+
+
+def test_by_default_one_run_per_image_after_the_estimate_when_it_succeeds():
+    """Every first run succeeds on a linear model, so the search stops there."""
+    model, x, y, _ = binary_linear()
+    result = CarliniWagnerL2(ThreatModel("l2", INF), steps=20, abort_early=False)(model, x, y)
+    n = x.shape[0]
+    assert result.success.all()
+    assert result.backward_passes == n + 20 * n  # the estimate, then one run of 20 steps
+
+
+@pytest.mark.parametrize(("tolerance", "runs"), [(1.0, 1), (0.0, 4)])
+def test_the_search_tolerance_decides_how_many_values_of_c_a_broken_sample_tries(
+        batch, tolerance, runs):
+    """A first c large enough for every sample: 1 stops there, 0 bisects every step."""
+    model, x, y = batch
+    result = CarliniWagnerL2(ThreatModel("l2", INF), steps=10, search_steps=4,
+                             initial_const=100.0, search_tolerance=tolerance,
+                             learning_rate=0.1, abort_early=False)(model, x, y)
+    assert result.success.all()
+    assert result.backward_passes == runs * 10 * x.shape[0]
+
+
+def test_samples_whose_first_c_is_too_small_keep_searching_until_they_succeed(batch):
+    model, x, y = batch
+    once = make(CarliniWagnerL2, initial_const=1e-6, search_steps=1)(model, x, y)
+    searched = make(CarliniWagnerL2, initial_const=1e-6, search_steps=8)(model, x, y)
+    assert once.success.float().mean() <= 0.1  # c = 1e-6 is far too small here
+    assert searched.success.float().mean() >= 0.9  # c grew tenfold per failed run
 
 
 def test_early_abort_saves_passes_without_losing_samples(batch, runs):
@@ -208,6 +253,8 @@ def test_the_minimal_norm_taxonomy_is_declared():
     ({"search_steps": 0}, "search_steps must be"),
     ({"initial_const": 0.0}, "initial_const must be"),
     ({"learning_rate": -0.1}, "learning_rate must be"),
+    ({"search_tolerance": -0.1}, "search_tolerance must be"),
+    ({"search_tolerance": 1.5}, "search_tolerance must be"),
 ])
 def test_cw_l2_refuses_bad_configurations(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -247,6 +294,19 @@ def mnist_cw_l2(mnist_model, mnist_slice):
 def test_cw_l2_breaks_99_percent_of_mnist_with_a_median_l2_below_2(mnist_cw_l2):
     assert mnist_cw_l2.success_rate >= 0.99
     assert mnist_cw_l2.summary()["median_norm"] < 2.0
+
+
+def test_cw_l2_finds_a_smaller_median_l2_than_deepfool_on_mnist(mnist_model, mnist_slice):
+    """Both attacks with their defaults (C&W: 100 Adam steps at an estimated c; DeepFool: 50
+    steps, overshoot 0.02) on the first 100 test images. On 100 images C&W's median is 8%
+    below DeepFool's (1.64 vs 1.78; 1.62 vs 1.77 on 200), so the comparison stands well
+    outside the spread of a median over 100 images, and C&W's ~90 gradient passes per image
+    keep the test to a few seconds."""
+    x, y = mnist_slice
+    cw = CarliniWagnerL2(ThreatModel("l2", INF))(mnist_model, x, y)
+    deepfool = DeepFool(ThreatModel("l2", INF))(mnist_model, x, y)
+    assert cw.success.all() and deepfool.success.all()
+    assert cw.norms.median() <= deepfool.norms.median()
 
 
 def test_cw_l2_needs_less_than_the_smallest_fgsm_step_that_works(mnist_model, mnist_slice,

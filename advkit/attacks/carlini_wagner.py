@@ -24,6 +24,11 @@ _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
 #: The authors' Adam learning rates (L2, Linf) at their 1000 steps per run.
 _PAPER_L2_LR, _PAPER_LINF_LR, _PAPER_STEPS = 1e-2, 5e-3, 1000
+#: The estimated first c (``initial_const=None``) is this multiple of the linearised one.
+_ESTIMATE_FACTOR = 2.0
+#: Estimated first c values are kept in this range: below the 1e9 that marks "no
+#: success yet" in the search, and above 0 (a sample exactly on the boundary).
+_CONST_RANGE = (1e-6, 1e8)
 
 
 def _margin(logits: Tensor, labels: Tensor, targets: Tensor | None) -> Tensor:
@@ -87,6 +92,25 @@ def _bisect_const(const: Tensor, lower: Tensor, upper: Tensor, success: Tensor) 
                             torch.where(success, const, const * 10)))
 
 
+def _estimate_const(model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
+                    kappa: float) -> Tensor:
+    """Per sample, a first c read off the model linearised at ``x`` (one gradient pass).
+
+    With the attack term linearised, ``f(x + d) + kappa ~ m + g . d``, the minimiser of
+    ``||d||^2 + c (m + g . d)`` is ``d = -c g / 2``, which lands exactly on the
+    boundary ``m + g . d = 0`` at ``c = 2 m / ||g||^2``. The estimate is
+    ``_ESTIMATE_FACTOR`` times that: the boundary curves towards the image (on the
+    MNIST test CNN the smallest successful c the paper's search finds is 0.3 to 1.3
+    times the linear value), and a run whose c is just at the threshold ends on the
+    boundary rather than across it, so the factor makes the first run succeed.
+    """
+    logits, grad = model.gradient(x, lambda z: _margin(z, y, targets))
+    need = _margin(logits, y, targets) + kappa
+    c = _ESTIMATE_FACTOR * 2 * need / grad.flatten(1).pow(2).sum(1)
+    # A flat model (zero gradient) gives inf or nan: start as high as the search allows.
+    return c.nan_to_num(nan=_CONST_RANGE[1]).clamp(*_CONST_RANGE)
+
+
 def _is_count(steps: object) -> bool:
     return isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1
 
@@ -110,11 +134,15 @@ def _check_common(steps: int, learning_rate: float, confidence: float) -> None:
                          "0 asks for any misclassification, larger values for a logit margin")
 
 
-def _check_search(search_steps: int, initial_const: float) -> None:
+def _check_search(search_steps: int, initial_const: float | None,
+                  allow_estimate: bool = False) -> None:
     if not _is_count(search_steps):
         raise ValueError(f"search_steps must be an integer >= 1 (got {search_steps!r})")
+    if initial_const is None and allow_estimate:
+        return
     if not (isinstance(initial_const, (int, float)) and 0 < initial_const < 1e9):
-        raise ValueError(f"initial_const must be in (0, 1e9) (got {initial_const!r})")
+        hint = " or None for the per-sample estimate" if allow_estimate else ""
+        raise ValueError(f"initial_const must be in (0, 1e9){hint} (got {initial_const!r})")
 
 
 class CarliniWagnerL2(Attack):
@@ -126,17 +154,33 @@ class CarliniWagnerL2(Attack):
     For each sample it minimises ``||x' - x||_2^2 + c * f(x')`` over ``w``, with
     ``x' = (tanh(w) + 1) / 2`` scaled to the bounds and ``f`` the logit margin clipped
     at ``-confidence`` (see the module docstring), by Adam from ``x' = x``. A binary
-    search over ``c`` runs per sample: c starts at ``initial_const``, grows tenfold
-    until a run succeeds (as in the authors' code), then bisects between the largest
-    failing and the smallest succeeding c. Every step of every run is a candidate:
-    the result is, per sample, the adversarial iterate with the smallest L2 norm
-    (margin above ``confidence``), or ``x`` where there was none.
+    search over ``c`` runs per sample as in the authors' code: c grows tenfold until a
+    run succeeds, then bisects between the largest failing and the smallest
+    succeeding c. Every step of every run is a candidate: the result is, per sample,
+    the adversarial iterate with the smallest L2 norm (margin above ``confidence``),
+    or ``x`` where there was none.
+
+    Where the search starts and when it stops decide the cost. The paper starts every
+    sample at c = 1e-3 and runs all 9 search steps; on MNIST the smallest successful c
+    is about 0.05 to 1, so the first runs fail for nothing, and the last bisections
+    move the norm by well under 1%. By default (``initial_const=None``) each sample
+    starts instead at twice the c at which the model linearised at ``x`` would put the
+    minimiser exactly on the boundary, ``4 (m + kappa) / ||grad m||^2`` with ``m`` the
+    margin (one gradient pass; see :func:`_estimate_const`), and stops searching at
+    its first success (``search_tolerance=1``). On the test MNIST CNN (first 200 test
+    images, all broken either way) this default costs 89 gradient passes per image and
+    finds a median L2 of 1.62 (mean 1.66), against 676 passes for a median of 1.55
+    (mean 1.59) with the paper's search (``initial_const=1e-3, search_tolerance=0``,
+    9 search steps, at 100 steps each). A sample whose first run fails still gets
+    larger values of c, up to ``search_steps`` runs, so a poor estimate costs time,
+    not success.
 
     Work saved without changing the method: samples the model already gets wrong (by
     more than ``confidence``) are returned as they are (norm 0) and cost no gradient;
     the paper's early abort (loss not below 0.9999 of its value ``steps // 10`` steps
     earlier) is applied per sample, which is what the authors' code does for a batch
-    of one image, so a result does not depend on the other images in the batch.
+    of one image, so a result does not depend on the other images in the batch, and
+    samples leave the working batch as soon as their run or their search is over.
 
     With a finite eps in the threat model (a cap), samples whose smallest example is
     larger than eps are returned unchanged (``success`` False, as the contract says).
@@ -146,9 +190,17 @@ class CarliniWagnerL2(Attack):
         steps: Adam steps per value of c. The paper uses 1000 (its code allows up to
             10000 with early abort); the default 100, with the learning rate scaled to
             0.1, costs a tenth and on the test MNIST CNN (first 20 test images, all
-            broken by both) gives a mean L2 2.6% above the 1000-step one (1.51 vs 1.48).
-        search_steps: values of c tried per sample (binary search steps; paper: 9).
-        initial_const: the first c (paper: 1e-3).
+            broken by both, the paper's search) gives a mean L2 2.6% above the
+            1000-step one (1.51 vs 1.48).
+        search_steps: the most values of c tried per sample (binary search steps;
+            paper: 9, the default).
+        initial_const: the first c: a number for every sample (paper: 1e-3), or None
+            (default) for the per-sample estimate described above.
+        search_tolerance: a sample stops searching once a run has succeeded and the
+            bracket ``[lower, upper]`` on c has ``upper - lower <= search_tolerance *
+            upper``. 1 (default) stops at the first success; 0 runs all
+            ``search_steps`` as the paper does; 0.05 skips the bisections that refine
+            c by less than 5%.
         confidence: kappa, the logit margin an example must exceed (paper: 0);
             larger values give larger, more confidently misclassified examples.
         learning_rate: Adam's step size in tanh space. Default: the paper's 0.01 at its
@@ -170,17 +222,22 @@ class CarliniWagnerL2(Attack):
 
     def __init__(
         self, threat: ThreatModel, *, steps: int = 100, search_steps: int = 9,
-        initial_const: float = 1e-3, confidence: float = 0.0,
-        learning_rate: float | None = None, abort_early: bool = True, seed: int | None = 0,
+        initial_const: float | None = None, search_tolerance: float = 1.0,
+        confidence: float = 0.0, learning_rate: float | None = None, abort_early: bool = True,
+        seed: int | None = 0,
     ) -> None:
         super().__init__(threat, seed=seed)
         if learning_rate is None:
             learning_rate = _scaled_lr(_PAPER_L2_LR, steps)
         _check_common(steps, learning_rate, confidence)
-        _check_search(search_steps, initial_const)
+        _check_search(search_steps, initial_const, allow_estimate=True)
+        if not (isinstance(search_tolerance, (int, float)) and 0 <= search_tolerance <= 1):
+            raise ValueError(f"search_tolerance must be in [0, 1] (got {search_tolerance!r}); "
+                             "1 stops at the first success, 0 runs every search step")
         self.steps = steps
         self.search_steps = search_steps
-        self.initial_const = float(initial_const)
+        self.initial_const = None if initial_const is None else float(initial_const)
+        self.search_tolerance = float(search_tolerance)
         self.confidence = float(confidence)
         self.learning_rate = float(learning_rate)
         self.abort_early = abort_early
@@ -194,7 +251,11 @@ class CarliniWagnerL2(Attack):
         already = _margin(clean_logits, y, targets) < -self.confidence
         best_norm[already] = 0.0
         todo = (~already).nonzero().squeeze(1)
-        const = torch.full((n,), self.initial_const, device=x.device, dtype=x.dtype)
+        const = torch.full((n,), self.initial_const or 0.0, device=x.device, dtype=x.dtype)
+        if self.initial_const is None and todo.numel():
+            const[todo] = _estimate_const(model, x[todo], y[todo],
+                                          None if targets is None else targets[todo],
+                                          self.confidence).to(x.dtype)
         lower, upper = torch.zeros_like(const), torch.full_like(const, 1e10)
         w0 = _to_tanh_space(x, self.threat.bounds)
         for _ in range(self.search_steps):
@@ -204,8 +265,13 @@ class CarliniWagnerL2(Attack):
             c, lo, hi = const[todo], lower[todo], upper[todo]
             _bisect_const(c, lo, hi, success)
             const[todo], lower[todo], upper[todo] = c, lo, hi
+            # Search on only where no run has succeeded yet (upper still at its initial
+            # 1e10) or where the bracket on c is still wider than the tolerance.
+            todo = todo[(hi >= 1e9) | (hi - lo > self.search_tolerance * hi)]
         if self.threat.bounded:
-            best[best_norm > self.threat.eps] = x[best_norm > self.threat.eps]
+            # Measured as the result will be (the running norms may differ in the last bit).
+            over = self.threat.norms(best - x) > self.threat.eps
+            best[over] = x[over]
         return best
 
     def _descend(self, model: CountedModel, x: Tensor, w0: Tensor, y: Tensor,
@@ -406,5 +472,7 @@ class CarliniWagnerLinf(Attack):
                     z[keep] for z in (adam_t, attempt, tau, const, prev))
                 ta = ta[keep] if ta is not None else None
         if self.threat.bounded:
-            best[best_norm > self.threat.eps] = x[best_norm > self.threat.eps]
+            # Measured as the result will be (the running norms may differ in the last bit).
+            over = self.threat.norms(best - x) > self.threat.eps
+            best[over] = x[over]
         return best
