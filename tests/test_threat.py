@@ -132,6 +132,18 @@ def test_l2_projection_in_float32_matches_float64():
     assert ((x + p32) >= 0).all() and ((x + p32) <= 1).all()
 
 
+@settings(max_examples=100, deadline=None)
+@given(cases)
+def test_threat_model_project_equals_the_perturbation_projection(case):
+    """ThreatModel.project (a Linf fast path) is x + project_delta, for every norm."""
+    seed, n, d, scale, eps, norm = case
+    x, v = _case(seed, n, d, scale)
+    eps = min(eps, 1.0) if norm == "linf" else eps
+    expected = x + project_delta(v, x, eps, norm, (0.0, 1.0))
+    torch.testing.assert_close(ThreatModel(norm, eps).project(x + v, x), expected,
+                               atol=1e-12, rtol=0)
+
+
 def test_feasible_points_are_left_alone():
     x = torch.full((2, 1, 2, 2), 0.5)
     v = torch.full((2, 1, 2, 2), 0.01)
