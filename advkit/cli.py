@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from advkit import attacks as attack_lib
+from advkit.card import card_path
 from advkit.evaluation import curve_rows, curves, finite_or_none, run_attack, table_rows
 from advkit.threat import ThreatModel
 
@@ -321,11 +323,18 @@ def train_cmd(
     lipschitz: Annotated[bool, typer.Option(help="spectrally normalised layers")] = False,
     out_dir: Annotated[Path | None, typer.Option("--out", help="run folder (checkpoints)")] = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = True,
+    card: Annotated[bool, typer.Option(
+        help="evaluate the trained model and write its model card (.card.json)")] = True,
+    card_suite: Annotated[str, typer.Option(help="the model card's evaluation suite")] = "fast",
+    card_limit: Annotated[int, typer.Option(help="test images the model card uses")] = 500,
+    store: Annotated[Path, typer.Option(help="result store of the card's evaluation")] = Path(
+        "advkit-output/runs.sqlite"),
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Train a zoo model with a recipe (checkpoint every epoch, resumable); install it so
-    that `--model ARCH` (or ARCH-DATASET) finds it."""
+    that `--model ARCH` (or ARCH-DATASET) finds it; write its model card (clean and robust
+    accuracy under --card-suite at --norm/--eps, with the masking checks)."""
     import shutil
 
     from advkit.defenses import build_recipe
@@ -358,11 +367,48 @@ def train_cmd(
     shutil.copyfile(result.checkpoint, installed)
     summary = {"checkpoint": str(result.checkpoint), "installed": str(installed),
                "history": result.history, "seconds": result.seconds}
+    if card:
+        try:
+            summary["card"] = _model_card(result, installed, dataset, norm, eps, card_suite,
+                                          card_limit, store, _device(device), as_json, log)
+        except (ValueError, FileNotFoundError) as err:
+            raise _fail(f"the model is trained and installed, but its card failed: {err}") from err
     if as_json:
         _print_json(summary)
     else:
         _print_rows(result.history, f"{arch} on {dataset}")
         out.print(f"checkpoint: {result.checkpoint}\ninstalled as: {installed}")
+        if card:
+            ev = summary["card"]["evaluation"]
+            out.print(f"model card: {card_path(installed)} ({ev['suite']} suite, {ev['norm']} "
+                      f"eps={ev['eps']:g}: clean {ev['clean_accuracy']:.1%}, robust "
+                      f"{ev['robust_accuracy']:.1%}" + ("" if ev["reliable"] else
+                                                        ", UNRELIABLE: a check failed") + ")")
+
+
+def _model_card(result, installed: Path, dataset: str, norm: str, eps: float, suite: str,
+                limit: int, store: Path, device: str, quiet: bool, log) -> dict:
+    """Evaluate the freshly trained model, write its card beside both checkpoints."""
+    import shutil
+
+    from advkit import data, evaluate
+    from advkit.card import build_card, card_path, write_card
+    from advkit.models import read_metadata
+    if limit < 1:
+        raise ValueError(f"--card-limit must be >= 1 (got {limit})")
+    x, y = data.load(dataset, split="test", limit=limit)
+    model = result.model.to(device)
+    report = evaluate(model, x, y, ThreatModel(norm, eps), suite, store=store, device=device,
+                      progress=not quiet, log=log, check_samples=min(100, limit),
+                      describe_model={"spec": str(installed),
+                                      "card": str(card_path(installed))},
+                      describe_data={"dataset": dataset, "split": "test", "limit": limit})
+    card = build_card(checkpoint=installed, metadata=read_metadata(installed),
+                      seconds=result.seconds, device=device, evaluation=report)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun the evaluation is shared
+        write_card(card, card_path(result.checkpoint))
+        shutil.copyfile(card_path(result.checkpoint), card_path(installed))
+    return card
 
 
 @app.command()

@@ -61,7 +61,8 @@ def trained(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """``advkit train`` of small_cnn for one epoch on 1,000 images (the JSON summary)."""
     out = tmp_path_factory.mktemp("run")
     result = runner.invoke(app, ["train", "--arch", "small_cnn", "--epochs", "1",
-                                 "--train-limit", "1000", "--out", str(out), "--json"],
+                                 "--train-limit", "1000", "--out", str(out), "--json",
+                                 "--card-limit", "60", "--store", str(out / "runs.sqlite")],
                            env={"ADVKIT_MODEL_DIR": str(model_dir)})
     summary = as_json(result)
     summary["out"] = out
@@ -206,11 +207,32 @@ def test_a_pickled_model_file_is_refused_with_a_hint_to_trust(tmp_path):
                   "--trust")
 
 
+def test_train_writes_a_model_card_and_the_report_shows_it(trained, tmp_path):
+    from advkit.card import card_path, read_card
+    installed = Path(trained["installed"])
+    card = read_card(card_path(installed))
+    assert card == read_card(card_path(trained["checkpoint"])) == trained["card"]
+    assert card["model"]["fingerprint"] == models.read_metadata(installed)["fingerprint"]
+    assert card["training"]["recipe"] == "standard" and card["training"]["seed"] == 0
+    assert card["training"]["wall_seconds"] > 0 and card["training"]["device"] == "cpu"
+    ev = card["evaluation"]
+    assert ev["suite"] == "fast" and ev["images"] == 60 and ev["eps"] == 0.3
+    # one epoch on 1,000 images: well above chance, not yet good
+    assert 0.3 <= ev["clean_accuracy"] <= 1 and 0 <= ev["robust_accuracy"] < ev["clean_accuracy"]
+    assert set(ev["checks"]) >= {"gradients", "unbounded"} and ev["reliable"] in (True, False)
+    page = tmp_path / "card.html"
+    made = runner.invoke(app, ["report", str(ev["run"]), "--store", ev["store"], "--out",
+                               str(page)])
+    assert made.exit_code == 0, made.output
+    html = page.read_text()
+    assert "Model card" in html and card["model"]["fingerprint"] in html
+
+
 def test_train_with_a_defense_installs_the_model_beside_the_standard_one(tmp_path, monkeypatch):
     monkeypatch.setenv("ADVKIT_MODEL_DIR", str(tmp_path / "models"))
     result = runner.invoke(app, ["train", "--defense", "fgsm_rs", "--eps", "0.1", "--epochs", "1",
                                  "--train-limit", "256", "--out", str(tmp_path / "run"),
-                                 "--json"])
+                                 "--json", "--no-card"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["installed"].endswith("small_cnn-mnist-fgsm_rs.safetensors")

@@ -12,7 +12,8 @@ import torch
 from advkit.models import load
 from advkit.train import TrainConfig, train
 
-ARGS = ["--epochs", "2", "--train-limit", "1000", "--batch-size", "100", "--no-resume", "--json"]
+ARGS = ["--epochs", "2", "--train-limit", "1000", "--batch-size", "100", "--no-resume", "--json",
+        "--no-card"]
 
 
 def _free_port() -> int:

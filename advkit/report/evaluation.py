@@ -84,6 +84,10 @@ def write_run_report(store: str | Path, run_id: int, out: str | Path) -> tuple[P
             "environment": environment, "notes": notes}
     out = Path(out)
     tables = [("Stages", stages), ("Checks", checks), ("Per class", per_class)]
+    card_file = report.config.get("model", {}).get("card")
+    if card_file and Path(card_file).is_file():
+        from advkit.card import card_rows, read_card
+        tables.insert(0, ("Model card", card_rows(read_card(card_file))))
     html = write_html_report(out, **args, tables=tables)
     js = write_json_report(out.with_suffix(".json"), **args, tables=tables)
     return html, js
