@@ -53,6 +53,13 @@ def _evaluate_args(checkpoint: Path, suite: Path, store: Path, limit: int, batch
             "--store", str(store), "--device", "cpu", "--json"]
 
 
+def _run(args: list) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, *args], env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def _export(store: Path, run: int = 1) -> str:
     result = CliRunner().invoke(app, ["runs", "export", str(run), "--store", str(store)])
     assert result.exit_code == 0, result.output
@@ -73,9 +80,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_results(checkpoint, tmp_path
     suite.write_text(SUITE_TOML)
     whole, broken = tmp_path / "whole.sqlite", tmp_path / "broken.sqlite"
     args = dict(checkpoint=checkpoint, suite=suite, limit=300, batch=30)
-    done = subprocess.run([sys.executable, *_evaluate_args(store=whole, **args)], env=_env(),
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _run(_evaluate_args(store=whole, **args))
 
     victim = subprocess.Popen([sys.executable, *_evaluate_args(store=broken, **args)],
                               env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -89,10 +94,8 @@ def test_kill_9_then_resume_gives_the_uninterrupted_results(checkpoint, tmp_path
         before = db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
         assert db.execute("SELECT status FROM runs WHERE id=1").fetchone()[0] == "running"
 
-    resumed = subprocess.run([sys.executable, "-m", "advkit", "evaluate", "--resume", "1",
-                              "--store", str(broken), "--device", "cpu", "--json"],
-                             env=_env(), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = _run(["-m", "advkit", "evaluate", "--resume", "1", "--store", str(broken),
+                    "--device", "cpu", "--json"])
     summary = json.loads(resumed.stdout)
     with sqlite3.connect(broken) as db:
         total = db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
@@ -107,17 +110,12 @@ def test_torchrun_two_processes_match_one(checkpoint, tmp_path):
     suite.write_text(SUITE_TOML)
     one, two = tmp_path / "one.sqlite", tmp_path / "two.sqlite"
     args = dict(checkpoint=checkpoint, suite=suite, limit=200, batch=25)
-    single = subprocess.run([sys.executable, *_evaluate_args(store=one, **args)], env=_env(),
-                            capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
+    _run(_evaluate_args(store=one, **args))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(port),
-               *_evaluate_args(store=two, **args)[1:]]
-    parallel = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
-    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+          "--master_port", str(port), *_evaluate_args(store=two, **args)[1:]])
     assert _export(two) == _export(one)
     with sqlite3.connect(two) as db:   # one merged run, not one per process
         assert db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1
