@@ -106,6 +106,18 @@ def test_bad_suite_files_are_refused(tmp_path, text, message):
         get_suite(tmp_path / "bad.toml")
 
 
+def test_suite_composed_inline():
+    suite = get_suite("apgd:steps=50,loss=dlr+square:n_queries=1000+apgd")
+    assert [(s.name, s.attack, s.params) for s in suite.stages] == [
+        ("apgd", "apgd", {"steps": 50, "loss": "dlr"}), ("square", "square", {"n_queries": 1000}),
+        ("apgd-3", "apgd", {})]
+    assert get_suite("fab").stages[0].attack == "fab"
+    with pytest.raises(ValueError, match="key=value"):
+        get_suite("apgd:steps")
+    with pytest.raises(ValueError, match="unknown attack"):
+        get_suite("apgd+nope")
+
+
 def test_unknown_suite_and_missing_file():
     with pytest.raises(ValueError, match="unknown suite 'strong'"):
         get_suite("strong")

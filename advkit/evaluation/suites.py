@@ -168,17 +168,47 @@ SUITES: dict[str, Suite] = {
 }
 
 
+def parse_suite(spec: str) -> Suite:
+    """A suite written inline: stages joined by ``+``, each ``attack`` or
+    ``attack:option=value,option=value`` (values read as JSON where they parse, else as
+    text), e.g. ``apgd:steps=50,loss=dlr+square:n_queries=1000``. Stage names are the
+    attack names, numbered where one repeats."""
+    stages = []
+    for i, part in enumerate(p.strip() for p in spec.split("+")):
+        attack, _, options = part.partition(":")
+        params = {}
+        for item in filter(None, (o.strip() for o in options.split(","))):
+            key, eq, raw = item.partition("=")
+            if not eq or not key.strip():
+                raise ValueError(f"stage {i + 1} of {spec!r}: options are key=value (got "
+                                 f"{item!r})")
+            try:
+                params[key.strip()] = json.loads(raw)
+            except json.JSONDecodeError:
+                params[key.strip()] = raw.strip()
+        name = attack.strip()
+        if any(s.name == name for s in stages):
+            name = f"{name}-{i + 1}"
+        stages.append(Stage(name, attack.strip(), params))
+    return Suite("custom", tuple(stages))
+
+
 def get_suite(name_or_path: str | Path | Suite) -> Suite:
-    """A built-in suite by name, or a suite file (.toml, .json, .yaml/.yml)."""
+    """A built-in suite by name, a suite file (.toml, .json, .yaml/.yml), or an inline
+    suite (see :func:`parse_suite`)."""
     if isinstance(name_or_path, Suite):
         return name_or_path
     key = str(name_or_path)
     if key in SUITES:
         return SUITES[key]
+    if not isinstance(name_or_path, Path) and ("+" in key or ":" in key or key.lower().replace(
+            "-", "").replace("_", "") in attack_lib.REGISTRY):
+        return parse_suite(key)
     path = Path(key)
     if not path.suffix:
-        raise ValueError(f"unknown suite {key!r}: use one of {', '.join(SUITES)} or a "
-                         ".toml / .yaml / .json file")
+        raise ValueError(f"unknown suite {key!r}: use one of {', '.join(SUITES)}, a "
+                         ".toml / .yaml / .json file, or attacks joined by + "
+                         "(apgd:steps=50+square)")
     if not path.is_file():
         raise FileNotFoundError(f"suite file {path} does not exist")
     text = path.read_text()
