@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -50,6 +51,10 @@ def evaluate_suite(*, model: str, suite: str, norm: str, eps: float, dataset: st
         checks, check_samples = config["checks"], config["check_samples"]
     else:
         threat, split, suite_arg = ThreatModel(norm, eps), "test", suite
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        import torch
+        torch.cuda.set_device(device)
     net = models.load(model, trust=trust, map_location=device)
     x, y = data.load(dataset, split=split, limit=limit)
     if isinstance(suite_arg, dict):
