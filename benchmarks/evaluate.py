@@ -53,8 +53,8 @@ from advkit.threat import ThreatModel  # noqa: E402
 
 LIBRARIES = ("advkit", "reference", "torchattacks-aa", "art-aa")
 MODELS = ("standard", "pgd", "masked")
-PGD_TRAIN = ("advkit train --arch small_cnn --dataset mnist --epochs 4 --defense pgd --eps 0.3 "
-             "--attack-steps 7 --warmup-epochs 1")
+PGD_TRAIN = ("advkit train --arch small_cnn --dataset mnist --epochs 2 --train-limit 20000 "
+             "--defense pgd --eps 0.3 --attack-steps 5 --warmup-epochs 1 --no-card")
 
 
 class Scaled(nn.Module):
