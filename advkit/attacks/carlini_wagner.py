@@ -291,13 +291,16 @@ class CarliniWagnerL2(Attack):
         m, v = torch.zeros_like(xa), torch.zeros_like(xa)
         prev = torch.full_like(ca, math.inf)
         check_every = max(1, self.steps // 10)
+        lo, hi = bounds
         for step in range(self.steps):
-            w = wa + modifier
-            x_adv = _from_tanh_space(w, bounds)
+            # tanh(w) once per step: the image and the Jacobian d x' / d w both need it.
+            tanh_w = torch.tanh(wa + modifier)
+            x_adv = lo + (hi - lo) * (tanh_w + 1) / 2
+            jac = (1 - tanh_w * tanh_w) * (hi - lo) / 2
             logits, grad_f = model.gradient(
                 x_adv, lambda z, c=ca, yy=ya, tt=ta: c * _hinge(z, yy, tt, kappa))
             delta = x_adv - xa
-            dist2 = delta.flatten(1).pow(2).sum(1)
+            dist2 = (delta * delta).flatten(1).sum(1)
             margin = _margin(logits, ya, ta)
             adversarial = margin < -kappa
             dist = dist2.sqrt()
@@ -310,13 +313,13 @@ class CarliniWagnerL2(Attack):
                 keep = ~(loss > prev * 0.9999)
                 prev = loss
                 if not keep.all():
-                    local, idx, xa, wa, ya, ca, w, delta, grad_f, modifier, m, v, prev = (
-                        t[keep] for t in (local, idx, xa, wa, ya, ca, w, delta, grad_f,
+                    local, idx, xa, wa, ya, ca, jac, delta, grad_f, modifier, m, v, prev = (
+                        t[keep] for t in (local, idx, xa, wa, ya, ca, jac, delta, grad_f,
                                           modifier, m, v, prev))
                     ta = ta[keep] if ta is not None else None
                     if idx.numel() == 0:
                         break
-            grad_w = (2 * delta + grad_f) * _tanh_jacobian(w, bounds)
+            grad_w = (2 * delta + grad_f) * jac
             modifier = _adam(modifier, grad_w, m, v, step + 1, self.learning_rate)
         return success
 
