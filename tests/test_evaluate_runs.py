@@ -47,7 +47,11 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _evaluate_args(checkpoint: Path, suite: Path, store: Path, limit: int, batch: int) -> list:
+def _evaluate_args(checkpoint: Path, store: Path, limit: int, batch: int) -> list:
+    """`python -m advkit evaluate` of SUITE_TOML (written beside the store) on the first
+    ``limit`` MNIST test images."""
+    suite = store.parent / "suite.toml"
+    suite.write_text(SUITE_TOML)
     return ["-m", "advkit", "evaluate", "--model", str(checkpoint), "--suite", str(suite),
             "--eps", "0.1", "--limit", str(limit), "--batch-size", str(batch), "--no-checks",
             "--store", str(store), "--device", "cpu", "--json"]
@@ -76,10 +80,8 @@ def _chunks(store: Path, stage_from: int = 1) -> int:
 
 
 def test_kill_9_then_resume_gives_the_uninterrupted_results(checkpoint, tmp_path):
-    suite = tmp_path / "suite.toml"
-    suite.write_text(SUITE_TOML)
     whole, broken = tmp_path / "whole.sqlite", tmp_path / "broken.sqlite"
-    args = dict(checkpoint=checkpoint, suite=suite, limit=300, batch=30)
+    args = dict(checkpoint=checkpoint, limit=300, batch=30)
     _run(_evaluate_args(store=whole, **args))
 
     victim = subprocess.Popen([sys.executable, *_evaluate_args(store=broken, **args)],
@@ -106,10 +108,8 @@ def test_kill_9_then_resume_gives_the_uninterrupted_results(checkpoint, tmp_path
 
 
 def test_torchrun_two_processes_match_one(checkpoint, tmp_path):
-    suite = tmp_path / "suite.toml"
-    suite.write_text(SUITE_TOML)
     one, two = tmp_path / "one.sqlite", tmp_path / "two.sqlite"
-    args = dict(checkpoint=checkpoint, suite=suite, limit=200, batch=25)
+    args = dict(checkpoint=checkpoint, limit=200, batch=25)
     _run(_evaluate_args(store=one, **args))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
