@@ -7,7 +7,6 @@ import json
 import math
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -300,27 +299,34 @@ def _write_report(path: Path, net, x, results, rows, curve_points, provenance, d
 
 @app.command("train")
 def train_cmd(
-    arch: Annotated[str, typer.Option(help="zoo architecture")] = "small_cnn",
-    dataset: DatasetOpt = "mnist",
-    epochs: Annotated[int, typer.Option()] = 3,
-    batch_size: Annotated[int, typer.Option()] = 128,
-    lr: Annotated[float, typer.Option(help="peak learning rate")] = 1e-3,
-    optimizer: Annotated[str, typer.Option(help="adam or sgd")] = "adam",
-    schedule: Annotated[str, typer.Option(help="onecycle, cosine, step, constant")] = "onecycle",
-    weight_decay: Annotated[float, typer.Option()] = 0.0,
+    arch: Annotated[str | None, typer.Option(help="zoo architecture [default: small_cnn]")] = None,
+    dataset: Annotated[str | None, typer.Option(
+        help="mnist, fashion-mnist, cifar10, ... [default: mnist]")] = None,
+    epochs: Annotated[int | None, typer.Option(help="[default: 3]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="[default: 128]")] = None,
+    lr: Annotated[float | None, typer.Option(help="peak learning rate [default: 1e-3]")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adam or sgd [default: adam]")] = None,
+    schedule: Annotated[str | None, typer.Option(
+        help="onecycle, cosine, step, constant [default: onecycle]")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="[default: 0]")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     train_limit: Annotated[int | None, typer.Option(help="first N training images")] = None,
     defense: Annotated[str, typer.Option(
         help="standard, pgd, fgsm_rs, trades, mart, distillation, noise")] = "standard",
-    norm: Annotated[str, typer.Option(help="adversarial recipes: linf, l2 or l1")] = "linf",
-    eps: Annotated[float, typer.Option(help="adversarial recipes: budget")] = 0.3,
+    preset: Annotated[str | None, typer.Option(
+        help="shipped recipe settings: mnist (Linf 0.3) or fashion-mnist (Linf 0.1); "
+             "explicit options override them")] = None,
+    norm: Annotated[str | None, typer.Option(help="adversarial recipes: linf, l2 or l1")] = None,
+    eps: Annotated[float | None, typer.Option(help="adversarial recipes: budget [default: 0.3]")
+                   ] = None,
     attack_steps: Annotated[int | None, typer.Option(help="inner attack steps")] = None,
     warmup_epochs: Annotated[int | None, typer.Option(help="eps warm-up epochs")] = None,
     beta: Annotated[float | None, typer.Option(help="TRADES beta")] = None,
     lam: Annotated[float | None, typer.Option(help="MART lambda")] = None,
     temperature: Annotated[float | None, typer.Option(help="distillation T")] = None,
     sigma: Annotated[float | None, typer.Option(help="noise std")] = None,
-    lipschitz: Annotated[bool, typer.Option(help="spectrally normalised layers")] = False,
+    lipschitz: Annotated[bool | None, typer.Option(
+        "--lipschitz/--no-lipschitz", help="spectrally normalised layers")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="run folder (checkpoints)")] = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = True,
     card: Annotated[bool, typer.Option(
@@ -334,31 +340,30 @@ def train_cmd(
 ) -> None:
     """Train a zoo model with a recipe (checkpoint every epoch, resumable); install it so
     that `--model ARCH` (or ARCH-DATASET) finds it; write its model card (clean and robust
-    accuracy under --card-suite at --norm/--eps, with the masking checks)."""
+    accuracy under --card-suite at --norm/--eps, with the masking checks).
+
+    `--preset mnist` (or fashion-mnist) trains the recipe measured in
+    benchmarks/RESULTS.md: `advkit train --defense pgd --preset mnist`."""
     import shutil
 
-    from advkit.defenses import build_recipe
+    from advkit.defenses.presets import resolve, train_defense
     from advkit.models import model_dir, trained_path
-    from advkit.train import TrainConfig, train
     log = (lambda _: None) if as_json else console.print
-    options = {"steps": attack_steps, "warmup_epochs": warmup_epochs, "beta": beta, "lam": lam,
-               "temperature": temperature, "sigma": sigma}
+    given = {"arch": arch, "dataset": dataset, "epochs": epochs, "batch_size": batch_size,
+             "lr": lr, "optimizer": optimizer, "schedule": schedule,
+             "weight_decay": weight_decay, "seed": seed, "train_limit": train_limit,
+             "lipschitz": lipschitz, "norm": norm, "eps": eps, "steps": attack_steps,
+             "warmup_epochs": warmup_epochs, "beta": beta, "lam": lam,
+             "temperature": temperature, "sigma": sigma}
     try:
-        config = TrainConfig(arch=arch, dataset=dataset, epochs=epochs, batch_size=batch_size,
-                             lr=lr, optimizer=optimizer, schedule=schedule,
-                             weight_decay=weight_decay, seed=seed, train_limit=train_limit,
-                             lipschitz=lipschitz)
+        settings = resolve(defense, preset, given)
+        arch, dataset = settings["arch"], settings["dataset"]
+        norm, eps = settings["norm"], settings["eps"]
         run_dir = out_dir or model_dir() / "runs" / f"{arch}-{dataset}-{defense}-seed{seed}"
-        teacher = None
-        if defense == "distillation":  # the teacher first, at the same temperature
-            teacher_recipe = build_recipe("temperature", ThreatModel(norm, eps), **options)
-            log(f"training the distillation teacher at T={teacher_recipe.temperature:g}")
-            teacher = train(replace(config, recipe="temperature"), run_dir / "teacher",
-                            resume=resume, progress=not as_json, device=_device(device),
-                            recipe=teacher_recipe, log=log).model
-        recipe = build_recipe(defense, ThreatModel(norm, eps), teacher=teacher, **options)
-        result = train(replace(config, recipe=recipe.name), run_dir, resume=resume,
-                       progress=not as_json, device=_device(device), recipe=recipe, log=log)
+        if preset:
+            log(f"preset {preset}: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+        result = train_defense(defense, settings, run_dir, resume=resume,
+                               progress=not as_json, device=_device(device), log=log)
     except (ValueError, FileNotFoundError) as err:
         raise _fail(str(err)) from err
     # A defended model is installed beside the standard one: small_cnn-mnist-trades.

@@ -179,7 +179,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
             f"train acc {correct / seen:.2%}, test acc {val_acc:.2%}"
             + "".join(f", {k.replace('_', ' ')} {v:.2%}" for k, v in extra.items())
             + f" ({elapsed:.0f} s)")
-        metrics = {"clean_accuracy": val_acc, "val_samples": int(x_val.shape[0]), **extra}
+        metrics = {"clean_accuracy": val_acc, "val_samples": int(x_val.shape[0]), **extra,
+                   "torch_threads": torch.get_num_threads()}
         rng = world.gather_rng()
         if not world.main:
             world.barrier()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from toys import random_batch, toy_cnn
 
 from advkit import ThreatModel
 from advkit.attacks import PGD
@@ -15,16 +16,9 @@ CASES = [(APGD, "linf", "ce"), (APGD, "linf", "dlr"), (APGD, "l2", "ce"), (APGD,
          (APGDT, "linf", "dlr"), (APGDT, "l2", "ce")]
 
 
-def small_cnn(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 8 * 8, 10)).eval()
-
-
 @pytest.fixture
 def batch():
-    g = torch.Generator().manual_seed(0)
-    return torch.rand(32, 1, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g)
+    return random_batch(32)
 
 
 def make(cls, norm, loss, **kw):
@@ -78,7 +72,7 @@ def test_apgd_reaches_the_optimum_of_a_linear_model(norm):
 
 
 def test_apgd_costs_at_most_steps_gradient_passes_per_sample(batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     result = APGD(ThreatModel("linf", 0.01), steps=13)(model, x, y)
     n = x.shape[0]
     assert result.backward_passes <= 13 * n
@@ -88,7 +82,7 @@ def test_apgd_costs_at_most_steps_gradient_passes_per_sample(batch):
 @pytest.mark.parametrize("attack", [APGD(ThreatModel("linf", 0.05), steps=13, restarts=2),
                                     APGDT(ThreatModel("l2", 1.0), steps=7, n_target_classes=3)])
 def test_per_sample_passes_add_up_to_the_counted_passes(batch, attack):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     result = attack(model, x, y)
     passes = result.extras["passes"]
     assert passes.shape == (x.shape[0],) and (passes >= 2).all()
@@ -99,7 +93,7 @@ def test_per_sample_passes_add_up_to_the_counted_passes(batch, attack):
 
 
 def test_samples_already_misclassified_cost_nothing(batch):
-    model, (x, _) = small_cnn(), batch
+    model, (x, _) = toy_cnn(), batch
     with torch.no_grad():
         wrong = (model(x).argmax(1) + 1) % 10
     for cls in (APGD, APGDT):
@@ -109,7 +103,7 @@ def test_samples_already_misclassified_cost_nothing(batch):
 
 
 def test_a_broken_sample_leaves_the_run(batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     eps = ThreatModel("linf", 0.5)
     result = APGD(eps, steps=50)(model, x, y)
     assert result.success.all()
@@ -117,7 +111,7 @@ def test_a_broken_sample_leaves_the_run(batch):
 
 
 def test_restarts_never_lose_a_sample(batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     threat = ThreatModel("linf", 0.02)
     one = APGD(threat, steps=10, restarts=1)(model, x, y)
     three = APGD(threat, steps=10, restarts=3)(model, x, y)
@@ -125,7 +119,7 @@ def test_restarts_never_lose_a_sample(batch):
 
 
 def test_targeted_apgd_reaches_its_targets(batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     targets = (y + 3) % 10
     for loss in ("ce", "dlr"):
         result = APGD(ThreatModel("linf", 0.8), steps=50, loss=loss)(model, x, y, targets)
@@ -134,7 +128,7 @@ def test_targeted_apgd_reaches_its_targets(batch):
 
 
 def test_apgdt_success_means_misclassified_and_targets_are_refused(batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     result = APGDT(ThreatModel("linf", 0.05), steps=10, n_target_classes=3)(model, x, y)
     assert result.targets is None
     assert torch.equal(result.success, result.predictions != y)
@@ -146,7 +140,7 @@ def test_apgdt_success_means_misclassified_and_targets_are_refused(batch):
 
 @pytest.mark.parametrize(("cls", "norm", "loss"), CASES)
 def test_success_flags_agree_with_a_fresh_forward_pass(cls, norm, loss, batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     result = make(cls, norm, loss)(model, x, y)
     with torch.no_grad():
         pred = model(result.x_adv).argmax(1)
@@ -156,7 +150,7 @@ def test_success_flags_agree_with_a_fresh_forward_pass(cls, norm, loss, batch):
 
 @pytest.mark.parametrize(("cls", "norm", "loss"), CASES)
 def test_outputs_stay_in_the_box_and_the_ball(cls, norm, loss, batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     result = make(cls, norm, loss)(model, x, y)
     assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
     assert (result.norms <= EPS[norm] * (1 + 1e-5)).all()
@@ -164,7 +158,7 @@ def test_outputs_stay_in_the_box_and_the_ball(cls, norm, loss, batch):
 
 @pytest.mark.parametrize(("cls", "norm", "loss"), CASES)
 def test_same_seed_same_result(cls, norm, loss, batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     a = make(cls, norm, loss, seed=7)(model, x, y)
     b = make(cls, norm, loss, seed=7)(model, x, y)
     assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.success, b.success)

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from toys import random_batch, toy_cnn
 
 from advkit import ThreatModel, attacks
 from advkit.attacks import BIM, FGSM, ILLC, MIFGSM, PGD
@@ -21,16 +22,9 @@ def linear_model(d: int = 16, classes: int = 4, seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(d, classes)).eval()
 
 
-def small_cnn(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 8 * 8, 10)).eval()
-
-
 @pytest.fixture
 def batch():
-    g = torch.Generator().manual_seed(0)
-    return torch.rand(32, 1, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g)
+    return random_batch(32)
 
 
 def make(cls, norm, **kw):
@@ -80,7 +74,7 @@ def test_pgd_with_margin_loss_on_a_binary_linear_model_reaches_the_linf_optimum(
 
 
 def test_momentum_free_mifgsm_equals_bim():
-    model, (x, y) = small_cnn(), (torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,)))
+    model, (x, y) = toy_cnn(), (torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,)))
     threat = ThreatModel("linf", 0.05)
     a = MIFGSM(threat, steps=5, decay=0.0)(model, x, y)
     b = BIM(threat, steps=5, step_size=0.01)(model, x, y)
@@ -91,7 +85,7 @@ def test_momentum_free_mifgsm_equals_bim():
 
 @pytest.mark.parametrize(("cls", "norm"), BUDGETED)
 def test_success_flags_agree_with_a_fresh_forward_pass(cls, norm, batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     result = make(cls, norm)(model, x, y)
     with torch.no_grad():
         pred = model(result.x_adv).argmax(1)
@@ -102,7 +96,7 @@ def test_success_flags_agree_with_a_fresh_forward_pass(cls, norm, batch):
 
 @pytest.mark.parametrize(("cls", "norm"), BUDGETED)
 def test_outputs_stay_in_the_box_and_the_ball(cls, norm, batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     result = make(cls, norm)(model, x, y)
     assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
     assert (result.norms <= EPS[norm] * (1 + 1e-5)).all()
@@ -111,13 +105,13 @@ def test_outputs_stay_in_the_box_and_the_ball(cls, norm, batch):
 
 @pytest.mark.parametrize(("cls", "norm"), BUDGETED)
 def test_same_seed_same_result(cls, norm, batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     a, b = make(cls, norm, seed=7)(model, x, y), make(cls, norm, seed=7)(model, x, y)
     assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.success, b.success)
 
 
 def test_different_seeds_give_different_random_starts(batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     threat = ThreatModel("linf", 0.01)
     a = PGD(threat, steps=1, seed=1, early_exit=False)(model, x, y)
     b = PGD(threat, steps=1, seed=2, early_exit=False)(model, x, y)
@@ -126,7 +120,7 @@ def test_different_seeds_give_different_random_starts(batch):
 
 @pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 def test_targeted_pgd_reaches_its_targets(norm, batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     targets = (y + 3) % 10
     eps = {"linf": 0.8, "l2": 6.0, "l1": 40.0}[norm]
     result = PGD(ThreatModel(norm, eps), steps=100, step_size=eps / 10)(model, x, y, targets)
@@ -148,7 +142,7 @@ def test_targeted_fgsm_steps_down_the_target_loss():
 
 
 def test_illc_targets_the_least_likely_class(batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     result = ILLC(ThreatModel("linf", 0.3), steps=30)(model, x, y)
     with torch.no_grad():
         assert torch.equal(result.targets, model(x).argmin(1))
@@ -160,7 +154,7 @@ def test_illc_targets_the_least_likely_class(batch):
 # --- pass counting and early exit --------------------------------------------------------
 
 def test_fgsm_counts_one_gradient_per_image(batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     result = FGSM(ThreatModel("linf", 0.1))(model, x, y)
     n = x.shape[0]
     assert result.backward_passes == n
@@ -169,7 +163,7 @@ def test_fgsm_counts_one_gradient_per_image(batch):
 
 
 def test_without_early_exit_pgd_spends_exactly_steps_passes(batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     result = PGD(ThreatModel("linf", 0.1), steps=7, early_exit=False)(model, x, y)
     assert result.backward_passes == 7 * x.shape[0]
     assert result.forward_passes == 9 * x.shape[0]
@@ -183,7 +177,7 @@ def test_without_early_exit_pgd_spends_exactly_steps_passes(batch):
     (ILLC(ThreatModel("linf", 0.1), steps=7, early_exit=False), 1),     # targets from it
 ])
 def test_a_clean_pass_is_spent_only_when_the_first_step_is_not_at_x(attack, clean_pass, batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     result = attack(model, x, y)
     n = x.shape[0]
     assert result.backward_passes == 7 * n
@@ -191,7 +185,7 @@ def test_a_clean_pass_is_spent_only_when_the_first_step_is_not_at_x(attack, clea
 
 
 def test_early_exit_spends_nothing_on_already_broken_samples(batch):
-    model, (x, _) = small_cnn(), batch
+    model, (x, _) = toy_cnn(), batch
     with torch.no_grad():
         wrong = (model(x).argmax(1) + 1) % 10  # every sample already misclassified
     result = PGD(ThreatModel("linf", 0.1), steps=40, random_start=False)(model, x, wrong)
@@ -202,7 +196,7 @@ def test_early_exit_spends_nothing_on_already_broken_samples(batch):
 
 
 def test_early_exit_does_not_change_success(batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     threat = ThreatModel("linf", 0.03)
     fast = PGD(threat, steps=20)(model, x, y)
     full = PGD(threat, steps=20, early_exit=False)(model, x, y)
@@ -212,7 +206,7 @@ def test_early_exit_does_not_change_success(batch):
 
 
 def test_restarts_never_lose_a_sample(batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     threat = ThreatModel("linf", 0.02)
     one = PGD(threat, steps=5, restarts=1)(model, x, y)
     three = PGD(threat, steps=5, restarts=3)(model, x, y)
@@ -229,7 +223,7 @@ def pgd():
 def test_wrong_shape_is_refused(pgd, batch):
     x, y = batch
     with pytest.raises(ValueError, match=r"shape \(N, C, H, W\)"):
-        pgd(small_cnn(), x[0], y[:1])
+        pgd(toy_cnn(), x[0], y[:1])
 
 
 def test_nan_is_refused(pgd, batch):
@@ -237,24 +231,24 @@ def test_nan_is_refused(pgd, batch):
     x = x.clone()
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        pgd(small_cnn(), x, y)
+        pgd(toy_cnn(), x, y)
 
 
 def test_out_of_range_values_are_refused(pgd, batch):
     x, y = batch
     with pytest.raises(ValueError, match="outside the bounds"):
-        pgd(small_cnn(), x * 255, y)
+        pgd(toy_cnn(), x * 255, y)
 
 
 def test_integer_images_are_refused(pgd, batch):
     x, y = batch
     with pytest.raises(TypeError, match="floating-point"):
-        pgd(small_cnn(), (x * 255).to(torch.uint8), y)
+        pgd(toy_cnn(), (x * 255).to(torch.uint8), y)
 
 
 def test_bad_labels_are_refused(pgd, batch):
     x, y = batch
-    model = small_cnn()
+    model = toy_cnn()
     with pytest.raises(ValueError, match="must have shape"):
         pgd(model, x, y[:-1])
     with pytest.raises(ValueError, match=r"must be in \[0, 9\]"):
@@ -279,14 +273,14 @@ class _Broken(nn.Module):
         self.out = out
 
     def forward(self, x):
-        return self.out(small_cnn()(x))
+        return self.out(toy_cnn()(x))
 
 
 @pytest.mark.parametrize("attack", CHECKED, ids=lambda a: type(a).__name__)
 def test_entry_checks_hold_for_every_first_pass(attack, batch):
     x, y = batch
     with pytest.raises(ValueError, match=r"must be in \[0, 9\]"):
-        attack(small_cnn(), x, y + 10)  # refused before any loss sees the bad labels
+        attack(toy_cnn(), x, y + 10)  # refused before any loss sees the bad labels
     with pytest.raises(ValueError, match="NaN or inf logits"):
         attack(_Broken(lambda z: z * float("nan")).eval(), x, y)
     with pytest.raises(ValueError, match=r"logits of shape \(N, classes\)"):
@@ -296,7 +290,7 @@ def test_entry_checks_hold_for_every_first_pass(attack, batch):
 @pytest.mark.parametrize("attack", CHECKED, ids=lambda a: type(a).__name__)
 def test_probability_warning_names_the_callers_line(attack, batch):
     x, y = batch
-    model = nn.Sequential(small_cnn(), nn.Softmax(dim=1)).eval()
+    model = nn.Sequential(toy_cnn(), nn.Softmax(dim=1)).eval()
     with pytest.warns(UserWarning, match="probabilities") as record:
         attack(model, x, y)
     assert record[0].filename == __file__
@@ -331,7 +325,7 @@ def test_train_mode_model_is_attacked_in_eval_mode_and_restored(batch):
 
 def test_probability_outputs_get_a_warning(batch):
     x, y = batch
-    model = nn.Sequential(small_cnn(), nn.Softmax(dim=1))
+    model = nn.Sequential(toy_cnn(), nn.Softmax(dim=1))
     with pytest.warns(UserWarning, match="probabilities"):
         FGSM(ThreatModel("linf", 0.1))(model, x, y)
 
@@ -340,7 +334,7 @@ def test_logits_are_not_mistaken_for_probabilities(batch):
     x, y = batch
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        FGSM(ThreatModel("linf", 0.1))(small_cnn(), x, y)
+        FGSM(ThreatModel("linf", 0.1))(toy_cnn(), x, y)
 
 
 def test_registry_lists_every_attack_with_its_taxonomy():

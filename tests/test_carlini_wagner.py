@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from toys import toy_cnn
 
 from advkit import ThreatModel
 from advkit.attacks import FGSM, DeepFool
@@ -21,12 +22,6 @@ NORM = {CarliniWagnerL2: "l2", CarliniWagnerLinf: "linf"}
 CLASSES = list(QUICK)
 
 
-def small_cnn(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 8 * 8, 10)).eval()
-
-
 def make(cls, eps: float = INF, **kw):
     return cls(ThreatModel(NORM[cls], eps), **{**QUICK[cls], **kw})
 
@@ -34,7 +29,7 @@ def make(cls, eps: float = INF, **kw):
 @pytest.fixture(scope="module")
 def batch():
     """16 images the small CNN classifies as their labels (so every one needs a perturbation)."""
-    model = small_cnn()
+    model = toy_cnn()
     x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return model, x, model(x).argmax(1)

@@ -7,13 +7,12 @@ import math
 import pytest
 import torch
 from torch import nn
+from toys import distance_to_boundary, random_batch, toy_cnn
 
 from advkit import ThreatModel
 from advkit.attacks.deepfool import DeepFool
 
 NO_CAP = math.inf
-#: The dual norm whose ratio |f| / ||w||_q is the distance to a hyperplane in each norm.
-DUAL = {"l2": 2.0, "linf": 1.0, "l1": math.inf}
 #: DeepFool's steps end this far past the linearised boundary (the authors' code).
 NUDGE = 1e-4
 
@@ -35,28 +34,9 @@ def central_batch(n: int = 32, d: int = 16) -> torch.Tensor:
     return 0.5 + 0.1 * (torch.rand(n, 1, 4, d // 4, generator=g) - 0.5)
 
 
-def distance_to_boundary(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                         norm: str) -> torch.Tensor:
-    """min_j |(w_j - w_y).x + b_j - b_y| / ||w_j - w_y||_q, the exact minimal distance."""
-    weight, bias = model[1].weight.detach(), model[1].bias.detach()
-    logits = x.flatten(1) @ weight.T + bias
-    w_diff = weight[None] - weight[y][:, None]
-    f_diff = logits - logits.gather(1, y[:, None])
-    dist = f_diff.abs() / w_diff.norm(p=DUAL[norm], dim=2)
-    dist[torch.arange(len(y)), y] = math.inf
-    return dist.min(dim=1).values
-
-
-def small_cnn(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 8 * 8, 10)).eval()
-
-
 @pytest.fixture
 def batch():
-    g = torch.Generator().manual_seed(0)
-    return torch.rand(32, 1, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g)
+    return random_batch(32)
 
 
 # --- closed forms ------------------------------------------------------------------------
@@ -117,7 +97,7 @@ def test_projected_steps_account_for_the_box_and_need_a_single_step():
 @pytest.mark.parametrize("box", ["clip", "project"])
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_success_flags_agree_with_a_fresh_forward_pass(norm, box, batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     result = DeepFool(ThreatModel(norm, NO_CAP), box=box)(model, x, y)
     with torch.no_grad():
         pred = model(result.x_adv).argmax(1)
@@ -127,7 +107,7 @@ def test_success_flags_agree_with_a_fresh_forward_pass(norm, box, batch):
 
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_outputs_stay_in_the_box_and_norms_are_measured_on_them(norm, batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     result = DeepFool(ThreatModel(norm, NO_CAP))(model, x, y)
     assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
     broken = result.success
@@ -136,7 +116,7 @@ def test_outputs_stay_in_the_box_and_norms_are_measured_on_them(norm, batch):
 
 
 def test_samples_it_cannot_break_come_back_unchanged_with_infinite_norm(batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     y = model(x).argmax(1)
     result = DeepFool(ThreatModel("l2", NO_CAP), steps=1, overshoot=0.0)(model, x, y)
     failed = ~result.success
@@ -146,7 +126,7 @@ def test_samples_it_cannot_break_come_back_unchanged_with_infinite_norm(batch):
 
 
 def test_an_eps_cap_only_decides_success(batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     free = DeepFool(ThreatModel("l2", NO_CAP))(model, x, y)
     cap = free.norms[free.success].median().item()
     capped = DeepFool(ThreatModel("l2", cap))(model, x, y)
@@ -155,7 +135,7 @@ def test_an_eps_cap_only_decides_success(batch):
 
 
 def test_same_seed_same_result(batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     a = DeepFool(ThreatModel("l2", NO_CAP), seed=7)(model, x, y)
     b = DeepFool(ThreatModel("l2", NO_CAP), seed=7)(model, x, y)
     assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.success, b.success)
@@ -184,7 +164,7 @@ def test_candidates_are_the_top_k_clean_logits():
 
 
 def test_misclassified_samples_cost_no_gradient(batch):
-    model, (x, _) = small_cnn(), batch
+    model, (x, _) = toy_cnn(), batch
     with torch.no_grad():
         wrong = (model(x).argmax(1) + 1) % 10
     result = DeepFool(ThreatModel("l2", NO_CAP))(model, x, wrong)
@@ -197,7 +177,7 @@ def test_misclassified_samples_cost_no_gradient(batch):
 def test_targets_are_refused(batch):
     x, y = batch
     with pytest.raises(ValueError, match="DeepFool is untargeted"):
-        DeepFool(ThreatModel("l2", NO_CAP))(small_cnn(), x, y, targets=(y + 1) % 10)
+        DeepFool(ThreatModel("l2", NO_CAP))(toy_cnn(), x, y, targets=(y + 1) % 10)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from toys import toy_cnn
 
 from advkit import ThreatModel
 from advkit.attacks.carlini_wagner import CarliniWagnerL2
@@ -14,16 +15,10 @@ INF = float("inf")
 QUICK = {"steps": 30, "search_steps": 5, "initial_const": 1.0}
 
 
-def small_cnn(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 8 * 8, 10)).eval()
-
-
 @pytest.fixture(scope="module")
 def batch():
     """16 images the small CNN classifies as their labels (so every one needs a perturbation)."""
-    model = small_cnn()
+    model = toy_cnn()
     x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return model, x, model(x).argmax(1)

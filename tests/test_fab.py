@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy.optimize import linprog, minimize
 from torch import nn
+from toys import distance_to_boundary, random_batch, toy_cnn
 
 from advkit import ThreatModel
 from advkit.attacks._linearise import project_onto_hyperplane
@@ -17,7 +18,6 @@ from advkit.attacks.deepfool import DeepFool
 from advkit.attacks.fab import FAB
 
 NO_CAP = math.inf
-DUAL = {"l2": 2.0, "linf": 1.0, "l1": math.inf}
 #: eta -> 1: the first projection of an affine model lands just past its boundary.
 EXACT_ETA = 1 + 1e-5
 
@@ -37,18 +37,6 @@ def central_batch(n: int = 32) -> torch.Tensor:
     """Images in [0.45, 0.55]: far enough from the box that it does not bind."""
     g = torch.Generator().manual_seed(1)
     return 0.5 + 0.1 * (torch.rand(n, 1, 4, 4, generator=g) - 0.5)
-
-
-def distance_to_boundary(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                         norm: str) -> torch.Tensor:
-    """min_j |(w_j - w_y).x + b_j - b_y| / ||w_j - w_y||_q, the exact minimal distance."""
-    weight, bias = model[1].weight.detach(), model[1].bias.detach()
-    logits = x.flatten(1) @ weight.T + bias
-    w_diff = weight[None] - weight[y][:, None]
-    f_diff = logits - logits.gather(1, y[:, None])
-    dist = f_diff.abs() / w_diff.norm(p=DUAL[norm], dim=2)
-    dist[torch.arange(len(y)), y] = math.inf
-    return dist.min(dim=1).values
 
 
 def box_constrained_minimum(p: np.ndarray, w: np.ndarray, c: float, norm: str) -> float | None:
@@ -75,16 +63,9 @@ def box_constrained_minimum(p: np.ndarray, w: np.ndarray, c: float, norm: str) -
     return float(res.fun) if res.status == 0 else None
 
 
-def small_cnn(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 8 * 8, 10)).eval()
-
-
 @pytest.fixture
 def batch():
-    g = torch.Generator().manual_seed(0)
-    return torch.rand(32, 1, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g)
+    return random_batch(32)
 
 
 # --- the projection onto a hyperplane inside the box ------------------------------------------
@@ -183,7 +164,7 @@ def test_targeted_fab_reaches_the_target_of_an_affine_model():
 
 @pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 def test_success_flags_agree_with_a_fresh_forward_pass(norm, batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     result = FAB(ThreatModel(norm, NO_CAP), steps=5)(model, x, y)
     with torch.no_grad():
         pred = model(result.x_adv).argmax(1)
@@ -195,7 +176,7 @@ def test_success_flags_agree_with_a_fresh_forward_pass(norm, batch):
 
 
 def test_targeted_success_means_the_target_class(batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     targets = (y + 3) % 10
     result = FAB(ThreatModel("l2", NO_CAP), steps=20)(model, x, y, targets)
     with torch.no_grad():
@@ -205,7 +186,7 @@ def test_targeted_success_means_the_target_class(batch):
 
 
 def test_same_seed_same_result_and_other_seeds_other_random_starts(batch):
-    model, (x, _) = small_cnn(), batch
+    model, (x, _) = toy_cnn(), batch
     y = model(x).argmax(1)
     make = lambda seed: FAB(ThreatModel("l2", NO_CAP), steps=8, restarts=2, seed=seed)  # noqa: E731
     a, b, c = make(7)(model, x, y), make(7)(model, x, y), make(8)(model, x, y)
@@ -214,7 +195,7 @@ def test_same_seed_same_result_and_other_seeds_other_random_starts(batch):
 
 
 def test_restarts_only_ever_shrink_the_perturbations(batch):
-    model, (x, _) = small_cnn(), batch
+    model, (x, _) = toy_cnn(), batch
     y = model(x).argmax(1)
     one = FAB(ThreatModel("l2", NO_CAP), steps=8, restarts=1)(model, x, y)
     two = FAB(ThreatModel("l2", NO_CAP), steps=8, restarts=2)(model, x, y)
@@ -223,7 +204,7 @@ def test_restarts_only_ever_shrink_the_perturbations(batch):
 
 
 def test_target_classes_runs_fab_t_with_an_untargeted_goal(batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     fab_t = FAB(ThreatModel("l2", NO_CAP), steps=10, target_classes=3)(model, x, y)
     assert fab_t.targets is None
     with torch.no_grad():
@@ -244,7 +225,7 @@ def test_each_step_costs_a_jacobian_and_a_check():
 
 
 def test_samples_already_at_their_goal_cost_no_gradient(batch):
-    model, (x, _) = small_cnn(), batch
+    model, (x, _) = toy_cnn(), batch
     with torch.no_grad():
         wrong = (model(x).argmax(1) + 1) % 10
     result = FAB(ThreatModel("l2", NO_CAP), steps=10)(model, x, wrong)
@@ -253,7 +234,7 @@ def test_samples_already_at_their_goal_cost_no_gradient(batch):
 
 
 def test_an_eps_cap_only_decides_success(batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     free = FAB(ThreatModel("l2", NO_CAP), steps=10)(model, x, y)
     cap = free.norms[free.success].median().item()
     capped = FAB(ThreatModel("l2", cap), steps=10, start_radius=1.0)(model, x, y)
@@ -280,7 +261,7 @@ def test_bad_configurations_are_refused(kwargs, message):
 def test_targets_and_target_classes_together_are_refused(batch):
     x, y = batch
     with pytest.raises(ValueError, match="not both"):
-        FAB(ThreatModel("l2", NO_CAP), target_classes=3)(small_cnn(), x, y, (y + 1) % 10)
+        FAB(ThreatModel("l2", NO_CAP), target_classes=3)(toy_cnn(), x, y, (y + 1) % 10)
 
 
 # --- the real MNIST model --------------------------------------------------------------------

@@ -5,17 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from toys import toy_cnn
 
 from advkit import ThreatModel
 from advkit.attacks.feature_adversary import FeatureAdversary, resolve_layer
 
 LINF = ThreatModel("linf", 0.3)
-
-
-def small_cnn(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 8 * 8, 10)).eval()
 
 
 class Named(nn.Module):
@@ -98,7 +93,7 @@ def test_success_means_classified_as_the_guide(mnist_model, mnist_run):
 # --- the contract ------------------------------------------------------------------------
 
 def test_counts_the_guide_pass_and_one_gradient_per_step():
-    model = small_cnn()
+    model = toy_cnn()
     x, y, guides = guided_batch(model)
     n = x.shape[0]
     result = FeatureAdversary(LINF, layer=1, guides=guides, steps=7)(model, x, y)
@@ -108,7 +103,7 @@ def test_counts_the_guide_pass_and_one_gradient_per_step():
 
 @pytest.mark.parametrize(("norm", "eps"), [("linf", 0.1), ("l2", 0.5)])
 def test_stays_in_the_ball_for_each_norm(norm, eps):
-    model = small_cnn()
+    model = toy_cnn()
     x, y, guides = guided_batch(model)
     result = FeatureAdversary(ThreatModel(norm, eps), layer=1, guides=guides, steps=10)(
         model, x, y)
@@ -117,7 +112,7 @@ def test_stays_in_the_ball_for_each_norm(norm, eps):
 
 
 def test_same_input_same_result():
-    model = small_cnn()
+    model = toy_cnn()
     x, y, guides = guided_batch(model)
     a = FeatureAdversary(LINF, layer=1, guides=guides, steps=5)(model, x, y)
     b = FeatureAdversary(LINF, layer=1, guides=guides, steps=5)(model, x, y)
@@ -136,7 +131,7 @@ def test_a_named_layer_of_a_non_sequential_model_and_one_shared_guide():
 
 
 def test_with_guides_returns_a_configured_copy():
-    model = small_cnn()
+    model = toy_cnn()
     x, y, guides = guided_batch(model)
     bare = FeatureAdversary(LINF, layer=1, steps=3)
     ready = bare.with_guides(guides)
@@ -159,12 +154,12 @@ def test_an_index_needs_a_sequential_model_and_must_be_in_range():
     with pytest.raises(ValueError, match="needs an nn.Sequential.*head"):
         resolve_layer(Named(), 1)
     with pytest.raises(ValueError, match="out of range"):
-        resolve_layer(small_cnn(), 4)
-    assert isinstance(resolve_layer(small_cnn(), -1), nn.Linear)
+        resolve_layer(toy_cnn(), 4)
+    assert isinstance(resolve_layer(toy_cnn(), -1), nn.Linear)
 
 
 def test_bad_guides_and_targets_are_refused():
-    model = small_cnn()
+    model = toy_cnn()
     x, y, guides = guided_batch(model)
     attack = FeatureAdversary(LINF, layer=1, guides=guides)
     with pytest.raises(ValueError, match="targets from the guides"):

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from toys import random_batch, toy_cnn
 
 from advkit import ThreatModel
 from advkit.attacks.hot_cold import HotCold
@@ -14,16 +14,9 @@ from advkit.attacks.hot_cold import HotCold
 NO_CAP = ThreatModel("l2", math.inf)
 
 
-def small_cnn(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 8 * 8, 10)).eval()
-
-
 @pytest.fixture
 def batch():
-    g = torch.Generator().manual_seed(0)
-    return torch.rand(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+    return random_batch(16)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +81,7 @@ def test_x_adv_is_the_smallest_successful_candidate(mnist_result):
 # --- the contract ------------------------------------------------------------------------
 
 def test_success_flags_agree_with_a_fresh_forward_pass(batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     result = HotCold(NO_CAP)(model, x, y)
     pred = predict(model, result.x_adv)
     assert torch.equal(result.success, pred != y)
@@ -97,7 +90,7 @@ def test_success_flags_agree_with_a_fresh_forward_pass(batch):
 
 @pytest.mark.parametrize(("norm", "eps"), [("l2", 0.8), ("linf", 0.1)])
 def test_a_finite_eps_caps_every_candidate(norm, eps, batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     result = HotCold(ThreatModel(norm, eps))(model, x, y)
     cand_norms = result.extras["candidate_norms"]
     assert (cand_norms[torch.isfinite(cand_norms)] <= eps * (1 + 1e-5)).all()
@@ -106,7 +99,7 @@ def test_a_finite_eps_caps_every_candidate(norm, eps, batch):
 
 
 def test_same_input_same_result(batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     a = HotCold(NO_CAP, seed=1)(model, x, y)
     b = HotCold(NO_CAP, seed=2)(model, x, y)
     assert torch.equal(a.x_adv, b.x_adv)
@@ -114,7 +107,7 @@ def test_same_input_same_result(batch):
 
 
 def test_hot_k_takes_the_k_most_likely_wrong_classes(batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     result = HotCold(NO_CAP, hot=3)(model, x, y)
     with torch.no_grad():
         logits = model(x).scatter(1, y[:, None], -math.inf)
@@ -123,7 +116,7 @@ def test_hot_k_takes_the_k_most_likely_wrong_classes(batch):
 
 
 def test_given_targets_make_one_candidate_each_and_a_targeted_result(batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     targets = (y + 4) % 10
     result = HotCold(NO_CAP, cold="all")(model, x, y, targets)
     assert torch.equal(result.extras["candidate_targets"], targets[:, None])
@@ -131,7 +124,7 @@ def test_given_targets_make_one_candidate_each_and_a_targeted_result(batch):
 
 
 def test_costs_one_gradient_per_candidate(batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     result = HotCold(NO_CAP)(model, x, y)
     assert result.backward_passes == 9 * x.shape[0]
 
@@ -149,4 +142,4 @@ def test_bad_configurations_are_refused(batch):
         HotCold(ThreatModel("l1", 1.0))
     x, y = batch
     with pytest.raises(ValueError, match="hot=10 asks for more classes"):
-        HotCold(NO_CAP, hot=10)(small_cnn(), x, y)
+        HotCold(NO_CAP, hot=10)(toy_cnn(), x, y)

@@ -6,18 +6,12 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from toys import toy_cnn
 
 from advkit import ThreatModel
 from advkit.attacks.jsma import JSMA, _best_pairs
 
 NO_CAP = ThreatModel("l1", math.inf)
-
-
-def small_cnn(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 8 * 8, 10)).eval()
 
 
 @pytest.fixture
@@ -48,7 +42,7 @@ def mnist_increase(mnist_model, mnist_slice):
 # --- the contract ------------------------------------------------------------------------
 
 def test_success_flags_agree_with_a_fresh_forward_pass(batch):
-    model, (x, y, t) = small_cnn(), batch
+    model, (x, y, t) = toy_cnn(), batch
     result = JSMA(NO_CAP, gamma=0.3)(model, x, y, t)
     with torch.no_grad():
         pred = model(result.x_adv).argmax(1)
@@ -57,7 +51,7 @@ def test_success_flags_agree_with_a_fresh_forward_pass(batch):
 
 
 def test_outputs_stay_in_the_box_and_change_at_most_gamma_of_the_features(batch):
-    model, (x, y, t) = small_cnn(), batch
+    model, (x, y, t) = toy_cnn(), batch
     result = JSMA(NO_CAP, gamma=0.25)(model, x, y, t)
     assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
     assert (changed_features(result, x) <= math.floor(0.25 * 64)).all()
@@ -65,7 +59,7 @@ def test_outputs_stay_in_the_box_and_change_at_most_gamma_of_the_features(batch)
 
 
 def test_where_the_target_is_not_reached_x_itself_is_returned(batch):
-    model, (x, y, t) = small_cnn(), batch
+    model, (x, y, t) = toy_cnn(), batch
     result = JSMA(NO_CAP, gamma=0.05)(model, x, y, t)
     failed = ~result.success
     assert failed.any()
@@ -74,14 +68,14 @@ def test_where_the_target_is_not_reached_x_itself_is_returned(batch):
 
 
 def test_same_input_same_result(batch):
-    model, (x, y, t) = small_cnn(), batch
+    model, (x, y, t) = toy_cnn(), batch
     a = JSMA(NO_CAP, gamma=0.3, seed=1)(model, x, y, t)
     b = JSMA(NO_CAP, gamma=0.3, seed=2)(model, x, y, t)
     assert torch.equal(a.x_adv, b.x_adv)
 
 
 def test_a_sample_already_at_its_target_is_left_unchanged(batch):
-    model, (x, _, _) = small_cnn(), batch
+    model, (x, _, _) = toy_cnn(), batch
     with torch.no_grad():
         pred = model(x).argmax(1)
     result = JSMA(NO_CAP)(model, x, (pred + 1) % 10, targets=pred)
@@ -91,14 +85,14 @@ def test_a_sample_already_at_its_target_is_left_unchanged(batch):
 
 
 def test_a_linf_cap_bounds_every_feature_change(batch):
-    model, (x, y, t) = small_cnn(), batch
+    model, (x, y, t) = toy_cnn(), batch
     result = JSMA(ThreatModel("linf", 0.5), gamma=0.5)(model, x, y, t)
     assert ((result.x_adv - x).abs() <= 0.5 + 1e-6).all()
     assert result.success.any()
 
 
 def test_partial_theta_moves_features_in_steps_of_theta(batch):
-    model, (x, y, t) = small_cnn(), batch
+    model, (x, y, t) = toy_cnn(), batch
     x = (x * 4).round() / 8  # values on a grid of 1/8, inside [0, 0.5]
     result = JSMA(NO_CAP, theta=0.125, gamma=0.3)(model, x, y, t)
     moved = result.x_adv - x
@@ -183,7 +177,7 @@ def test_the_logit_saliency_map_also_reaches_most_targets(mnist_model, mnist_sli
 def test_targets_are_required(batch):
     x, y, _ = batch
     with pytest.raises(ValueError, match="targeted: pass targets="):
-        JSMA(NO_CAP)(small_cnn(), x, y)
+        JSMA(NO_CAP)(toy_cnn(), x, y)
 
 
 def test_bad_configurations_are_refused(batch):
@@ -197,4 +191,4 @@ def test_bad_configurations_are_refused(batch):
         JSMA(NO_CAP, scores="probits")
     x, y, t = batch
     with pytest.raises(ValueError, match="changes features in pairs"):
-        JSMA(NO_CAP, gamma=0.01)(small_cnn(), x, y, t)  # 0 of 64 features
+        JSMA(NO_CAP, gamma=0.01)(toy_cnn(), x, y, t)  # 0 of 64 features

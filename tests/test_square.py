@@ -5,18 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from toys import toy_cnn
 
 from advkit import ThreatModel
 from advkit.attacks import PGD
 from advkit.attacks.square import Square, p_schedule
 
 EPS = {"linf": 0.1, "l2": 1.0}
-
-
-def small_cnn(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 8 * 8, 10)).eval()
 
 
 class Counting(nn.Module):
@@ -56,10 +51,10 @@ class BlackBox(nn.Module):
 
 @pytest.fixture
 def batch():
-    """Random images labelled as small_cnn() classifies them, so every one needs attacking."""
+    """Random images labelled as toy_cnn() classifies them, so every one needs attacking."""
     x = torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        return x, small_cnn()(x).argmax(1)
+        return x, toy_cnn()(x).argmax(1)
 
 
 def make(norm, **kw):
@@ -79,7 +74,7 @@ def test_p_halves_at_the_papers_iterations_rescaled_to_the_budget():
 
 def test_linf_perturbations_are_vertices_of_the_box(batch):
     """Every pixel moves by exactly +-eps unless the box stopped it."""
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     result = make("linf", n_queries=50)(model, x, y)
     delta = (result.x_adv - x)[result.extras["queries"] > 0]
     x_adv = result.x_adv[result.extras["queries"] > 0]
@@ -89,7 +84,7 @@ def test_linf_perturbations_are_vertices_of_the_box(batch):
 
 
 def test_l2_perturbations_use_the_whole_budget_away_from_the_box():
-    model = small_cnn()
+    model = toy_cnn()
     x = torch.full((16, 1, 8, 8), 0.5)
     y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(1))
     result = Square(ThreatModel("l2", 0.5), n_queries=50)(model, x, y)
@@ -101,7 +96,7 @@ def test_l2_perturbations_use_the_whole_budget_away_from_the_box():
 
 @pytest.mark.parametrize("n_queries", [100, 300])
 def test_query_counts_are_exact_and_within_the_budget(n_queries, batch):
-    model, (x, y) = Counting(small_cnn()), batch
+    model, (x, y) = Counting(toy_cnn()), batch
     result = Square(ThreatModel("linf", 0.05), n_queries=n_queries)(model, x, y)
     queries = result.extras["queries"]
     assert queries.dtype == torch.int64 and queries.shape == (x.shape[0],)
@@ -114,7 +109,7 @@ def test_query_counts_are_exact_and_within_the_budget(n_queries, batch):
 
 
 def test_samples_misclassified_from_the_start_get_no_query(batch):
-    model, (x, _) = small_cnn(), batch
+    model, (x, _) = toy_cnn(), batch
     with torch.no_grad():
         wrong = (model(x).argmax(1) + 1) % 10
     result = make("linf")(model, x, wrong)
@@ -123,7 +118,7 @@ def test_samples_misclassified_from_the_start_get_no_query(batch):
 
 
 def test_square_needs_no_gradient(batch):
-    model, (x, y) = BlackBox(small_cnn()), batch
+    model, (x, y) = BlackBox(toy_cnn()), batch
     with pytest.raises(RuntimeError, match="no gradient"):
         PGD(ThreatModel("linf", 0.1), steps=1)(model, x, y)  # the black box does refuse
     result = make("linf")(model, x, y)
@@ -135,7 +130,7 @@ def test_square_needs_no_gradient(batch):
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_success_flags_agree_with_a_fresh_forward_pass(norm, batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     result = make(norm)(model, x, y)
     with torch.no_grad():
         pred = model(result.x_adv).argmax(1)
@@ -145,7 +140,7 @@ def test_success_flags_agree_with_a_fresh_forward_pass(norm, batch):
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_outputs_stay_in_the_box_and_the_ball(norm, batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     result = make(norm)(model, x, y)
     assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
     assert (result.norms <= EPS[norm] * (1 + 1e-5)).all()
@@ -153,7 +148,7 @@ def test_outputs_stay_in_the_box_and_the_ball(norm, batch):
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_same_seed_same_result_and_another_seed_another_search(norm, batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     a, b = make(norm, seed=3)(model, x, y), make(norm, seed=3)(model, x, y)
     assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.extras["queries"], b.extras["queries"])
     c = make(norm, seed=4)(model, x, y)
@@ -162,7 +157,7 @@ def test_same_seed_same_result_and_another_seed_another_search(norm, batch):
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_targeted_square_reaches_its_targets(norm, batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     targets = (y + 3) % 10
     eps = {"linf": 0.5, "l2": 4.0}[norm]
     result = Square(ThreatModel(norm, eps), n_queries=1000)(model, x, y, targets)

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import typer
-from torch import nn
+from toys import random_batch, toy_cnn
 from typer.testing import CliRunner
 
 from advkit import ThreatModel, models
@@ -24,16 +24,9 @@ from advkit.universal_cli import universal_app
 MNIST_EPS = 0.3
 
 
-def small_cnn(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 8 * 8, 10)).eval()
-
-
 @pytest.fixture
 def batch():
-    g = torch.Generator().manual_seed(0)
-    return torch.rand(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
+    return random_batch(64)
 
 
 def random_sign(v: torch.Tensor, eps: float, seed: int = 0) -> torch.Tensor:
@@ -76,7 +69,7 @@ def test_the_fitted_perturbation_stays_in_the_ball(mnist_uap):
                                                      ("l2", 1.0, "gradient"),
                                                      ("l2", 1.0, "deepfool")])
 def test_fits_inside_the_ball_and_fools_some_images(norm, eps, inner, batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     threat = ThreatModel(norm, eps)
     attack = UniversalPerturbation(threat, max_epochs=2, inner=inner, batch_size=16)
     v = attack.fit(model, x, y, progress=False)
@@ -86,7 +79,7 @@ def test_fits_inside_the_ball_and_fools_some_images(norm, eps, inner, batch):
 
 
 def test_fitting_stops_once_the_fooling_rate_reaches_one_minus_delta(batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     threat = ThreatModel("linf", 0.1)
     easy = UniversalPerturbation(threat, delta=0.999, max_epochs=5)(model, x, y)
     assert easy.extras["fooled"].any()
@@ -97,7 +90,7 @@ def test_fitting_stops_once_the_fooling_rate_reaches_one_minus_delta(batch):
 
 
 def test_same_seed_same_perturbation(batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     threat = ThreatModel("linf", 0.1)
 
     def fit(seed):
@@ -111,7 +104,7 @@ def test_same_seed_same_perturbation(batch):
 # --- the attack contract -----------------------------------------------------------------
 
 def test_a_given_perturbation_is_applied_to_every_image(batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     v = random_sign(x[:1], 0.1)
     result = UniversalPerturbation(ThreatModel("linf", 0.1), perturbation=v)(model, x, y)
     torch.testing.assert_close(result.x_adv, (x + v).clamp(0, 1))
@@ -126,7 +119,7 @@ def test_a_given_perturbation_is_applied_to_every_image(batch):
 
 
 def test_without_a_perturbation_the_attack_fits_one_on_x(batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     result = UniversalPerturbation(ThreatModel("l2", 1.0), max_epochs=1)(model, x, y)
     v = result.extras["perturbation"]
     assert torch.equal(v, v[:1].expand_as(v))          # one v for all images
@@ -135,7 +128,7 @@ def test_without_a_perturbation_the_attack_fits_one_on_x(batch):
 
 
 def test_bad_configurations_and_inputs_are_refused(batch):
-    model, (x, y) = small_cnn(), batch
+    model, (x, y) = toy_cnn(), batch
     threat = ThreatModel("linf", 0.1)
     with pytest.raises(ValueError, match="untargeted"):
         UniversalPerturbation(threat)(model, x, y, targets=(y + 1) % 10)
@@ -168,7 +161,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 def test_load_refuses_files_that_are_not_perturbations(tmp_path):
-    path = models.save(small_cnn(), tmp_path / "model.safetensors", architecture="small_cnn")
+    path = models.save(toy_cnn(), tmp_path / "model.safetensors", architecture="small_cnn")
     with pytest.raises(ValueError, match="not an advkit perturbation file"):
         load_perturbation(path)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")

@@ -1,0 +1,148 @@
+"""Shipped training presets: the exact recipes behind the defense figures in
+``benchmarks/RESULTS.md``.
+
+``advkit train --defense pgd --preset mnist`` trains what ``python
+benchmarks/defenses.py --preset mnist`` measured; options given explicitly on the
+command line override the preset's. :func:`train_defense` is the one place that
+turns a defense name, a configuration and options into a trained model (the
+distillation teacher included), for the CLI and the benchmark alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from advkit.threat import ThreatModel
+
+#: Defaults of ``advkit train`` where neither a preset nor an option says otherwise.
+TRAIN_DEFAULTS: dict[str, Any] = {"arch": "small_cnn", "dataset": "mnist", "epochs": 3,
+                                  "batch_size": 128, "lr": 1e-3, "norm": "linf", "eps": 0.3}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A data set, a threat model and, per defense, the training settings to use.
+
+    ``common`` holds settings every defense shares; ``defenses[name]`` adds or
+    overrides settings for one defense. A setting is either a
+    :class:`~advkit.train.TrainConfig` field (``arch``, ``epochs``, ``lr``, ...) or a
+    recipe option (``steps``, ``warmup_epochs``, ``beta``, ``temperature``, ...).
+    """
+
+    description: str
+    dataset: str
+    norm: str
+    eps: float
+    common: dict[str, Any] = field(default_factory=dict)
+    defenses: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def settings(self, defense: str) -> dict[str, Any]:
+        """Every setting of ``defense`` under this preset (dataset and threat included)."""
+        if defense not in self.defenses:
+            raise ValueError(f"this preset has no {defense!r} recipe: use one of "
+                             f"{', '.join(self.defenses)}")
+        return {"dataset": self.dataset, "norm": self.norm, "eps": self.eps,
+                **self.common, **self.defenses[defense]}
+
+
+#: MNIST Linf 0.3: the recipe search is recorded in benchmarks/RESULTS.md ("Defenses").
+#: PGD and TRADES ran on one CPU thread each; the other recipes are short baselines.
+MNIST = Preset(
+    description="MNIST, Linf eps 0.3, stride_cnn",
+    dataset="mnist", norm="linf", eps=0.3,
+    common={"arch": "stride_cnn", "batch_size": 128, "lr": 1e-3},
+    defenses={
+        "standard": {"epochs": 3},
+        "fgsm_rs": {"epochs": 10, "warmup_epochs": 3},
+        "pgd": {"epochs": 18, "steps": 10, "warmup_epochs": 4},
+        "trades": {"epochs": 16, "steps": 10, "warmup_epochs": 4, "beta": 6.0},
+        "mart": {"epochs": 16, "steps": 10, "warmup_epochs": 4, "lam": 6.0},
+        "distillation": {"epochs": 3, "temperature": 100.0},
+        "noise": {"epochs": 3, "sigma": 0.3},
+    },
+)
+
+#: Fashion-MNIST Linf 0.1: short runs (4 epochs) so that every recipe fits one session.
+FASHION_MNIST = Preset(
+    description="Fashion-MNIST, Linf eps 0.1, stride_cnn",
+    dataset="fashion-mnist", norm="linf", eps=0.1,
+    common={"arch": "stride_cnn", "batch_size": 128, "lr": 1e-3, "epochs": 4},
+    defenses={
+        "standard": {},
+        "fgsm_rs": {"warmup_epochs": 1},
+        "pgd": {"steps": 7, "warmup_epochs": 1},
+        "trades": {"steps": 7, "warmup_epochs": 1, "beta": 6.0},
+        "mart": {"steps": 7, "warmup_epochs": 1, "lam": 6.0},
+        "distillation": {"temperature": 100.0},
+        "noise": {"sigma": 0.1},
+    },
+)
+
+PRESETS: dict[str, Preset] = {"mnist": MNIST, "fashion-mnist": FASHION_MNIST}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name`` (``fashion_mnist`` is accepted for ``fashion-mnist``)."""
+    key = name.replace("_", "-")
+    if key not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
+    return PRESETS[key]
+
+
+def resolve(defense: str, preset: str | None, given: dict[str, Any]) -> dict[str, Any]:
+    """The settings of one training run: ``given`` (options set explicitly, None =
+    not set) over the preset's settings for ``defense`` over :data:`TRAIN_DEFAULTS`."""
+    chosen = get_preset(preset).settings(defense) if preset else {}
+    explicit = {k: v for k, v in given.items() if v is not None}
+    if preset and "dataset" in explicit and explicit["dataset"].replace("_", "-") != \
+            chosen["dataset"]:
+        raise ValueError(f"the {preset} preset trains on {chosen['dataset']}, not "
+                         f"{explicit['dataset']}: drop --dataset or the preset")
+    return {**TRAIN_DEFAULTS, **chosen, **explicit}
+
+
+def split(settings: dict[str, Any]) -> tuple[dict[str, Any], ThreatModel, dict[str, Any]]:
+    """``settings`` as (TrainConfig fields, threat model, recipe options)."""
+    from advkit.train import TrainConfig
+
+    config_fields = {f.name for f in fields(TrainConfig)}
+    config = {k: v for k, v in settings.items() if k in config_fields}
+    threat = ThreatModel(settings.get("norm", "linf"), settings.get("eps", 0.3))
+    options = {k: v for k, v in settings.items()
+               if k not in config_fields and k not in ("norm", "eps")}
+    return config, threat, options
+
+
+def train_defense(defense: str, settings: dict[str, Any], run_dir: str | Path, *,
+                  resume: bool = True, progress: bool = True,
+                  device: str | torch.device = "cpu",
+                  log: Callable[[str], None] = print):
+    """Train ``defense`` with ``settings`` (see :func:`resolve`) in ``run_dir``.
+
+    Defensive distillation first trains its teacher at the same temperature in
+    ``run_dir/teacher``. Returns the :class:`~advkit.train.TrainResult`; its
+    ``seconds`` include the teacher's. A finished run in ``run_dir`` with the same
+    settings is reused, not repeated (``resume``).
+    """
+    from advkit.defenses import build_recipe
+    from advkit.train import TrainConfig, train
+
+    fields_, threat, options = split(settings)
+    config = TrainConfig(**fields_)
+    run_dir = Path(run_dir)
+    teacher, teacher_seconds = None, 0.0
+    if defense == "distillation":
+        teacher_recipe = build_recipe("temperature", threat, **options)
+        log(f"training the distillation teacher at T={teacher_recipe.temperature:g}")
+        done = train(replace(config, recipe="temperature"), run_dir / "teacher", resume=resume,
+                     progress=progress, device=device, recipe=teacher_recipe, log=log)
+        teacher, teacher_seconds = done.model, done.seconds
+    recipe = build_recipe(defense, threat, teacher=teacher, **options)
+    result = train(replace(config, recipe=recipe.name), run_dir, resume=resume,
+                   progress=progress, device=device, recipe=recipe, log=log)
+    return replace(result, seconds=result.seconds + teacher_seconds)

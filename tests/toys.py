@@ -1,0 +1,37 @@
+"""Toy models and batches shared by the attack tests: tiny, seeded, fast to attack."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+#: The dual exponent q of each norm (the distance to a hyperplane divides by ||w||_q).
+DUAL = {"l2": 2.0, "linf": 1.0, "l1": math.inf}
+
+
+def toy_cnn(seed: int = 0) -> nn.Module:
+    """A 4-channel convolution and a linear layer on 1x8x8 inputs, 10 classes, eval mode."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 8 * 8, 10)).eval()
+
+
+def random_batch(n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` uniform 1x8x8 images in [0, 1] with uniform labels in 0..9."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def distance_to_boundary(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                         norm: str) -> torch.Tensor:
+    """min_j |(w_j - w_y).x + b_j - b_y| / ||w_j - w_y||_q: the exact minimal distance from
+    each x to the decision boundary of the affine model ``Sequential(Flatten, Linear)``."""
+    weight, bias = model[1].weight.detach(), model[1].bias.detach()
+    logits = x.flatten(1) @ weight.T + bias
+    w_diff = weight[None] - weight[y][:, None]
+    f_diff = logits - logits.gather(1, y[:, None])
+    dist = f_diff.abs() / w_diff.norm(p=DUAL[norm], dim=2)
+    dist[torch.arange(len(y)), y] = math.inf
+    return dist.min(dim=1).values
