@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from advkit.attacks._iterate import objective, steepest_direction
-from advkit.attacks.base import Attack, CountedModel, Taxonomy, goal_reached
+from advkit.attacks.base import Attack, CountedModel, Taxonomy, goal_reached, require_at_least
 from advkit.threat import ThreatModel
 
 LOSSES = ("ce", "dlr")
@@ -217,10 +217,7 @@ class APGD(Attack):
         seed: int | None = 0,
     ) -> None:
         super().__init__(threat, seed=seed)
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1 (got {steps})")
-        if restarts < 1:
-            raise ValueError(f"restarts must be >= 1 (got {restarts})")
+        require_at_least(1, steps=steps, restarts=restarts)
         if restarts > 1 and not random_start:
             raise ValueError(f"restarts={restarts} needs random_start=True (without a random "
                              "start every restart repeats the same run)")
@@ -310,8 +307,7 @@ class APGDT(APGD):
     ) -> None:
         super().__init__(threat, steps=steps, restarts=restarts, loss=loss, alpha=alpha,
                          rho=rho, random_start=random_start, seed=seed)
-        if n_target_classes < 1:
-            raise ValueError(f"n_target_classes must be >= 1 (got {n_target_classes})")
+        require_at_least(1, n_target_classes=n_target_classes)
         self.n_target_classes = n_target_classes
 
     def _choose_targets(self, clean_logits: Tensor, y: Tensor,

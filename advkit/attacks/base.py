@@ -172,6 +172,14 @@ class CountedModel:
         return logits.detach(), grad
 
 
+def require_at_least(minimum: int, **values: int) -> None:
+    """Raise a clear ValueError for the first of ``values`` (name=value) below ``minimum``:
+    the constructors' check of step counts, restarts and batch sizes."""
+    for name, value in values.items():
+        if value < minimum:
+            raise ValueError(f"{name} must be >= {minimum} (got {value})")
+
+
 def goal_reached(logits: Tensor, labels: Tensor, targets: Tensor | None) -> Tensor:
     """Per-sample: classified as the target (targeted) or not as the label (untargeted)."""
     pred = logits.argmax(dim=1)

@@ -16,7 +16,7 @@ from advkit.attacks._linearise import (
     logit_gradients,
     project_onto_hyperplane,
 )
-from advkit.attacks.base import Attack, CountedModel, Taxonomy
+from advkit.attacks.base import Attack, CountedModel, Taxonomy, require_at_least
 from advkit.threat import ThreatModel
 
 #: Guards divisions by a gradient norm that vanishes (a flat region of the model).
@@ -91,8 +91,7 @@ class DeepFool(Attack):
         top_k: int = 10, box: str = "clip", seed: int | None = 0,
     ) -> None:
         super().__init__(threat, seed=seed)
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1 (got {steps})")
+        require_at_least(1, steps=steps)
         if not overshoot >= 0:
             raise ValueError(f"overshoot must be >= 0 (got {overshoot})")
         if top_k < 1:

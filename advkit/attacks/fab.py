@@ -13,7 +13,7 @@ from advkit.attacks._linearise import (
     logit_gradients,
     project_onto_hyperplane,
 )
-from advkit.attacks.base import Attack, CountedModel, Taxonomy, goal_reached
+from advkit.attacks.base import Attack, CountedModel, Taxonomy, goal_reached, require_at_least
 from advkit.threat import ThreatModel, random_in_ball
 
 #: Radius of the random starts when the threat model has no finite eps (the
@@ -91,10 +91,7 @@ class FAB(Attack):
         seed: int | None = 0,
     ) -> None:
         super().__init__(threat, seed=seed)
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1 (got {steps})")
-        if restarts < 1:
-            raise ValueError(f"restarts must be >= 1 (got {restarts})")
+        require_at_least(1, steps=steps, restarts=restarts)
         if not 0 <= alpha_max <= 1:
             raise ValueError(f"alpha_max must be in [0, 1] (got {alpha_max})")
         if not eta >= 1:

@@ -19,6 +19,7 @@ from advkit.attacks.base import (
     Taxonomy,
     check_inputs,
     eval_mode,
+    require_at_least,
 )
 from advkit.threat import ThreatModel
 
@@ -73,8 +74,7 @@ class FeatureAdversary(Attack):
         if isinstance(layer, bool) or not isinstance(layer, str | int):
             raise TypeError(f"layer must be a module name (str) or an index into an "
                             f"nn.Sequential (int) (got {type(layer).__name__})")
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1 (got {steps})")
+        require_at_least(1, steps=steps)
         if step_size is not None and not step_size > 0:
             raise ValueError(f"step_size must be > 0 (got {step_size})")
         if guides is not None and not isinstance(guides, Tensor):

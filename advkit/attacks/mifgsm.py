@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from advkit.attacks._iterate import ascend, objective, steepest_direction
-from advkit.attacks.base import Attack, CountedModel, Taxonomy
+from advkit.attacks.base import Attack, CountedModel, Taxonomy, require_at_least
 from advkit.threat import ThreatModel
 
 
@@ -36,8 +36,7 @@ class MIFGSM(Attack):
                  step_size: float | None = None, loss: str = "ce", early_exit: bool = True,
                  seed: int | None = 0) -> None:
         super().__init__(threat, seed=seed)
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1 (got {steps})")
+        require_at_least(1, steps=steps)
         if decay < 0:
             raise ValueError(f"decay must be >= 0 (got {decay})")
         objective(loss, torch.zeros(1, dtype=torch.long), None)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from advkit.attacks._iterate import LOSSES, ascend, objective, steepest_direction
-from advkit.attacks.base import Attack, CountedModel, Taxonomy, goal_reached
+from advkit.attacks.base import Attack, CountedModel, Taxonomy, goal_reached, require_at_least
 from advkit.threat import ThreatModel
 
 
@@ -46,10 +46,7 @@ class PGD(Attack):
         early_exit: bool = True, l1_sparsity: float = 0.99, seed: int | None = 0,
     ) -> None:
         super().__init__(threat, seed=seed)
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1 (got {steps})")
-        if restarts < 1:
-            raise ValueError(f"restarts must be >= 1 (got {restarts})")
+        require_at_least(1, steps=steps, restarts=restarts)
         if step_size is not None and not step_size > 0:
             raise ValueError(f"step_size must be > 0 (got {step_size})")
         if loss not in LOSSES:

@@ -22,6 +22,7 @@ from advkit.attacks.base import (
     check_inputs,
     check_logits,
     eval_mode,
+    require_at_least,
 )
 from advkit.progress import progress_bar
 from advkit.threat import ThreatModel
@@ -104,20 +105,17 @@ class UniversalPerturbation(Attack):
         if not 0 <= delta < 1:
             raise ValueError(f"delta must be in [0, 1) (got {delta}): the fit stops at a "
                              "fooling rate of 1 - delta")
-        if max_epochs < 1:
-            raise ValueError(f"max_epochs must be >= 1 (got {max_epochs})")
+        require_at_least(1, max_epochs=max_epochs)
         if inner not in INNER:
             raise ValueError(f"unknown inner step {inner!r}: use one of {', '.join(INNER)}")
         if step_size is not None and not step_size > 0:
             raise ValueError(f"step_size must be > 0 (got {step_size})")
         if overshoot < 0:
             raise ValueError(f"overshoot must be >= 0 (got {overshoot})")
-        if deepfool_steps < 1:
-            raise ValueError(f"deepfool_steps must be >= 1 (got {deepfool_steps})")
+        require_at_least(1, deepfool_steps=deepfool_steps)
         if candidates < 2:
             raise ValueError(f"candidates must be >= 2 (got {candidates})")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+        require_at_least(1, batch_size=batch_size)
         if perturbation is not None:
             perturbation = self._check_perturbation(perturbation)
         self.delta = delta

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advkit.attacks import PGD
+from advkit.attacks.base import require_at_least
 from advkit.defenses.recipe import Recipe, StopTraining, attack_mode
 from advkit.threat import ThreatModel
 
@@ -38,8 +39,7 @@ class PGDTraining(Recipe):
                  warmup_epochs: int = 0, eval_batch: int = 500) -> None:
         if not threat.bounded or threat.eps <= 0:
             raise ValueError(f"adversarial training needs eps > 0 (got {threat.eps})")
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1 (got {steps})")
+        require_at_least(1, steps=steps)
         if warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0 (got {warmup_epochs})")
         self.threat = threat
