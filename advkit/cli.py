@@ -327,6 +327,9 @@ def train_cmd(
     sigma: Annotated[float | None, typer.Option(help="noise std")] = None,
     lipschitz: Annotated[bool | None, typer.Option(
         "--lipschitz/--no-lipschitz", help="spectrally normalised layers")] = None,
+    precision: Annotated[str | None, typer.Option(
+        help="fp32, or mixed precision: bf16 (CPU or GPU) or fp16 (GPU) [default: fp32]")
+    ] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="run folder (checkpoints)")] = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = True,
     card: Annotated[bool, typer.Option(
@@ -352,7 +355,8 @@ def train_cmd(
     given = {"arch": arch, "dataset": dataset, "epochs": epochs, "batch_size": batch_size,
              "lr": lr, "optimizer": optimizer, "schedule": schedule,
              "weight_decay": weight_decay, "seed": seed, "train_limit": train_limit,
-             "lipschitz": lipschitz, "norm": norm, "eps": eps, "steps": attack_steps,
+             "lipschitz": lipschitz, "precision": precision, "norm": norm, "eps": eps,
+             "steps": attack_steps,
              "warmup_epochs": warmup_epochs, "beta": beta, "lam": lam,
              "temperature": temperature, "sigma": sigma}
     try:

@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ from advkit.progress import progress_bar
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine", "step", "onecycle")
+#: fp32, or mixed precision: bf16 autocast (CPU or GPU), fp16 autocast with loss scaling (GPU).
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 @dataclass
 class TrainConfig:
@@ -48,6 +50,7 @@ class TrainConfig:
     recipe: str = "standard"
     lipschitz: bool = False
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.arch not in zoo.ARCHITECTURES:
@@ -56,6 +59,9 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}: use one of "
                              f"{', '.join(OPTIMIZERS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}: use one of "
+                             f"{', '.join(PRECISIONS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}: use one of "
                              f"{', '.join(SCHEDULES)}")
@@ -93,6 +99,9 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
         raise ValueError(f"config.recipe is {config.recipe!r} but the recipe is "
                          f"{recipe.name!r}; set TrainConfig(recipe={recipe.name!r})")
     record = config_record(config, recipe)
+    if config.precision == "fp16" and torch.device(device).type != "cuda":
+        raise ValueError("fp16 mixed precision needs a CUDA device (it relies on loss "
+                         "scaling); on a CPU use precision='bf16' (CLI: --precision bf16)")
     world = _World.join(device)
     if world.size > 1 and torch.device(device).type == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', world.rank))}"
@@ -113,12 +122,16 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
                          f"change batch_size ({config.batch_size}) or train_limit")
     optimizer = _optimizer(config, model)
     scheduler = _scheduler(config, optimizer, steps_per_epoch)
+    # Mixed precision: the recipe's forward passes (its attack's included) run under
+    # autocast; fp16 gradients are scaled so that small ones do not flush to zero.
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+    scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16")
     history: list[dict[str, float]] = []
     start_epoch, elapsed, stopped = 0, 0.0, ""
     state_path = out_dir / "state.pt"
     if resume and state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=True)
-        saved = json.loads(state["config"])
+        saved = _with_defaults(json.loads(state["config"]))
         if saved != record:
             raise ValueError(f"{out_dir} holds a run with another configuration "
                              f"({_diff(saved, record)}); pick a new output folder "
@@ -126,6 +139,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         rng = state["rng"]
         torch.set_rng_state(rng[world.rank] if isinstance(rng, list) and len(rng) == world.size
                             else rng[0] if isinstance(rng, list) else rng)
@@ -149,14 +164,17 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
                 batch = order[i * config.batch_size:(i + 1) * config.batch_size]
                 idx = world.shard(batch)
                 xb, yb = x_train[idx].to(device), y_train[idx].to(device)
-                loss, logits = recipe.loss(net, xb, yb)
+                with torch.autocast(torch.device(device).type, dtype=autocast_dtype,
+                                    enabled=autocast_dtype is not None):
+                    loss, logits = recipe.loss(net, xb, yb)
                 # Data parallel: gradients are averaged over processes, so weigh each
                 # process's mean loss by its share of the batch: the step is then the
                 # single-process step on the whole batch.
-                scaled = loss * (idx.numel() * world.size / batch.numel())
+                scaled = loss.float() * (idx.numel() * world.size / batch.numel())
                 optimizer.zero_grad(set_to_none=True)
-                scaled.backward()
-                optimizer.step()
+                scaler.scale(scaled).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 seen += yb.shape[0]
                 loss_sum += loss.item() * yb.shape[0]
@@ -192,6 +210,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
         _atomic_torch_save({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": rng,
+            **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
             "epoch": epoch, "config": json.dumps(record), "stopped": stopped,
             "history": json.dumps(history), "seconds": elapsed,
         }, state_path)
@@ -297,6 +316,13 @@ def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer,
 def config_record(config: TrainConfig, recipe: Recipe | None = None) -> dict[str, Any]:
     """The configuration as recorded in checkpoints: config fields and recipe parameters."""
     return {**_jsonable(config), "recipe_params": (recipe or Recipe()).params()}
+
+
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A recorded configuration with the defaults of config fields added since it was
+    written (a run recorded before ``precision`` existed trained in fp32)."""
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    return {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
 
 
 def _jsonable(config: TrainConfig) -> dict[str, Any]:

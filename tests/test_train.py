@@ -4,6 +4,7 @@ very weights an uninterrupted one reaches."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from dataclasses import asdict, replace
@@ -91,7 +92,7 @@ def test_the_checkpoint_holds_the_config_and_the_metrics(reference):
     assert meta["dataset"] == "mnist"
     assert meta["recipe"] == "standard"
     assert meta["metrics"] == {"clean_accuracy": reference.history[-1]["val_acc"],
-                               "val_samples": 500}
+                               "val_samples": 500, "torch_threads": torch.get_num_threads()}
     assert meta["history"] == reference.history
 
 
@@ -149,6 +150,33 @@ def test_resuming_with_another_config_is_refused_naming_the_difference(reference
     assert "resume=False" in str(err.value)
 
 
+def test_a_run_recorded_before_a_config_field_existed_still_resumes(reference, tmp_path):
+    shutil.copytree(reference.checkpoint.parent, tmp_path, dirs_exist_ok=True)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    recorded = json.loads(state["config"])
+    del recorded["precision"]  # as written before mixed precision existed
+    state["config"] = json.dumps(recorded)
+    torch.save(state, tmp_path / "state.pt")
+    batches: list[int] = []
+    again = run(CONFIG, tmp_path, recipe=Noisy(batches))
+    assert batches == []
+    assert same_weights(again.model, reference.model)
+
+
+def test_bf16_mixed_precision_trains_fp32_weights_as_well_as_fp32(reference, tmp_path):
+    mixed = run(replace(CONFIG, precision="bf16"), tmp_path)
+    assert all(p.dtype == torch.float32 for p in mixed.model.parameters())
+    assert mixed.history[-1]["val_acc"] >= reference.history[-1]["val_acc"] - 0.05
+    assert models.read_metadata(mixed.checkpoint)["config"]["precision"] == "bf16"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, fp16 trains")
+def test_fp16_without_a_gpu_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="fp16 mixed precision needs a CUDA device"):
+        run(replace(CONFIG, precision="fp16"), tmp_path)
+    assert not (tmp_path / "state.pt").exists()
+
+
 def test_resume_false_starts_over_in_a_folder_of_another_run(reference, tmp_path):
     shutil.copy(reference.checkpoint.parent / "state.pt", tmp_path / "state.pt")
     fresh = run(replace(CONFIG, epochs=1, train_limit=256, val_limit=100), tmp_path,
@@ -163,6 +191,7 @@ def test_resume_false_starts_over_in_a_folder_of_another_run(reference, tmp_path
 @pytest.mark.parametrize(("field", "value"), [
     ("arch", "resnet9000"), ("optimizer", "rmsprop"), ("schedule", "linear"),
     ("epochs", 0), ("batch_size", 0), ("lr", 0.0), ("lr", -0.001), ("weight_decay", -0.1),
+    ("precision", "fp8"),
 ])
 def test_a_bad_config_is_refused_naming_the_value(field, value):
     with pytest.raises(ValueError, match=re.escape(str(value))) as err:
