@@ -118,6 +118,17 @@ def test_catastrophic_overfitting_restores_the_best_weights_and_stops(heldout):
     assert all(torch.equal(model.state_dict()[k], best[k]) for k in best)
 
 
+def test_no_collapse_is_declared_while_eps_is_still_warming_up(heldout):
+    x, y = heldout
+    model = create("small_cnn")  # untrained: PGD robust accuracy at the full eps ~0
+    recipe = FastAdversarialTraining(THREAT, eval_batch=100, warmup_epochs=3)
+    recipe._best = (0.9, copy.deepcopy(model.state_dict()))
+    for epoch in (0, 1):  # eps at 1/3 and 2/3 of its final value: no verdict
+        assert "robust_acc" in recipe.end_epoch(model, epoch, x, y)
+    with pytest.raises(StopTraining, match="catastrophic overfitting"):
+        recipe.end_epoch(model, 2, x, y)  # the first epoch at the full eps
+
+
 def test_trainer_records_the_stop_and_does_not_resume_past_it(tmp_path):
     class StopsAfterOne(Recipe):
         def end_epoch(self, model, epoch, x_val, y_val):

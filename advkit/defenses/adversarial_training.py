@@ -85,7 +85,9 @@ class FastAdversarialTraining(PGDTraining):
     collapses within an epoch while FGSM accuracy rises. Each epoch measures PGD
     robust accuracy on a held-out batch; when it falls below ``co_drop`` times the
     best seen so far, the run restores the best epoch's weights and stops
-    (the paper's remedy: early stopping; a smaller ``alpha`` also helps).
+    (the paper's remedy: early stopping; a smaller ``alpha`` also helps). The check
+    starts once the eps warm-up is over: before, PGD accuracy at the full eps is near 0
+    and its noise would read as a collapse.
     """
 
     name = "fgsm_rs"
@@ -107,6 +109,10 @@ class FastAdversarialTraining(PGDTraining):
                   y_val: Tensor) -> dict[str, float]:
         metrics = super().end_epoch(model, epoch, x_val, y_val)
         robust = metrics["robust_acc"]
+        if epoch + 1 < self.warmup_epochs:
+            # eps is still ramping up: robustness at the full eps is not expected yet, and
+            # its noise around ~0 must not pass for a collapse (nor become the best epoch).
+            return metrics
         if self._best is not None and robust < self.co_drop * self._best[0]:
             model.load_state_dict(self._best[1])
             raise StopTraining(
