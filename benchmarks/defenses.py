@@ -67,7 +67,7 @@ def measure(args: argparse.Namespace, defense: str, lipschitz: bool) -> dict:
     }
 
 
-def section(args: argparse.Namespace, rows: list[dict], started: float) -> str:
+def section(args: argparse.Namespace, rows: list[dict], started: float, planned: int) -> str:
     preset = get_preset(args.preset)
     begin, end = markers(args.preset, "defenses.py")
     lines = [
@@ -78,6 +78,9 @@ def section(args: argparse.Namespace, rows: list[dict], started: float) -> str:
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- device: {_device_name(torch.device('cpu'))}; evaluation torch threads "
         f"{torch.get_num_threads()}",
+        f"- data: {preset.dataset} test[:{args.limit}]" + (
+            f" from ADVKIT_DATA_DIR={os.environ['ADVKIT_DATA_DIR']}"
+            if os.environ.get("ADVKIT_DATA_DIR") else ""),
         f"- python {platform.python_version()}, torch {torch.__version__}, advkit "
         f"{advkit.__version__}, source {_source_state()}",
         f"- run time {time.perf_counter() - started:.0f} s (reused finished trainings take "
@@ -86,6 +89,8 @@ def section(args: argparse.Namespace, rows: list[dict], started: float) -> str:
         "- train min: the trainer's own wall-clock record of the run (per-epoch held-out "
         "checks included); threads: torch threads it trained with",
         "",
+        *([f"- **partial**: {len(rows)} of the {planned} recipes of this run measured so far",
+           ""] if len(rows) < planned else []),
         "| defense | settings | train min | threads | clean | robust | checks | eval s |",
         "|---|---|---:|---:|---:|---:|---|---:|",
     ]
@@ -123,11 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     args.load_before = os.getloadavg()[0]
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    rows = [measure(args, d, lipschitz=False) for d in defenses]
-    if args.lipschitz:
-        rows.append(measure(args, "standard", lipschitz=True))
-    write_section(args.out, args.preset, section(args, rows, started), "defenses.py")
-    print(f"wrote the defenses {args.preset} section of {args.out}")
+    planned = [(d, False) for d in defenses] + ([("standard", True)] if args.lipschitz else [])
+    rows: list[dict] = []
+    for defense, lipschitz in planned:
+        rows.append(measure(args, defense, lipschitz))
+        # written after every recipe: an interrupted run keeps what it measured
+        write_section(args.out, args.preset, section(args, rows, started, len(planned)),
+                      "defenses.py")
+        print(f"wrote the defenses {args.preset} section of {args.out} "
+              f"({len(rows)} of {len(planned)} recipes)", flush=True)
     return 0
 
 
