@@ -50,16 +50,16 @@ def standard(tmp_path_factory):
     return fit(tmp_path_factory, Recipe()).model
 
 
-@pytest.mark.parametrize("recipe", [
-    PGDTraining(THREAT, steps=5), FastAdversarialTraining(THREAT), TRADES(THREAT, steps=5),
-    MART(THREAT, steps=5)], ids=lambda r: r.name)
-def test_adversarial_recipes_beat_standard_training_under_pgd(recipe, standard, heldout,
+@pytest.mark.parametrize(("recipe", "epochs"), [
+    (PGDTraining(THREAT, steps=5), 2), (FastAdversarialTraining(THREAT), 2),
+    (TRADES(THREAT, steps=5), 2),
+    # MART learns slower: after 2 epochs it gained exactly 20.0% with one torch thread
+    (MART(THREAT, steps=5), 3)], ids=["pgd", "fgsm_rs", "trades", "mart"])
+def test_adversarial_recipes_beat_standard_training_under_pgd(recipe, epochs, standard, heldout,
                                                               tmp_path_factory):
-    result = fit(tmp_path_factory, recipe)
+    result = fit(tmp_path_factory, recipe, epochs=epochs)
     gained = robust(result.model, heldout) - robust(standard, heldout)
-    # Standard training keeps ~0% here; the recipes gain 20-40 points, and the exact figure
-    # moves with the torch thread count (MART: 20.0% with one thread), so 15 is the bar.
-    assert gained >= 0.15, f"{recipe.name} gained only {gained:.1%} robust accuracy"
+    assert gained >= 0.2, f"{recipe.name} gained only {gained:.1%} robust accuracy"
     assert "robust_acc" in result.history[-1]  # measured every epoch
 
 
