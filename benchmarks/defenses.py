@@ -48,7 +48,8 @@ def measure(args: argparse.Namespace, defense: str, lipschitz: bool) -> dict:
     run_dir = args.runs / f"{args.preset}-{name}"
     log = lambda msg: print(f"[{name}] {msg}", flush=True)  # noqa: E731
     result = train_defense(defense, settings, run_dir, progress=False, log=log)
-    metrics = read_metadata(result.checkpoint).get("metrics", {})
+    metadata = read_metadata(result.checkpoint)
+    metrics = metadata.get("metrics", {})
     x, y = advkit.data.load(preset.dataset, split="test", limit=args.limit)
     threat = ThreatModel(preset.norm, preset.eps)
     t0 = time.perf_counter()
@@ -63,7 +64,7 @@ def measure(args: argparse.Namespace, defense: str, lipschitz: bool) -> dict:
         "threads": metrics.get("torch_threads"), "clean": report.clean_accuracy,
         "robust": report.robust_accuracy, "eval_seconds": time.perf_counter() - t0,
         "checks": "all pass" if not failed else "FAIL " + ", ".join(failed) + " (unreliable)",
-        "stopped": read_metadata(result.checkpoint).get("stopped", ""),
+        "stopped": metadata.get("stopped", ""),
     }
 
 
