@@ -146,6 +146,7 @@ def measure(args: argparse.Namespace, name: str, log: Callable[[str], None]) -> 
                                                           else "all pass"))
             rows.append({"library": "advkit `standard`", "robust": robust, "seconds": seconds,
                          "notes": extra})
+            log(f"{name}: advkit standard: robust {robust:.1%}, {seconds:.1f} s")
             if name == "masked" or args.thorough:
                 t2 = time.perf_counter()
                 deep = advkit.evaluate(model, x, y, threat, "thorough", batch_size=args.batch_size,
@@ -170,6 +171,7 @@ def measure(args: argparse.Namespace, name: str, log: Callable[[str], None]) -> 
                          f"{advkit_robust[:n].float().mean().item():.1%}"
                          if advkit_robust is not None else "not run"))
         rows.append({"library": label, "robust": robust, "seconds": seconds, "notes": notes})
+        log(f"{name}: {label}: robust {robust:.1%}, {time.perf_counter() - t0:.1f} s")
     with torch.no_grad():
         clean = (model(x).argmax(1) == y).float().mean().item()
     return [{"clean": clean, **r} for r in rows]
