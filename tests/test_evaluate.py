@@ -76,8 +76,13 @@ def test_standard_suite_is_autoattacks_published_configuration():
     assert stages["square"].params == {"n_queries": 5000}
     assert SUITES["minimal"].kind == "minimal"
     assert all(s.eot > 1 for s in SUITES["rand"].stages)
-    # thorough = standard + more
-    assert [s.name for s in SUITES["thorough"].stages][:4] == list(stages)
+    # thorough = standard + more, with every black-box stage after every white-box one (the
+    # black-box check counts images a black-box stage broke after all white-box stages failed)
+    thorough = SUITES["thorough"].stages
+    assert {s.name: s.params for s in thorough if s.name in stages} == \
+        {name: s.params for name, s in stages.items()}
+    kinds = [s.attack_class.taxonomy.knowledge == "black box" for s in thorough]
+    assert kinds == sorted(kinds) and kinds[-1]
 
 
 def test_suite_from_toml_and_json(tmp_path):
