@@ -11,14 +11,17 @@ seconds reported are the trainer's own record (summed over resumed pieces, the
 per-epoch held-out PGD check included). ``--lipschitz`` adds standard training
 with spectrally normalised layers. Every model is then evaluated on the first
 ``--limit`` test images with ``--suite`` (default ``standard``: APGD-CE, APGD-T,
-FAB-T, Square as AutoAttack publishes them) and the masking checks. The section
-``Defenses, PRESET`` of RESULTS.md is rewritten with the table.
+FAB-T, Square as AutoAttack publishes them) and the masking checks; the row is kept in
+the run's ``evaluation.json`` and reused by a later run that asks for the same
+evaluation of the same weights (the section lists such rows with their dates). The
+section ``Defenses, PRESET`` of RESULTS.md is rewritten with the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -50,6 +53,21 @@ def measure(args: argparse.Namespace, defense: str, lipschitz: bool) -> dict:
     result = train_defense(defense, settings, run_dir, progress=False, log=log)
     metadata = read_metadata(result.checkpoint)
     metrics = metadata.get("metrics", {})
+    # An evaluation of these very weights with the same suite, images and checks is reused
+    # (rerunning the benchmark to add one recipe should not re-attack the others); the
+    # section says which rows were measured in an earlier run, and when.
+    key = {"fingerprint": metadata.get("fingerprint"), "suite": args.suite,
+           "limit": args.limit, "check_samples": args.check_samples, "norm": preset.norm,
+           "eps": preset.eps}
+    cache = run_dir / "evaluation.json"
+    if cache.is_file():
+        try:
+            saved = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            saved = {}
+        if saved.get("key") == key and isinstance(saved.get("row"), dict):
+            log(f"reusing the evaluation of {saved['row'].get('measured')} ({cache})")
+            return saved["row"] | {"reused": True}
     x, y = advkit.data.load(preset.dataset, split="test", limit=args.limit)
     threat = ThreatModel(preset.norm, preset.eps)
     t0 = time.perf_counter()
@@ -58,25 +76,36 @@ def measure(args: argparse.Namespace, defense: str, lipschitz: bool) -> dict:
     failed = [c.name for c in report.checks if c.status == "fail"]
     shown = {k: v for k, v in settings.items()
              if k not in ("dataset", "norm", "eps", "seed", "batch_size", "lr")}
-    return {
+    row = {
         "defense": name, "settings": ", ".join(f"{k}={v}" for k, v in shown.items()),
         "train_minutes": result.seconds / 60, "epochs": len(result.history),
         "threads": metrics.get("torch_threads"), "clean": report.clean_accuracy,
         "robust": report.robust_accuracy, "eval_seconds": time.perf_counter() - t0,
+        "eval_threads": torch.get_num_threads(),
         "checks": "all pass" if not failed else "FAIL " + ", ".join(failed) + " (unreliable)",
         "stopped": metadata.get("stopped", ""),
+        "measured": f"{_now()}, source {_source_state()}",
     }
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "row": row}, indent=1))
+    tmp.replace(cache)
+    return row | {"reused": False}
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 def section(args: argparse.Namespace, rows: list[dict], started: float, planned: int) -> str:
     preset = get_preset(args.preset)
     begin, end = markers(args.preset, "defenses.py")
+    reused = [r for r in rows if r.get("reused")]
     lines = [
         begin,
         f"## Defenses, {preset.description}: `{args.suite}` suite on {args.limit} test images",
         "",
         f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- date: {_now()}",
         f"- device: {_device_name(torch.device('cpu'))}; evaluation torch threads "
         f"{torch.get_num_threads()}",
         f"- data: {preset.dataset} test[:{args.limit}]" + (
@@ -84,14 +113,18 @@ def section(args: argparse.Namespace, rows: list[dict], started: float, planned:
             if os.environ.get("ADVKIT_DATA_DIR") else ""),
         f"- python {platform.python_version()}, torch {torch.__version__}, advkit "
         f"{advkit.__version__}, source {_source_state()}",
-        f"- run time {time.perf_counter() - started:.0f} s (reused finished trainings take "
-        f"none); 1-minute load average {args.load_before:.2f} at the start, "
+        f"- run time {time.perf_counter() - started:.0f} s (reused trainings and evaluations "
+        f"take none); 1-minute load average {args.load_before:.2f} at the start, "
         f"{os.getloadavg()[0]:.2f} at the end",
         "- train min: the trainer's own wall-clock record of the run (per-epoch held-out "
         "checks included); threads: torch threads it trained with",
         "",
         *([f"- **partial**: {len(rows)} of the {planned} recipes of this run measured so far",
            ""] if len(rows) < planned else []),
+        *([f"- evaluations reused from earlier runs of this script (same weights, suite, "
+           f"images and checks; cached in the run's evaluation.json): " + "; ".join(
+               f"{r['defense']} ({r.get('measured', '?')})" for r in reused), ""]
+          if reused else []),
         "| defense | settings | train min | threads | clean | robust | checks | eval s |",
         "|---|---|---:|---:|---:|---:|---|---:|",
     ]
