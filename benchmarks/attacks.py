@@ -69,9 +69,11 @@ from advkit.threat import ThreatModel  # noqa: E402
 from advkit.threat import norms as lp_norms  # noqa: E402
 from advkit.train import TrainConfig, accuracy, train  # noqa: E402
 
-LIBRARIES = ("advkit", "advkit-noexit", "advkit-paper", "torchattacks", "foolbox", "art")
+LIBRARIES = ("advkit", "advkit-noexit", "advkit-paper", "advkit-paper-full", "torchattacks",
+             "foolbox", "art")
 LIBRARY_LABELS = {"advkit-noexit": "advkit (early_exit=False)",
-                  "advkit-paper": "advkit (paper's search)"}
+                  "advkit-paper": "advkit (paper's search)",
+                  "advkit-paper-full": "advkit (paper's search, abort_early=False)"}
 PEER_MODULES = {"torchattacks": "torchattacks", "foolbox": "foolbox", "art": "art"}
 PEER_DISTRIBUTIONS = {"torchattacks": "torchattacks", "foolbox": "foolbox",
                       "art": "adversarial-robustness-toolbox"}
@@ -176,7 +178,7 @@ _STEP_ATTACKS = ("advkit", "advkit-noexit", "torchattacks", "foolbox", "art")
 FAMILY_LIBRARIES: dict[str, tuple[str, ...]] = {
     "pgd": _STEP_ATTACKS, "pgd_l2": _STEP_ATTACKS, "bim": _STEP_ATTACKS,
     "mifgsm": _STEP_ATTACKS, "fgsm": ("advkit", "torchattacks", "foolbox", "art"),
-    "cw": ("advkit", "advkit-paper", "torchattacks", "foolbox", "art"),
+    "cw": ("advkit", "advkit-paper", "advkit-paper-full", "torchattacks", "foolbox", "art"),
     "deepfool": ("advkit", "torchattacks", "foolbox", "art"),
     "ead": ("advkit", "torchattacks", "foolbox", "art"),
     "fab": ("advkit", "torchattacks"),
@@ -402,7 +404,8 @@ Runner = Callable[[Tensor, Tensor], Tensor]
 
 def advkit_runner(model: nn.Module, spec: Spec, device: torch.device, batch_size: int,
                   variant: str = "") -> Runner:
-    """advkit's attack for ``spec``; ``variant`` "noexit" (early_exit=False) or "paper" (C&W)."""
+    """advkit's attack for ``spec``; ``variant`` "noexit" (early_exit=False), "paper" or
+    "paper-full" (C&W: the paper's search; -full without early abort)."""
     threat = ThreatModel({"l0": "l2"}.get(spec.norm, spec.norm), spec.eps)  # JSMA: no L0 norm
     early_exit = variant != "noexit"
     o = dict(spec.options)
@@ -420,9 +423,13 @@ def advkit_runner(model: nn.Module, spec: Spec, device: torch.device, batch_size
     elif spec.family == "cw":
         # advkit's default: a first c per sample from the linearised model, one run unless it
         # fails; "paper": the paper's search, c from 1e-3 and all 9 search steps, as Foolbox.
-        search = {"initial_const": 1e-3, "search_tolerance": 0.0} if variant == "paper" else {}
+        # "paper-full": the same search, every run all its steps (Foolbox aborts on the whole
+        # batch's loss, so its images keep optimising after advkit's per-image abort).
+        search = ({"initial_const": 1e-3, "search_tolerance": 0.0}
+                  if variant.startswith("paper") else {})
         attack = CarliniWagnerL2(threat, steps=spec.steps, search_steps=9,
-                                 learning_rate=o["lr"], confidence=o["kappa"], **search)
+                                 learning_rate=o["lr"], confidence=o["kappa"],
+                                 abort_early=variant != "paper-full", **search)
     elif spec.family == "deepfool":
         attack = DeepFool(threat, steps=spec.steps, overshoot=o["overshoot"],
                           top_k=o["candidates"])
@@ -964,7 +971,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              f"{', '.join(ATTACK_FAMILIES)} (default: all)")
     parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES,
                         help="advkit-noexit: advkit with early_exit=False (step attacks); "
-                             "advkit-paper: C&W with the paper's search over c")
+                             "advkit-paper: C&W with the paper's search over c; "
+                             "advkit-paper-full: the same without early abort")
     parser.add_argument("--models", nargs="+", default=["small_cnn"], choices=MODELS,
                         help="small_cnn: the demo's model; mnist_cnn: Madry et al.'s, 1 epoch")
     parser.add_argument("--include-slow", action="store_true",
