@@ -232,8 +232,10 @@ DIFFERENCES = (
     "rescale into the ball and clip (Foolbox, torchattacks) or clip and rescale (ART).",
     "**Extra passes.** ART's PGD family runs one more forward pass over all images at the end "
     "of `generate` to log its own success rate; Foolbox runs one to report `is_adv`; advkit "
-    "runs a clean pass (entry checks) and the success pass; torchattacks none. All of them "
-    "are inside the measured time.",
+    "runs the success pass, plus a separate clean forward pass (entry checks) only for attacks "
+    "whose first model pass is not at the clean images (a random start; FGSM, BIM and PGD "
+    "without random start read the clean logits off their first gradient pass); torchattacks "
+    "none. All of them are inside the measured time.",
     "**Random numbers.** Each library draws its random starts from its own generator (advkit "
     "its seeded `torch.Generator`, torchattacks and Foolbox the global torch RNG, ART NumPy's); "
     "all are seeded with 0 before each run, but the starts differ between libraries.",

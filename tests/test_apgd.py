@@ -92,6 +92,37 @@ def test_per_sample_passes_add_up_to_the_counted_passes(batch, attack):
         assert passes[result.success].min() <= passes[~result.success].max()
 
 
+class _Saturated(nn.Module):
+    """Logits x 10^4: the softmax is exactly one-hot, so cross-entropy gradients are 0."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x) * 1e4
+
+
+def test_a_sample_at_a_fixed_point_leaves_the_run(batch):
+    model, (x, _) = _Saturated(toy_cnn()).eval(), batch
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    threat = ThreatModel("linf", 0.01)
+    short, long = (APGD(threat, steps=s, loss="ce", seed=0)(model, x, y) for s in (5, 50))
+    # zero gradient, no momentum, at its best point: every later step returns the same
+    # iterate, so 50 steps give what 5 give, for one gradient pass per image (a few images
+    # of this random toy sit near the boundary even at 10^4 and break at once)
+    held = ~long.success
+    assert held.sum() >= 0.8 * x.shape[0] and torch.equal(held, ~short.success)
+    torch.testing.assert_close(long.x_adv, short.x_adv, atol=0, rtol=0)
+    passes = long.extras["passes"]
+    assert torch.equal(passes, short.extras["passes"])
+    assert (passes[held] == 4).all()  # clean pass, one gradient (2), success pass
+    # the DLR loss is scale-invariant: its gradients do not vanish, nothing is stuck
+    dlr = APGD(threat, steps=50, loss="dlr", seed=0)(model, x, y)
+    assert dlr.backward_passes > 5 * x.shape[0]
+
+
 def test_samples_already_misclassified_cost_nothing(batch):
     model, (x, _) = toy_cnn(), batch
     with torch.no_grad():

@@ -87,7 +87,10 @@ def apgd(
     first step), with ``P`` the projection onto the ball and the box.
 
     Costs ``steps`` gradient passes and one forward pass per sample at most (the
-    gradient at ``x_max`` is kept, so moving back costs nothing).
+    gradient at ``x_max`` is kept, so moving back costs nothing). A sample leaves early
+    when it reaches its goal, or when it is at a fixed point of the iteration (all-zero
+    gradient, no momentum, at its best point: a saturated softmax), where every further
+    step would return the same result.
 
     ``passes`` (N,), if given, counts each sample's model passes (a gradient = forward +
     backward = 2), for per-sample accounting.
@@ -138,11 +141,26 @@ def apgd(
         state["f_prev"] = f
 
         done = goal_reached(logits, ya, gt)
+        # A sample with an all-zero gradient that did not move and sits at its best point
+        # is at a fixed point: every later step, and every move back to x_max, gives the
+        # same iterate (the model is deterministic), so its result is already final. This
+        # is the usual fate of a saturated softmax (gradient masking); stopping there
+        # changes no result and saves its remaining passes.
+        stuck = torch.zeros_like(done)
+        if k < steps:
+            stuck = ((grad.flatten(1) == 0).all(1) & (xk == x_prev).flatten(1).all(1)
+                     & (xk == state["x_max"]).flatten(1).all(1) & ~done)
+        if stuck.any():
+            hit = idx[stuck]
+            out[hit], out_loss[hit] = state["x_max"][stuck], state["f_max"][stuck]
+            out_logits[hit] = state["logits_max"][stuck]
         if done.any():
             hit = idx[done]
             out[hit], reached[hit] = xk[done], True
             out_loss[hit], out_logits[hit] = f[done], logits[done]
-            keep = ~done
+        leave = done | stuck
+        if leave.any():
+            keep = ~leave
             idx, x0, ya, xk, x_prev, grad = (t[keep] for t in (idx, x0, ya, xk, x_prev, grad))
             lt = lt[keep] if lt is not None else None
             gt = gt[keep] if gt is not None else None
