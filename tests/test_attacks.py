@@ -325,7 +325,7 @@ def test_train_mode_model_is_attacked_in_eval_mode_and_restored(batch):
 
 def test_probability_outputs_get_a_warning(batch):
     x, y = batch
-    model = nn.Sequential(toy_cnn(), nn.Softmax(dim=1))
+    model = nn.Sequential(toy_cnn(), nn.Softmax(dim=1)).eval()
     with pytest.warns(UserWarning, match="probabilities"):
         FGSM(ThreatModel("linf", 0.1))(model, x, y)
 
