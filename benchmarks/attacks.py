@@ -254,7 +254,8 @@ ISSUE3_DIFFERENCES = (
     "search on the step size (up to 5 halvings and 5 doublings, each a forward pass) instead "
     "of Adam, doubling c until a success.",
     "**C&W L2: early abort and the box.** The paper's abort (loss not below 0.9999 of its "
-    "value a tenth of the steps earlier) is per image in advkit, on the batch's summed loss in "
+    "value a tenth of the steps earlier) is per image in advkit (a run that has already "
+    "succeeded stops only after two such checks in a row), on the batch's summed loss in "
     "Foolbox; torchattacks returns as soon as the batch's summed loss rose at a check. "
     "torchattacks maps x to `atanh(2x - 1)` without the reference code's 0.999999 factor, so "
     "pixels at exactly 0 or 1 (most of an MNIST digit) start at +-inf and never move. "

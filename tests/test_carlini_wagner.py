@@ -293,9 +293,9 @@ def test_cw_l2_breaks_99_percent_of_mnist_with_a_median_l2_below_2(mnist_cw_l2):
 
 def test_cw_l2_finds_a_smaller_median_l2_than_deepfool_on_mnist(mnist_model, mnist_slice):
     """Both attacks with their defaults (C&W: 100 Adam steps at an estimated c; DeepFool: 50
-    steps, overshoot 0.02) on the first 100 test images. On 100 images C&W's median is 8%
-    below DeepFool's (1.64 vs 1.78; 1.62 vs 1.77 on 200), so the comparison stands well
-    outside the spread of a median over 100 images, and C&W's ~90 gradient passes per image
+    steps, overshoot 0.02) on the first 100 test images. On 100 images C&W's median is 10%
+    below DeepFool's (1.61 vs 1.78; 1.60 vs 1.77 on 200), so the comparison stands well
+    outside the spread of a median over 100 images, and C&W's ~100 gradient passes per image
     keep the test to a few seconds."""
     x, y = mnist_slice
     cw = CarliniWagnerL2(ThreatModel("l2", INF))(mnist_model, x, y)
@@ -344,3 +344,20 @@ def test_cw_l2_with_kappa_on_mnist_gives_the_margin_at_a_larger_norm(mnist_model
     assert (margins(mnist_model, strong.x_adv, y) >= kappa - 1e-3).all()
     weak = mnist_cw_l2.norms[:20]
     assert strong.norms.median() > weak.median()
+
+
+def test_the_per_image_early_abort_keeps_the_papers_search_as_good_as_no_abort(mnist_model,
+                                                                              mnist_test):
+    """The paper's search (c from 1e-3, 9 search steps of 100 Adam steps) on the first 50
+    test images, with and without early abort. A run that has succeeded needs two stalled
+    checks in a row to stop: with one (the authors' rule applied per image) the mean L2 on
+    the test model was 0.28% above the no-abort run's (1.5889 vs 1.5845, measured), with two
+    0.02% (1.5848), for 21% fewer gradient passes."""
+    x, y = mnist_test
+    x, y = x[:50], y[:50]
+    paper = {"initial_const": 1e-3, "search_tolerance": 0.0}
+    aborted = CarliniWagnerL2(ThreatModel("l2", INF), **paper)(mnist_model, x, y)
+    full = CarliniWagnerL2(ThreatModel("l2", INF), abort_early=False, **paper)(mnist_model, x, y)
+    assert aborted.success.all() and full.success.all()
+    assert aborted.backward_passes < 0.85 * full.backward_passes
+    assert aborted.norms.mean() <= 1.001 * full.norms.mean()

@@ -26,6 +26,9 @@ _ADAM_EPS = 1e-8
 _PAPER_L2_LR, _PAPER_LINF_LR, _PAPER_STEPS = 1e-2, 5e-3, 1000
 #: The estimated first c (``initial_const=None``) is this multiple of the linearised one.
 _ESTIMATE_FACTOR = 2.0
+#: Stalled checks in a row that end a run which has already found an adversarial example
+#: (one ends a run that has not; see ``CarliniWagnerL2``'s docstring).
+_ABORT_PATIENCE_AFTER_SUCCESS = 2
 #: Estimated first c values are kept in this range: below the 1e9 that marks "no
 #: success yet" in the search, and above 0 (a sample exactly on the boundary).
 _CONST_RANGE = (1e-6, 1e8)
@@ -168,9 +171,9 @@ class CarliniWagnerL2(Attack):
     minimiser exactly on the boundary, ``4 (m + kappa) / ||grad m||^2`` with ``m`` the
     margin (one gradient pass; see :func:`_estimate_const`), and stops searching at
     its first success (``search_tolerance=1``). On the test MNIST CNN (first 200 test
-    images, all broken either way) this default costs 88 gradient passes per image (the
-    estimate's included) and finds a median L2 of 1.62 (mean 1.66), against 676 passes
-    for a median of 1.55 (mean 1.59) with the paper's search (``initial_const=1e-3,
+    images, all broken either way) this default costs 99 gradient passes per image (the
+    estimate's included) and finds a median L2 of 1.61 (mean 1.64), against 710 passes
+    for a median of 1.55 (mean 1.58) with the paper's search (``initial_const=1e-3,
     search_tolerance=0``, 9 search steps, at 100 steps each). A sample whose first run
     fails still gets larger values of c, up to ``search_steps`` runs, so a poor estimate
     costs time, not success; but where gradients are masked (a distilled model) the
@@ -183,6 +186,14 @@ class CarliniWagnerL2(Attack):
     earlier) is applied per sample, which is what the authors' code does for a batch
     of one image, so a result does not depend on the other images in the batch, and
     samples leave the working batch as soon as their run or their search is over.
+    One change to that rule: a run that has already found an adversarial example stops
+    only after two such stalled checks in a row (each against the lowest loss at an
+    earlier check). Near the boundary the loss jumps up
+    whenever an iterate falls back across it, so one stalled check there often ends a
+    run that is still shrinking its example; the authors' batch-wide abort hides this
+    because the other images' losses still fall. Measured on the first 200 MNIST test
+    images with the paper's search: 5% more gradient passes (710 vs 674 per image), mean
+    L2 1.585 instead of 1.590, the same as with no early abort at all (1.584 at 900).
 
     With a finite eps in the threat model (a cap), samples whose smallest example is
     larger than eps are returned unchanged (``success`` False, as the contract says).
@@ -212,7 +223,8 @@ class CarliniWagnerL2(Attack):
             of 0.01 they cannot move at all (the attack then breaks only 11 of the
             first 20 MNIST test images). On models whose inputs are not saturated, a
             smaller rate than the default can give smaller norms.
-        abort_early: stop a sample's run when its loss has stopped decreasing.
+        abort_early: stop a sample's run when its loss has stopped decreasing (see
+            above; False runs every step of every run).
         seed: unused (the attack is deterministic); kept for the common signature.
     """
 
@@ -292,6 +304,7 @@ class CarliniWagnerL2(Attack):
         modifier = torch.zeros_like(xa)
         m, v = torch.zeros_like(xa), torch.zeros_like(xa)
         prev = torch.full_like(ca, math.inf)
+        stalls = torch.zeros_like(ca, dtype=torch.long)
         check_every = max(1, self.steps // 10)
         lo, hi = bounds
         for step in range(self.steps):
@@ -312,12 +325,16 @@ class CarliniWagnerL2(Attack):
             success[local[adversarial]] = True
             if self.abort_early and step % check_every == 0:
                 loss = dist2 + ca * (margin + kappa).clamp_min(0)
-                keep = ~(loss > prev * 0.9999)
-                prev = loss
+                stalls = torch.where(loss > prev * 0.9999, stalls + 1, 0)
+                prev = torch.minimum(prev, loss)
+                # A run that has already succeeded shrinks its example along the boundary,
+                # where the loss jumps each time an iterate falls back across: one stalled
+                # check is often such a jump, so it stops only after two in a row.
+                keep = stalls < torch.where(success[local], _ABORT_PATIENCE_AFTER_SUCCESS, 1)
                 if not keep.all():
-                    local, idx, xa, wa, ya, ca, jac, delta, grad_f, modifier, m, v, prev = (
+                    local, idx, xa, wa, ya, ca, jac, delta, grad_f, modifier, m, v, prev, stalls = (
                         t[keep] for t in (local, idx, xa, wa, ya, ca, jac, delta, grad_f,
-                                          modifier, m, v, prev))
+                                          modifier, m, v, prev, stalls))
                     ta = ta[keep] if ta is not None else None
                     if idx.numel() == 0:
                         break
