@@ -255,7 +255,7 @@ ISSUE3_DIFFERENCES = (
     "of Adam, doubling c until a success.",
     "**C&W L2: early abort and the box.** The paper's abort (loss not below 0.9999 of its "
     "value a tenth of the steps earlier) is per image in advkit (a run that has already "
-    "succeeded stops only after two such checks in a row), on the batch's summed loss in "
+    "succeeded stops only after three such checks in a row), on the batch's summed loss in "
     "Foolbox; torchattacks returns as soon as the batch's summed loss rose at a check. "
     "torchattacks maps x to `atanh(2x - 1)` without the reference code's 0.999999 factor, so "
     "pixels at exactly 0 or 1 (most of an MNIST digit) start at +-inf and never move. "
@@ -758,7 +758,8 @@ def run_model(name: str, args: argparse.Namespace, libraries: list[str], specs: 
             run.rows.append(row)
             log(f"[{name}] {lib:14s} {spec.label:8s} {spec.norm:4s} eps={spec.eps:<5g} "
                 f"{' '.join(f'{t:6.2f}' for t in times[lib])} s  success "
-                f"{row.success_rate:6.1%}  median norm {row.median_norm:.4f}  max norm "
+                f"{row.success_rate:6.1%}  median norm {row.median_norm:.4f}  mean norm "
+                f"{row.mean_norm:.5f}  max norm "
                 f"{row.max_norm:.4f}  {'ok' if row.in_box and row.in_ball else 'OUT OF BOUNDS'}")
             if lib.startswith("advkit") and spec.family in GRADIENT_STEP_FAMILIES:
                 run.overhead.setdefault(spec.family, []).append((

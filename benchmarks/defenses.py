@@ -121,8 +121,8 @@ def section(args: argparse.Namespace, rows: list[dict], started: float, planned:
         "",
         *([f"- **partial**: {len(rows)} of the {planned} recipes of this run measured so far",
            ""] if len(rows) < planned else []),
-        *([f"- evaluations reused from earlier runs of this script (same weights, suite, "
-           f"images and checks; cached in the run's evaluation.json): " + "; ".join(
+        *(["- evaluations reused from earlier runs of this script (same weights, suite, "
+           "images and checks; cached in the run's evaluation.json): " + "; ".join(
                f"{r['defense']} ({r.get('measured', '?')})" for r in reused), ""]
           if reused else []),
         "| defense | settings | train min | threads | clean | robust | checks | eval s |",
