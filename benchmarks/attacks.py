@@ -269,7 +269,8 @@ ISSUE3_DIFFERENCES = (
     "DeepFool (`epsilon` = overshoot) is L2 only, as is torchattacks'.",
     "**EAD.** All use the L1 decision rule, beta 1e-3, 9 search steps from c = 1e-3, 100 "
     "(F)ISTA iterations at learning rate 0.01 with the paper's square-root decay; advkit's "
-    "early abort is per image.",
+    "early abort is per image (as for C&W: three stalled checks end a run that has "
+    "succeeded; since 2026-11-21 evening, after the EAD table below was measured).",
     "**FAB.** Untargeted Linf, 100 steps, one run from x, alpha_max 0.1, eta 1.05, beta 0.9. "
     "torchattacks' FAB (AutoAttack's code) needs an eps and keeps only results within it: "
     f"eps = {FAB_NO_CAP:g}, which never binds.",

@@ -195,3 +195,18 @@ def test_ead_is_sparser_than_cw_l2_on_mnist(mnist_model, mnist_test):
     d_ead, d_cw = (ead.x_adv - x).flatten(1), (cw.x_adv - x).flatten(1)
     assert d_ead.abs().sum(1)[both].median() < d_cw.abs().sum(1)[both].median()
     assert (d_ead == 0).sum(1)[both].float().mean() > 2 * (d_cw == 0).sum(1)[both].float().mean()
+
+
+def test_the_per_image_early_abort_stays_near_the_no_abort_median(mnist_model, mnist_test):
+    """EAD's defaults on the first 50 test images, with and without early abort. FISTA's
+    loss is not monotone, so the paper's abort applied per image (stop at the first check
+    whose loss is not below 0.9999 of an earlier one) ended runs that had succeeded and were
+    still shrinking: median L1 9.1% above the no-abort run's on the test model (13.02 vs
+    11.94, measured). With three stalled checks in a row needed once a run has succeeded
+    (the rule C&W L2 shares), 2.0% (12.17), for less than half the gradient passes."""
+    x, y = mnist_test[0][:50], mnist_test[1][:50]
+    aborted = EAD(ThreatModel("l1", INF))(mnist_model, x, y)
+    full = EAD(ThreatModel("l1", INF), abort_early=False)(mnist_model, x, y)
+    assert aborted.success.all() and full.success.all()
+    assert aborted.backward_passes < 0.6 * full.backward_passes
+    assert aborted.norms.median() <= 1.04 * full.norms.median()

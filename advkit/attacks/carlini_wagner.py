@@ -29,6 +29,7 @@ _ESTIMATE_FACTOR = 2.0
 #: Stalled checks in a row that end a run which has already found an adversarial example
 #: (one ends a run that has not; see ``CarliniWagnerL2``'s docstring).
 _ABORT_PATIENCE_AFTER_SUCCESS = 3
+_ABORT_PATIENCE = 1
 #: Estimated first c values are kept in this range: below the 1e9 that marks "no
 #: success yet" in the search, and above 0 (a sample exactly on the boundary).
 _CONST_RANGE = (1e-6, 1e8)
@@ -112,6 +113,22 @@ def _estimate_const(model: CountedModel, x: Tensor, y: Tensor, targets: Tensor |
     c = _ESTIMATE_FACTOR * 2 * need / grad.flatten(1).pow(2).sum(1)
     # A flat model (zero gradient) gives inf or nan: start as high as the search allows.
     return c.nan_to_num(nan=_CONST_RANGE[1]).clamp(*_CONST_RANGE)
+
+
+def _abort_check(loss: Tensor, prev: Tensor, stalls: Tensor, succeeded: Tensor,
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """The per-sample early abort, at one check: which runs go on, the new ``prev`` and
+    ``stalls``.
+
+    A check stalls when the loss is not below 0.9999 of the lowest loss at an earlier
+    check (the paper's rule). A run that has not succeeded yet stops at its first
+    stalled check; one that has succeeded shrinks its example along the boundary,
+    where the loss jumps each time an iterate falls back across, so a stalled check is
+    often such a jump: it stops only after ``_ABORT_PATIENCE_AFTER_SUCCESS`` in a row.
+    """
+    stalls = torch.where(loss > prev * 0.9999, stalls + 1, 0)
+    keep = stalls < torch.where(succeeded, _ABORT_PATIENCE_AFTER_SUCCESS, _ABORT_PATIENCE)
+    return keep, torch.minimum(prev, loss), stalls
 
 
 def _is_count(steps: object) -> bool:
@@ -327,12 +344,7 @@ class CarliniWagnerL2(Attack):
             success[local[adversarial]] = True
             if self.abort_early and step % check_every == 0:
                 loss = dist2 + ca * (margin + kappa).clamp_min(0)
-                stalls = torch.where(loss > prev * 0.9999, stalls + 1, 0)
-                prev = torch.minimum(prev, loss)
-                # A run that has already succeeded shrinks its example along the boundary,
-                # where the loss jumps each time an iterate falls back across: one stalled
-                # check is often such a jump, so it stops only after two in a row.
-                keep = stalls < torch.where(success[local], _ABORT_PATIENCE_AFTER_SUCCESS, 1)
+                keep, prev, stalls = _abort_check(loss, prev, stalls, success[local])
                 if not keep.all():
                     local, idx, xa, wa, ya, ca, jac, delta, grad_f, modifier, m, v, prev, stalls = (
                         t[keep] for t in (local, idx, xa, wa, ya, ca, jac, delta, grad_f,

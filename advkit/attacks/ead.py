@@ -9,6 +9,7 @@ from torch import Tensor
 
 from advkit.attacks.base import Attack, CountedModel, Taxonomy
 from advkit.attacks.carlini_wagner import (
+    _abort_check,
     _bisect_const,
     _check_common,
     _check_search,
@@ -49,7 +50,12 @@ class EAD(Attack):
     iterates, always inside the box, are candidates). The learning rate decays as
     ``learning_rate * sqrt(1 - k / steps)``. A binary search over ``c`` runs per
     sample exactly as in :class:`~advkit.attacks.carlini_wagner.CarliniWagnerL2`
-    (x10 until a success, then bisection), and so does the per-sample early abort.
+    (x10 until a success, then bisection), and so does the per-sample early abort
+    (a run that has succeeded stops after three stalled checks in a row). FISTA's loss
+    is not monotone, so the paper's one-check rule applied per image cost much more
+    here than in C&W: on the first 100 MNIST test images (test CNN) it found a median
+    L1 of 13.42, against 12.61 with the three-check rule (420 gradient passes per
+    image) and 12.42 without early abort (900).
 
     Among all adversarial iterates of all runs the decision rule picks the result:
     ``"l1"``, the smallest L1 norm; ``"en"``, the smallest elastic-net distance
@@ -157,17 +163,17 @@ class EAD(Attack):
 
         xk, yk = xa.clone(), xa.clone()
         prev = torch.full_like(ca, math.inf)
+        stalls = torch.zeros_like(ca, dtype=torch.long)
         check_every = max(1, self.steps // 10)
         for k in range(self.steps):
             logits_y, grad_f = model.gradient(
                 yk, lambda z, c=ca, yy=ya, tt=ta: c * _hinge(z, yy, tt, kappa))
             loss = judge(xk, model.logits(xk) if self.fista and k > 0 else logits_y)
             if self.abort_early and k % check_every == 0:
-                keep = ~(loss > prev * 0.9999)
-                prev = loss
+                keep, prev, stalls = _abort_check(loss, prev, stalls, success[local])
                 if not keep.all():
-                    local, idx, xa, ya, ca, xk, yk, prev, grad_f = (
-                        t[keep] for t in (local, idx, xa, ya, ca, xk, yk, prev, grad_f))
+                    local, idx, xa, ya, ca, xk, yk, prev, stalls, grad_f = (
+                        t[keep] for t in (local, idx, xa, ya, ca, xk, yk, prev, stalls, grad_f))
                     ta = ta[keep] if ta is not None else None
                     if idx.numel() == 0:
                         return success
