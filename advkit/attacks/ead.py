@@ -53,7 +53,7 @@ class EAD(Attack):
     (x10 until a success, then bisection), and so does the per-sample early abort
     (a run that has succeeded stops after three stalled checks in a row). FISTA's loss
     is not monotone, so the paper's one-check rule applied per image cost much more
-    here than in C&W: on the first 100 MNIST test images (test CNN) it found a median
+    here than in C&W: on the first 100 MNIST test images (the demo's CNN) it found a median
     L1 of 13.42, against 12.61 with the three-check rule (420 gradient passes per
     image) and 12.42 without early abort (900).
 
