@@ -291,3 +291,24 @@ def test_fab_t_reaches_its_targets_on_mnist(mnist_model, mnist_slice):
     result = FAB(ThreatModel("l2", NO_CAP), steps=50)(mnist_model, x, y, targets)
     assert result.success_rate >= 0.95
     assert torch.equal(result.predictions[result.success], targets[result.success])
+
+
+def test_an_iterate_exactly_on_a_tie_is_pushed_across():
+    """A 2-class affine model whose two logits tie exactly at the image (argmax gives the
+    tie to class 0, the label). Aimed exactly at the boundary, the step from a point on it
+    is zero and FAB would stay there for good (seen on MNIST image 189 in batches of 8+);
+    each step aims a hair past it, so the image is broken at a tiny norm."""
+    d = 16
+    model = nn.Sequential(nn.Flatten(), nn.Linear(d, 2)).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.stack([torch.zeros(d), torch.full((d,), 1 / d)]))
+        model[1].bias.copy_(torch.tensor([0.0, -0.5]))
+    x = torch.full((3, 1, 4, 4), 0.5)
+    y = torch.zeros(3, dtype=torch.long)
+    with torch.no_grad():
+        logits = model(x)
+    assert torch.equal(logits[:, 0], logits[:, 1]) and (logits.argmax(1) == y).all()
+    for norm in ("linf", "l2"):
+        result = FAB(ThreatModel(norm, NO_CAP), steps=5)(model, x, y)
+        assert result.success.all(), norm
+        assert (result.norms < 1e-3).all(), norm

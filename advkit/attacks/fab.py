@@ -21,6 +21,10 @@ from advkit.threat import ThreatModel, random_in_ball
 DEFAULT_START_RADIUS = {"linf": 0.3, "l2": 1.0, "l1": 5.0}
 
 
+#: How far past the linearised boundary each step aims, relative to the logit gap.
+_PAST_BOUNDARY = 1e-5
+
+
 class FAB(Attack):
     """Track the decision boundary from the clean image, with steps biased back towards it.
 
@@ -180,7 +184,10 @@ class FAB(Attack):
             else:
                 w, f = w[:, 0], f[:, 0]
             flat = xi.flatten(1)
-            # The linearised boundary: f + w . (z - x_i) = 0, reached from x_i and from x.
+            # The linearised boundary: f + w . (z - x_i) = 0, reached from x_i and from x,
+            # aimed a hair past it: an iterate exactly on it (a float32 tie that argmax
+            # gives to the label) would otherwise get a zero step and stay there for good.
+            f = f - _PAST_BOUNDARY * (1 + f.abs())
             need = torch.cat([-f, -f - (w * (flat0 - flat)).sum(dim=1)])
             delta, _ = project_onto_hyperplane(torch.cat([flat, flat0]), torch.cat([w, w]),
                                                 need, bounds, norm)
