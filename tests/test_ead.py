@@ -45,11 +45,13 @@ def test_shrinkage_snaps_small_moves_back_and_shortens_the_others_inside_the_box
 
 
 def test_each_decision_rule_picks_the_smallest_example_by_its_own_measure(batch):
-    """The rule does not steer the optimisation, so both runs see the same iterates."""
+    """With the same step (each rule's default differs, see below), the rule does not steer
+    the optimisation, so both runs see the same iterates."""
     model, x, y = batch
     beta = 0.05
-    l1 = EAD(ThreatModel("l1", INF), beta=beta, decision_rule="l1", **QUICK)(model, x, y)
-    en = EAD(ThreatModel("l1", INF), beta=beta, decision_rule="en", **QUICK)(model, x, y)
+    same = {"beta": beta, "shrink_only_when_adversarial": False, **QUICK}
+    l1 = EAD(ThreatModel("l1", INF), decision_rule="l1", **same)(model, x, y)
+    en = EAD(ThreatModel("l1", INF), decision_rule="en", **same)(model, x, y)
     assert torch.equal(l1.success, en.success)
     ok = l1.success
     assert (l1.norms[ok] <= en.norms[ok] + 1e-6).all()
@@ -197,16 +199,43 @@ def test_ead_is_sparser_than_cw_l2_on_mnist(mnist_model, mnist_test):
     assert (d_ead == 0).sum(1)[both].float().mean() > 2 * (d_cw == 0).sum(1)[both].float().mean()
 
 
-def test_the_per_image_early_abort_stays_near_the_no_abort_median(mnist_model, mnist_test):
-    """EAD's defaults on the first 50 test images, with and without early abort. FISTA's
-    loss is not monotone, so the paper's abort applied per image (stop at the first check
-    whose loss is not below 0.9999 of an earlier one) ended runs that had succeeded and were
-    still shrinking: median L1 9.1% above the no-abort run's on the test model (13.02 vs
-    11.94, measured). With three stalled checks in a row needed once a run has succeeded
-    (the rule C&W L2 shares), 2.0% (12.17), for less than half the gradient passes."""
+@pytest.fixture(scope="module")
+def abort_runs(mnist_model, mnist_test):
+    """EAD on the first 50 test images: default, and the paper's pull towards x once
+    adversarial (``shrink_only_when_adversarial=False``), each with and without abort."""
     x, y = mnist_test[0][:50], mnist_test[1][:50]
-    aborted = EAD(ThreatModel("l1", INF))(mnist_model, x, y)
-    full = EAD(ThreatModel("l1", INF), abort_early=False)(mnist_model, x, y)
-    assert aborted.success.all() and full.success.all()
+    runs = {}
+    for shrink in (True, False):
+        for abort in (True, False):
+            runs[shrink, abort] = EAD(ThreatModel("l1", INF), abort_early=abort,
+                                      shrink_only_when_adversarial=shrink)(mnist_model, x, y)
+    assert all(r.success.all() for r in runs.values())
+    return runs
+
+
+def test_shrinking_alone_once_adversarial_finds_smaller_l1(abort_runs):
+    """Under the L1 decision rule, an adversarial iterate takes the shrinkage step alone
+    (as ART's EAD does) instead of also the L2 term's proportional pull towards x, so it
+    sheds whole coordinates rather than shortening all of them. Measured on the test model
+    without abort: median L1 10.27 against 11.94 (14% smaller)."""
+    assert (abort_runs[True, False].norms.median()
+            <= 0.92 * abort_runs[False, False].norms.median())
+
+
+def test_the_defaults_are_the_paper_pull_for_the_elastic_net_rule():
+    assert EAD(ThreatModel("l1", INF)).shrink_only_when_adversarial
+    assert not EAD(ThreatModel("l1", INF), decision_rule="en").shrink_only_when_adversarial
+
+
+@pytest.mark.parametrize("shrink", [True, False])
+def test_the_per_image_early_abort_stays_near_the_no_abort_median(abort_runs, shrink):
+    """FISTA's loss is not monotone, so the paper's abort applied per image (stop at the
+    first check whose loss is not below 0.9999 of an earlier one) ended runs that had
+    succeeded and were still shrinking: median L1 9.1% above the no-abort run's on the test
+    model (13.02 vs 11.94, measured, with the paper's pull). With three stalled checks in a
+    row needed once a run has succeeded (the rule C&W L2 shares), 2.0% (12.17). Shrinking
+    alone, the loss stops measuring progress once adversarial, so a run that has succeeded
+    watches its best L1 instead: the same median as without abort (10.27)."""
+    aborted, full = abort_runs[shrink, True], abort_runs[shrink, False]
     assert aborted.backward_passes < 0.6 * full.backward_passes
-    assert aborted.norms.median() <= 1.04 * full.norms.median()
+    assert aborted.norms.median() <= (1.01 if shrink else 1.04) * full.norms.median()

@@ -57,6 +57,18 @@ class EAD(Attack):
     L1 of 13.42, against 12.61 with the three-check rule (420 gradient passes per
     image) and 12.42 without early abort (900).
 
+    Under the L1 decision rule (``shrink_only_when_adversarial``, default for ``"l1"``)
+    an iterate that is already adversarial takes the shrinkage step alone: the attack
+    term is flat there, and the L2 term's gradient would pull every coordinate towards
+    ``x`` in proportion, shortening the perturbation without making it sparser. Shrinking
+    alone sheds whole coordinates, which is what the L1 rule rewards: median L1 10.55
+    against 12.50 on the first 200 MNIST test images (demo CNN, defaults). ART's EAD does
+    the same (it zeroes the whole gradient of an adversarial iterate) and finds the same
+    norms; the paper's algorithm, torchattacks and Foolbox keep the pull. Such a run's
+    loss no longer measures its progress once it has succeeded, so the early abort then
+    watches the smallest L1 the run has found instead (no loss in median against no
+    abort, 1,470 passes per image against 2,700).
+
     Among all adversarial iterates of all runs the decision rule picks the result:
     ``"l1"``, the smallest L1 norm; ``"en"``, the smallest elastic-net distance
     ``beta * L1 + L2^2``. ``result.norms`` are L1 norms either way. ``beta = 0``
@@ -78,6 +90,9 @@ class EAD(Attack):
         learning_rate: initial step size of the gradient steps (paper: 0.01).
         fista: FISTA acceleration (paper's default, True) or plain ISTA.
         abort_early: stop a sample's run when its loss has stopped decreasing.
+        shrink_only_when_adversarial: adversarial iterates take the shrinkage step
+            alone, without the L2 term's pull (see above); default: True for the
+            ``"l1"`` rule, False (the paper) for ``"en"``.
         seed: unused (the attack is deterministic); kept for the common signature.
     """
 
@@ -92,7 +107,8 @@ class EAD(Attack):
         self, threat: ThreatModel, *, steps: int = 100, search_steps: int = 9,
         initial_const: float = 1e-3, beta: float = 1e-3, decision_rule: str = "l1",
         confidence: float = 0.0, learning_rate: float = 0.01, fista: bool = True,
-        abort_early: bool = True, seed: int | None = 0,
+        abort_early: bool = True, shrink_only_when_adversarial: bool | None = None,
+        seed: int | None = 0,
     ) -> None:
         super().__init__(threat, seed=seed)
         _check_common(steps, learning_rate, confidence)
@@ -112,6 +128,9 @@ class EAD(Attack):
         self.learning_rate = float(learning_rate)
         self.fista = fista
         self.abort_early = abort_early
+        if shrink_only_when_adversarial is None:
+            shrink_only_when_adversarial = decision_rule == "l1"
+        self.shrink_only_when_adversarial = bool(shrink_only_when_adversarial)
 
     def _run(self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
              clean_logits: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -143,6 +162,8 @@ class EAD(Attack):
         """
         bounds, kappa, beta = self.threat.bounds, self.confidence, self.beta
         success = torch.zeros(todo.numel(), dtype=torch.bool, device=x.device)
+        run_best = torch.full((todo.numel(),), math.inf, device=x.device, dtype=x.dtype)
+        watching_best = torch.zeros_like(success)
         local = torch.arange(todo.numel(), device=x.device)
         idx = todo
         xa, ya, ca = x[idx], y[idx], const[idx]
@@ -159,6 +180,8 @@ class EAD(Attack):
             best[idx[better]] = xk[better]
             best_score[idx[better]] = score[better]
             success[local[adversarial]] = True
+            run_best[local[adversarial]] = torch.minimum(run_best[local[adversarial]],
+                                                         score[adversarial])
             return ca * (margin + kappa).clamp_min(0) + l2sq + beta * l1
 
         xk, yk = xa.clone(), xa.clone()
@@ -170,15 +193,29 @@ class EAD(Attack):
                 yk, lambda z, c=ca, yy=ya, tt=ta: c * _hinge(z, yy, tt, kappa))
             loss = judge(xk, model.logits(xk) if self.fista and k > 0 else logits_y)
             if self.abort_early and k % check_every == 0:
-                keep, prev, stalls = _abort_check(loss, prev, stalls, success[local])
+                watch = loss
+                if self.shrink_only_when_adversarial:
+                    # Once adversarial, the run descends the L1 term alone and the loss
+                    # above no longer measures progress: watch the run's best score.
+                    fresh = success[local] & ~watching_best[local]
+                    prev, stalls = prev.masked_fill(fresh, math.inf), stalls.masked_fill(fresh, 0)
+                    watching_best[local] = success[local]
+                    watch = torch.where(success[local], run_best[local], loss)
+                keep, prev, stalls = _abort_check(watch, prev, stalls, success[local])
                 if not keep.all():
-                    local, idx, xa, ya, ca, xk, yk, prev, stalls, grad_f = (
-                        t[keep] for t in (local, idx, xa, ya, ca, xk, yk, prev, stalls, grad_f))
+                    local, idx, xa, ya, ca, xk, yk, prev, stalls, grad_f, logits_y = (
+                        t[keep] for t in (local, idx, xa, ya, ca, xk, yk, prev, stalls, grad_f,
+                                          logits_y))
                     ta = ta[keep] if ta is not None else None
                     if idx.numel() == 0:
                         return success
+            pull = 2 * (yk - xa)
+            if self.shrink_only_when_adversarial:
+                # grad_f is already zero where yk is adversarial (the hinge is flat).
+                still = _margin(logits_y, ya, ta) >= -kappa
+                pull = pull * still.view(-1, *[1] * (yk.dim() - 1))
             lr = self.learning_rate * math.sqrt(1 - k / self.steps)
-            x_next = _shrink(yk - lr * (grad_f + 2 * (yk - xa)), xa, beta, bounds)
+            x_next = _shrink(yk - lr * (grad_f + pull), xa, beta, bounds)
             yk = x_next + (k + 1) / (k + 4) * (x_next - xk) if self.fista else x_next
             xk = x_next
         judge(xk, model.logits(xk))
