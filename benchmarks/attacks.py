@@ -270,7 +270,11 @@ ISSUE3_DIFFERENCES = (
     "**EAD.** All use the L1 decision rule, beta 1e-3, 9 search steps from c = 1e-3, 100 "
     "(F)ISTA iterations at learning rate 0.01 with the paper's square-root decay; advkit's "
     "early abort is per image (as for C&W: three stalled checks end a run that has "
-    "succeeded; since 2026-11-21 evening, after the EAD table below was measured).",
+    "succeeded). Once an iterate is adversarial the attack term is flat; advkit (under the "
+    "L1 rule) and ART then take the shrinkage step alone (ART zeroes the whole gradient of "
+    "such an iterate), torchattacks and Foolbox also take the L2 term's pull towards x, "
+    "which shortens every coordinate and makes the perturbation less sparse. advkit's "
+    "abort then watches the run's smallest L1 rather than its loss.",
     "**FAB.** Untargeted Linf, 100 steps, one run from x, alpha_max 0.1, eta 1.05, beta 0.9. "
     "torchattacks' FAB (AutoAttack's code) needs an eps and keeps only results within it: "
     f"eps = {FAB_NO_CAP:g}, which never binds.",
