@@ -159,8 +159,7 @@ SPECS: tuple[Spec, ...] = (
                                                          ("candidates", 10))),
     Spec("deepfool", "DeepFool", "linf", INF, 50, options=(("overshoot", 0.02),
                                                            ("candidates", 10))),
-    Spec("ead", "EAD", "l1", INF, 100, options=(
-        ("search steps", 9), ("initial c", 1e-3), ("beta", 1e-3), ("lr", 0.01), ("rule", "L1"))),
+    Spec("ead", "EAD", "l1", INF, 100, options=(("beta", 1e-3), ("lr", 0.01), ("rule", "L1"))),
     Spec("fab", "FAB", "linf", INF, 100, options=(
         ("restarts", 1), ("alpha_max", 0.1), ("eta", 1.05), ("beta", 0.9))),
     Spec("jsma", "JSMA", "l0", INF, options=(
@@ -180,13 +179,15 @@ FAMILY_LIBRARIES: dict[str, tuple[str, ...]] = {
     "mifgsm": _STEP_ATTACKS, "fgsm": ("advkit", "torchattacks", "foolbox", "art"),
     "cw": ("advkit", "advkit-paper", "advkit-paper-full", "torchattacks", "foolbox", "art"),
     "deepfool": ("advkit", "torchattacks", "foolbox", "art"),
-    "ead": ("advkit", "torchattacks", "foolbox", "art"),
+    "ead": ("advkit", "advkit-paper", "torchattacks", "foolbox", "art"),
     "fab": ("advkit", "torchattacks"),
     "jsma": ("advkit", "torchattacks", "art"),
     "apgd": ("advkit", "torchattacks", "art"),
     "square": ("advkit", "torchattacks", "art"),
     "uap": ("advkit", "art"),
 }
+#: EAD's search over c as the paper runs it (every peer; advkit's "paper's search" row).
+EAD_SEARCH_STEPS, EAD_INITIAL_C = 9, 1e-3
 #: (family, library) pairs left out unless --include-slow: ART's C&W (gradient descent with a
 #: line search of up to 10 extra forward passes per step) took 911 s for 20 images at
 #: 100 steps x 9 search steps (load average 6-8), about 12 hours for the default 1,000.
@@ -267,14 +268,17 @@ ISSUE3_DIFFERENCES = (
     "the box clips a step the iterate creeps towards the boundary and often has not crossed "
     "it after 50 steps; it also loops over images one at a time with a full Jacobian. ART's "
     "DeepFool (`epsilon` = overshoot) is L2 only, as is torchattacks'.",
-    "**EAD.** All use the L1 decision rule, beta 1e-3, 9 search steps from c = 1e-3, 100 "
-    "(F)ISTA iterations at learning rate 0.01 with the paper's square-root decay; advkit's "
-    "early abort is per image (as for C&W: three stalled checks end a run that has "
-    "succeeded). Once an iterate is adversarial the attack term is flat; advkit (under the "
-    "L1 rule) and ART then take the shrinkage step alone (ART zeroes the whole gradient of "
-    "such an iterate), torchattacks and Foolbox also take the L2 term's pull towards x, "
-    "which shortens every coordinate and makes the perturbation less sparse. advkit's "
-    "abort then watches the run's smallest L1 rather than its loss.",
+    "**EAD.** All use the L1 decision rule, beta 1e-3, 100 (F)ISTA iterations per run at "
+    "learning rate 0.01 with the paper's square-root decay. The peers and `advkit (paper's "
+    "search)` search c as the paper does: 9 runs from c = 1e-3 (x 10 until a success, then "
+    "bisection). advkit (default) starts each image at the c read off the model linearised "
+    "at x (as its C&W L2) and stops at its first success; an image whose run fails gets c x "
+    "10, up to 9 runs. advkit's early abort is per image (as for C&W: three stalled checks "
+    "end a run that has succeeded). Once an iterate is adversarial the attack term is flat; "
+    "advkit (under the L1 rule) and ART then take the shrinkage step alone (ART zeroes the "
+    "whole gradient of such an iterate), torchattacks and Foolbox also take the L2 term's "
+    "pull towards x, which shortens every coordinate and makes the perturbation less "
+    "sparse. advkit's abort then watches the run's smallest L1 rather than its loss.",
     "**FAB.** Untargeted Linf, 100 steps, one run from x, alpha_max 0.1, eta 1.05, beta 0.9. "
     "torchattacks' FAB (AutoAttack's code) needs an eps and keeps only results within it: "
     f"eps = {FAB_NO_CAP:g}, which never binds.",
@@ -442,9 +446,12 @@ def advkit_runner(model: nn.Module, spec: Spec, device: torch.device, batch_size
         attack = DeepFool(threat, steps=spec.steps, overshoot=o["overshoot"],
                           top_k=o["candidates"])
     elif spec.family == "ead":
-        attack = EAD(threat, steps=spec.steps, search_steps=o["search steps"],
-                     initial_const=o["initial c"], beta=o["beta"], learning_rate=o["lr"],
-                     decision_rule=o["rule"].lower())
+        # advkit's default: a first c per sample from the linearised model, one run unless
+        # it fails; "paper": the paper's search from c = 1e-3, all 9 steps, as the peers.
+        search = ({"initial_const": EAD_INITIAL_C, "search_tolerance": 0.0}
+                  if variant == "paper" else {"initial_const": None})
+        attack = EAD(threat, steps=spec.steps, search_steps=EAD_SEARCH_STEPS, beta=o["beta"],
+                     learning_rate=o["lr"], decision_rule=o["rule"].lower(), **search)
     elif spec.family == "fab":
         attack = FAB(threat, steps=spec.steps, restarts=o["restarts"], alpha_max=o["alpha_max"],
                      eta=o["eta"], beta=o["beta"], seed=0)
@@ -498,9 +505,9 @@ def torchattacks_runner(model: nn.Module, spec: Spec, device: torch.device,
     elif spec.family == "deepfool":
         attack = ta.DeepFool(model, steps=spec.steps, overshoot=o["overshoot"])
     elif spec.family == "ead":
-        attack = ta.EADL1(model, kappa=0, lr=o["lr"], binary_search_steps=o["search steps"],
+        attack = ta.EADL1(model, kappa=0, lr=o["lr"], binary_search_steps=EAD_SEARCH_STEPS,
                           max_iterations=spec.steps, abort_early=True,
-                          initial_const=o["initial c"], beta=o["beta"])
+                          initial_const=EAD_INITIAL_C, beta=o["beta"])
     elif spec.family == "fab":
         attack = ta.FAB(model, norm="Linf", eps=FAB_NO_CAP, steps=spec.steps,
                         n_restarts=o["restarts"], alpha_max=o["alpha_max"], eta=o["eta"],
@@ -548,9 +555,9 @@ def foolbox_runner(model: nn.Module, spec: Spec, device: torch.device, batch_siz
         attack = cls(steps=spec.steps, candidates=o["candidates"], overshoot=o["overshoot"],
                      loss="logits")
     elif spec.family == "ead":
-        attack = attacks.EADAttack(binary_search_steps=o["search steps"], steps=spec.steps,
+        attack = attacks.EADAttack(binary_search_steps=EAD_SEARCH_STEPS, steps=spec.steps,
                                    initial_stepsize=o["lr"], confidence=0.0,
-                                   initial_const=o["initial c"], regularization=o["beta"],
+                                   initial_const=EAD_INITIAL_C, regularization=o["beta"],
                                    decision_rule=o["rule"], abort_early=True)
     else:
         raise ValueError(f"Foolbox has no runner for {spec.family!r}")
@@ -596,8 +603,8 @@ def art_runner(model: nn.Module, spec: Spec, device: torch.device, batch_size: i
                                   nb_grads=o["candidates"], **common)
     elif spec.family == "ead":
         attack = evasion.ElasticNet(classifier, confidence=0.0, learning_rate=o["lr"],
-                                    binary_search_steps=o["search steps"], max_iter=spec.steps,
-                                    beta=o["beta"], initial_const=o["initial c"],
+                                    binary_search_steps=EAD_SEARCH_STEPS, max_iter=spec.steps,
+                                    beta=o["beta"], initial_const=EAD_INITIAL_C,
                                     decision_rule=o["rule"], **common)
     elif spec.family == "jsma":
         attack = evasion.SaliencyMapMethod(classifier, theta=o["theta"], gamma=o["gamma"],
@@ -806,7 +813,7 @@ def environment(args: argparse.Namespace, libraries: list[str], device: torch.de
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- device: {_device_name(device)}; torch threads {torch.get_num_threads()}",
         f"- python {platform.python_version()} on {platform.platform()}",
-        f"- versions: {', '.join(versions)}; advkit source {_source_state()}",
+        f"- versions: {', '.join(versions)}; advkit source {args.source}",
         f"- data: MNIST test[:{args.limit}] (`advkit.data.load('mnist', split='test', "
         f"limit={args.limit})`), batch size {args.batch_size} for every library; "
         f"{args.repeats} timed run(s) per library after one warm-up call on {args.warmup} "
@@ -1007,6 +1014,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     args.load_before = os.getloadavg()[0]
+    args.source = _source_state()  # at the start: the code the run imported
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

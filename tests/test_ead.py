@@ -146,7 +146,7 @@ def test_passes_are_counted_and_fista_costs_one_forward_per_step(batch, fista):
     model, x, y = batch
     n, steps, search = x.shape[0], 6, 2
     result = EAD(ThreatModel("l1", INF), steps=steps, search_steps=search, fista=fista,
-                 abort_early=False)(model, x, y)
+                 abort_early=False, initial_const=1e-3, search_tolerance=0.0)(model, x, y)
     assert result.backward_passes == steps * search * n
     judging = (steps - 1 if fista else 0) + 1  # extra forwards per run: iterates + the last
     assert result.forward_passes == result.backward_passes + judging * search * n + 2 * n
@@ -172,6 +172,8 @@ def test_already_misclassified_images_are_returned_at_no_cost(batch):
     ({"steps": 0}, "steps must be"),
     ({"search_steps": 0}, "search_steps must be"),
     ({"learning_rate": 0.0}, "learning_rate must be"),
+    ({"search_tolerance": 2.0}, "search_tolerance must be"),
+    ({"initial_const": 0.0}, "initial_const must be"),
 ])
 def test_bad_configurations_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -201,16 +203,31 @@ def test_ead_is_sparser_than_cw_l2_on_mnist(mnist_model, mnist_test):
 
 @pytest.fixture(scope="module")
 def abort_runs(mnist_model, mnist_test):
-    """EAD on the first 50 test images: default, and the paper's pull towards x once
-    adversarial (``shrink_only_when_adversarial=False``), each with and without abort."""
+    """EAD on the first 50 test images with the paper's search over c: the shrinkage
+    step alone once adversarial (the L1 rule's default) and the paper's pull towards x
+    (``shrink_only_when_adversarial=False``), each with and without abort; and the
+    defaults (the shrink-only step, c estimated, one run unless it fails)."""
     x, y = mnist_test[0][:50], mnist_test[1][:50]
-    runs = {}
+    paper = {"initial_const": 1e-3, "search_tolerance": 0.0}
+    runs = {"default": EAD(ThreatModel("l1", INF))(mnist_model, x, y)}
     for shrink in (True, False):
         for abort in (True, False):
             runs[shrink, abort] = EAD(ThreatModel("l1", INF), abort_early=abort,
-                                      shrink_only_when_adversarial=shrink)(mnist_model, x, y)
+                                      shrink_only_when_adversarial=shrink,
+                                      **paper)(mnist_model, x, y)
     assert all(r.success.all() for r in runs.values())
     return runs
+
+
+def test_one_run_from_the_estimated_c_is_as_good_as_the_papers_search(abort_runs):
+    """Shrinking alone, the result hardly depends on c once a run has succeeded: the
+    default search (c from the linearised model, stop at the first success) matches the
+    paper's nine runs for a fraction of the passes. Measured on the test model: median L1
+    10.45 against 10.27, mean 10.88 against 11.07, 21% of the gradient passes."""
+    default, paper = abort_runs["default"], abort_runs[True, True]
+    assert default.norms.median() <= 1.03 * paper.norms.median()
+    assert default.norms.mean() <= 1.01 * paper.norms.mean()
+    assert default.backward_passes < 0.5 * paper.backward_passes
 
 
 def test_shrinking_alone_once_adversarial_finds_smaller_l1(abort_runs):
@@ -222,9 +239,11 @@ def test_shrinking_alone_once_adversarial_finds_smaller_l1(abort_runs):
             <= 0.92 * abort_runs[False, False].norms.median())
 
 
-def test_the_defaults_are_the_paper_pull_for_the_elastic_net_rule():
-    assert EAD(ThreatModel("l1", INF)).shrink_only_when_adversarial
-    assert not EAD(ThreatModel("l1", INF), decision_rule="en").shrink_only_when_adversarial
+def test_the_defaults_are_the_papers_for_the_elastic_net_rule():
+    l1, en = EAD(ThreatModel("l1", INF)), EAD(ThreatModel("l1", INF), decision_rule="en")
+    assert l1.shrink_only_when_adversarial and not en.shrink_only_when_adversarial
+    assert (l1.initial_const, l1.search_tolerance) == (None, 1.0)
+    assert (en.initial_const, en.search_tolerance) == (1e-3, 0.0)
 
 
 @pytest.mark.parametrize("shrink", [True, False])

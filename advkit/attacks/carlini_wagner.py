@@ -11,6 +11,7 @@ As in the authors' code, the loss uses ``f + kappa >= 0`` (same gradients).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -113,6 +114,42 @@ def _estimate_const(model: CountedModel, x: Tensor, y: Tensor, targets: Tensor |
     c = _ESTIMATE_FACTOR * 2 * need / grad.flatten(1).pow(2).sum(1)
     # A flat model (zero gradient) gives inf or nan: start as high as the search allows.
     return c.nan_to_num(nan=_CONST_RANGE[1]).clamp(*_CONST_RANGE)
+
+
+def _search_const(model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
+                  todo: Tensor, descend: Callable[[Tensor, Tensor], Tensor], *,
+                  initial_const: float | None, search_steps: int, search_tolerance: float,
+                  confidence: float) -> None:
+    """The per-sample search over c shared by C&W L2 and EAD.
+
+    ``descend(const, todo)`` runs the attack once at the per-sample ``const`` on the
+    samples ``todo`` and returns, per sample of ``todo``, whether it succeeded. c starts
+    at ``initial_const`` (None: :func:`_estimate_const`), then follows
+    :func:`_bisect_const`; a sample stops searching once a run has succeeded and the
+    bracket ``[lower, upper]`` has ``upper - lower <= search_tolerance * upper``.
+    """
+    const = torch.full((x.shape[0],), initial_const or 0.0, device=x.device, dtype=x.dtype)
+    if initial_const is None and todo.numel():
+        const[todo] = _estimate_const(model, x[todo], y[todo],
+                                      None if targets is None else targets[todo],
+                                      confidence).to(x.dtype)
+    lower, upper = torch.zeros_like(const), torch.full_like(const, 1e10)
+    for _ in range(search_steps):
+        if todo.numel() == 0:
+            break
+        success = descend(const, todo)
+        c, lo, hi = const[todo], lower[todo], upper[todo]
+        _bisect_const(c, lo, hi, success)
+        const[todo], lower[todo], upper[todo] = c, lo, hi
+        # Search on only where no run has succeeded yet (upper still at its initial
+        # 1e10) or where the bracket on c is still wider than the tolerance.
+        todo = todo[(hi >= 1e9) | (hi - lo > search_tolerance * hi)]
+
+
+def _check_tolerance(search_tolerance: float) -> None:
+    if not (isinstance(search_tolerance, (int, float)) and 0 <= search_tolerance <= 1):
+        raise ValueError(f"search_tolerance must be in [0, 1] (got {search_tolerance!r}); "
+                         "1 stops at the first success, 0 runs every search step")
 
 
 def _abort_check(loss: Tensor, prev: Tensor, stalls: Tensor, succeeded: Tensor,
@@ -264,9 +301,7 @@ class CarliniWagnerL2(Attack):
             learning_rate = _scaled_lr(_PAPER_L2_LR, steps)
         _check_common(steps, learning_rate, confidence)
         _check_search(search_steps, initial_const, allow_estimate=True)
-        if not (isinstance(search_tolerance, (int, float)) and 0 <= search_tolerance <= 1):
-            raise ValueError(f"search_tolerance must be in [0, 1] (got {search_tolerance!r}); "
-                             "1 stops at the first success, 0 runs every search step")
+        _check_tolerance(search_tolerance)
         self.steps = steps
         self.search_steps = search_steps
         self.initial_const = None if initial_const is None else float(initial_const)
@@ -284,23 +319,13 @@ class CarliniWagnerL2(Attack):
         already = _margin(clean_logits, y, targets) < -self.confidence
         best_norm[already] = 0.0
         todo = (~already).nonzero().squeeze(1)
-        const = torch.full((n,), self.initial_const or 0.0, device=x.device, dtype=x.dtype)
-        if self.initial_const is None and todo.numel():
-            const[todo] = _estimate_const(model, x[todo], y[todo],
-                                          None if targets is None else targets[todo],
-                                          self.confidence).to(x.dtype)
-        lower, upper = torch.zeros_like(const), torch.full_like(const, 1e10)
         w0 = _to_tanh_space(x, self.threat.bounds)
-        for _ in range(self.search_steps):
-            if todo.numel() == 0:
-                break
-            success = self._descend(model, x, w0, y, targets, const, todo, best, best_norm)
-            c, lo, hi = const[todo], lower[todo], upper[todo]
-            _bisect_const(c, lo, hi, success)
-            const[todo], lower[todo], upper[todo] = c, lo, hi
-            # Search on only where no run has succeeded yet (upper still at its initial
-            # 1e10) or where the bracket on c is still wider than the tolerance.
-            todo = todo[(hi >= 1e9) | (hi - lo > self.search_tolerance * hi)]
+        _search_const(
+            model, x, y, targets, todo,
+            lambda const, todo: self._descend(model, x, w0, y, targets, const, todo, best,
+                                              best_norm),
+            initial_const=self.initial_const, search_steps=self.search_steps,
+            search_tolerance=self.search_tolerance, confidence=self.confidence)
         if self.threat.bounded:
             # Measured as the result will be (the running norms may differ in the last bit).
             over = self.threat.norms(best - x) > self.threat.eps
