@@ -84,7 +84,7 @@ def measure(args: argparse.Namespace, defense: str, lipschitz: bool) -> dict:
         "eval_threads": torch.get_num_threads(),
         "checks": "all pass" if not failed else "FAIL " + ", ".join(failed) + " (unreliable)",
         "stopped": metadata.get("stopped", ""),
-        "measured": f"{_now()}, source {_source_state()}",
+        "measured": f"{_now()}, source {args.source}",
     }
     tmp = cache.with_suffix(".tmp")
     tmp.write_text(json.dumps({"key": key, "row": row}, indent=1))
@@ -112,7 +112,7 @@ def section(args: argparse.Namespace, rows: list[dict], started: float, planned:
             f" from ADVKIT_DATA_DIR={os.environ['ADVKIT_DATA_DIR']}"
             if os.environ.get("ADVKIT_DATA_DIR") else ""),
         f"- python {platform.python_version()}, torch {torch.__version__}, advkit "
-        f"{advkit.__version__}, source {_source_state()}",
+        f"{advkit.__version__}, source {args.source}",
         f"- run time {time.perf_counter() - started:.0f} s (reused trainings and evaluations "
         f"take none); 1-minute load average {args.load_before:.2f} at the start, "
         f"{os.getloadavg()[0]:.2f} at the end",
@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     for d in defenses:
         preset.settings(d)  # an unknown recipe fails here, before hours of training
     args.load_before = os.getloadavg()[0]
+    args.source = _source_state()  # at the start: the code the run imported
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     planned = [(d, False) for d in defenses] + ([("standard", True)] if args.lipschitz else [])

@@ -193,7 +193,7 @@ def section(name: str, rows: list[dict], args: argparse.Namespace, started: floa
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- device: {_device_name(torch.device('cpu'))}; torch threads {torch.get_num_threads()}",
         f"- python {platform.python_version()}; versions: {', '.join(versions)}; advkit source "
-        f"{_source_state()}",
+        f"{args.source}",
         f"- run time {time.perf_counter() - started:.0f} s; 1-minute load average "
         f"{args.load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at the end",
         "",
@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS.md")
     args = parser.parse_args(argv)
     args.load_before = os.getloadavg()[0]
+    args.source = _source_state()  # at the start: the code the run imported
     torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     for name in args.models:
