@@ -210,11 +210,10 @@ def abort_runs(mnist_model, mnist_test):
     x, y = mnist_test[0][:50], mnist_test[1][:50]
     paper = {"initial_const": 1e-3, "search_tolerance": 0.0}
     runs = {"default": EAD(ThreatModel("l1", INF))(mnist_model, x, y)}
-    for shrink in (True, False):
-        for abort in (True, False):
-            runs[shrink, abort] = EAD(ThreatModel("l1", INF), abort_early=abort,
-                                      shrink_only_when_adversarial=shrink,
-                                      **paper)(mnist_model, x, y)
+    for shrink, abort in ((True, True), (True, False), (False, True)):
+        runs[shrink, abort] = EAD(ThreatModel("l1", INF), abort_early=abort,
+                                  shrink_only_when_adversarial=shrink,
+                                  **paper)(mnist_model, x, y)
     assert all(r.success.all() for r in runs.values())
     return runs
 
@@ -233,10 +232,10 @@ def test_one_run_from_the_estimated_c_is_as_good_as_the_papers_search(abort_runs
 def test_shrinking_alone_once_adversarial_finds_smaller_l1(abort_runs):
     """Under the L1 decision rule, an adversarial iterate takes the shrinkage step alone
     (as ART's EAD does) instead of also the L2 term's proportional pull towards x, so it
-    sheds whole coordinates rather than shortening all of them. Measured on the test model
-    without abort: median L1 10.27 against 11.94 (14% smaller)."""
-    assert (abort_runs[True, False].norms.median()
-            <= 0.92 * abort_runs[False, False].norms.median())
+    sheds whole coordinates rather than shortening all of them. Measured on the test model:
+    median L1 10.27 against 12.17 (16% smaller; 11.94 for the pull without abort)."""
+    assert (abort_runs[True, True].norms.median()
+            <= 0.92 * abort_runs[False, True].norms.median())
 
 
 def test_the_defaults_are_the_papers_for_the_elastic_net_rule():
@@ -246,15 +245,15 @@ def test_the_defaults_are_the_papers_for_the_elastic_net_rule():
     assert (en.initial_const, en.search_tolerance) == (1e-3, 0.0)
 
 
-@pytest.mark.parametrize("shrink", [True, False])
-def test_the_per_image_early_abort_stays_near_the_no_abort_median(abort_runs, shrink):
+def test_the_per_image_early_abort_stays_at_the_no_abort_median(abort_runs):
     """FISTA's loss is not monotone, so the paper's abort applied per image (stop at the
     first check whose loss is not below 0.9999 of an earlier one) ended runs that had
-    succeeded and were still shrinking: median L1 9.1% above the no-abort run's on the test
-    model (13.02 vs 11.94, measured, with the paper's pull). With three stalled checks in a
-    row needed once a run has succeeded (the rule C&W L2 shares), 2.0% (12.17). Shrinking
-    alone, the loss stops measuring progress once adversarial, so a run that has succeeded
-    watches its best L1 instead: the same median as without abort (10.27)."""
-    aborted, full = abort_runs[shrink, True], abort_runs[shrink, False]
+    succeeded and were still shrinking: with the paper's pull, median L1 9.1% above the
+    no-abort run's on the test model (13.02 vs 11.94, measured); with three stalled checks
+    in a row needed once a run has succeeded (the rule C&W L2 shares, tested there), 2.0%
+    (12.17). Shrinking alone, the loss stops measuring progress once adversarial, so a run
+    that has succeeded watches its best L1 instead: the same median as without abort
+    (10.27), for 56% of the gradient passes."""
+    aborted, full = abort_runs[True, True], abort_runs[True, False]
     assert aborted.backward_passes < 0.6 * full.backward_passes
-    assert aborted.norms.median() <= (1.01 if shrink else 1.04) * full.norms.median()
+    assert aborted.norms.median() <= 1.01 * full.norms.median()
