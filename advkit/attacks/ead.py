@@ -78,9 +78,8 @@ class EAD(Attack):
     with three quarters of its passes still to come. Under the L1 rule the default
     therefore starts each sample at the c read off the model linearised at ``x`` (as
     C&W L2 does) and stops at its first success: median 9.67 (mean 10.26) for 316
-    passes per image. Under the elastic-net
-    rule the defaults are the paper's (there the estimate bought a 0.3% smaller median
-    for 36% more passes, on 200 images).
+    passes per image. Under the elastic-net rule the defaults are the paper's (there the
+    estimate bought a 0.3% smaller median for 36% more passes, on 200 images).
 
     Among all adversarial iterates of all runs the decision rule picks the result:
     ``"l1"``, the smallest L1 norm; ``"en"``, the smallest elastic-net distance
