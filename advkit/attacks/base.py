@@ -135,8 +135,8 @@ class CountedModel:
 
     ``check_first``, if given, is called once with the logits of the first pass through
     either door, before anything else sees them (the gradient door calls it before the
-    objective is evaluated): the entry checks of attacks whose first pass is at the clean
-    images (see :meth:`Attack._first_pass_at_x`).
+    objective is evaluated): the entry checks of attacks that need no clean forward pass
+    (see :meth:`Attack._needs_clean_pass`).
     """
 
     def __init__(self, model: nn.Module,
@@ -254,10 +254,11 @@ class Attack(ABC):
         counted = CountedModel(model)
         with eval_mode(model):
             clean_logits: Tensor | None = None
-            if self._first_pass_at_x():
-                # The attack's own first pass is at x: check its logits instead of paying
-                # for a separate clean forward pass (the checks still run before any use).
-                counted.check_first = lambda logits: check_logits(logits, y, targets)
+            if not self._needs_clean_pass():
+                # Check the logits of the attack's own first pass (at x or at a random start)
+                # instead of paying for a clean forward pass; they run before any use.
+                counted.check_first = lambda logits: check_logits(logits, y, targets,
+                                                                  where=FIRST_POINT)
             else:
                 clean_logits = counted.logits(x)
                 check_logits(clean_logits, y, targets)
@@ -267,8 +268,8 @@ class Attack(ABC):
                 generator = torch.Generator(device=x.device).manual_seed(self.seed)
             out = self._run(counted, x, y, targets, clean_logits, generator)
             if counted.check_first is not None:
-                raise RuntimeError(f"{type(self).__name__} declared that its first model pass "
-                                   "is at x but made none; fix its _first_pass_at_x()")
+                raise RuntimeError(f"{type(self).__name__} declared that it needs no clean pass "
+                                   "but made no model pass; fix its _needs_clean_pass()")
             x_adv, extras = out if isinstance(out, tuple) else (out, {})
             x_adv = x_adv.detach().clamp(*self.threat.bounds)
             logits = counted.logits(x_adv)
@@ -291,14 +292,16 @@ class Attack(ABC):
         """Attacks that pick their own targets (ILLC) override this."""
         return targets
 
-    def _first_pass_at_x(self) -> bool:
-        """True when ``_run``'s first model pass is at ``x`` itself, on every sample.
+    def _needs_clean_pass(self) -> bool:
+        """True (the default) when ``_run`` reads ``clean_logits`` or targets come from them.
 
-        Such an attack saves the clean forward pass: ``_run`` gets ``clean_logits=None``
-        (so it must not read them, nor choose targets from them) and the entry checks
-        run on the logits of its first pass, before the objective is evaluated.
+        An attack that returns False saves that forward pass: ``_run`` gets
+        ``clean_logits=None`` and the entry checks run on the logits of its first model
+        pass, wherever it is (at ``x``, or at a random start in the ball), before the
+        objective is evaluated. The checks (shapes, finite values, label range,
+        probabilities) do not depend on where the model is evaluated.
         """
-        return False
+        return True
 
     @abstractmethod
     def _run(
@@ -308,7 +311,7 @@ class Attack(ABC):
         """Return adversarial images for ``x`` (shape of x, inside the threat model).
 
         ``clean_logits`` are the model's logits at ``x``, or None for an attack whose
-        :meth:`_first_pass_at_x` is True.
+        :meth:`_needs_clean_pass` is False.
 
         An attack may also return ``(x_adv, extras)``: per-sample tensors that end
         up in ``AttackResult.extras``. Minimal-norm attacks return ``x`` itself
@@ -365,12 +368,19 @@ def _check_labels(labels: Tensor, x: Tensor, what: str) -> Tensor:
     return labels.to(device=x.device, dtype=torch.long)
 
 
-def check_logits(logits: Tensor, y: Tensor, targets: Tensor | None) -> None:
+CLEAN_IMAGES = "on the clean images"
+FIRST_POINT = "at the attack's first point (x or its random start)"
+
+
+def check_logits(logits: Tensor, y: Tensor, targets: Tensor | None,
+                 where: str = CLEAN_IMAGES) -> None:
+    """The entry checks on a model's logits at the clean images (or, for an attack that
+    needs no clean pass, at its first point: ``where`` says which, for the message)."""
     if logits.dim() != 2 or logits.shape[0] != y.shape[0]:
         raise ValueError(f"the model must return logits of shape (N, classes) (got "
                          f"{tuple(logits.shape)} for N={y.shape[0]})")
     if not torch.isfinite(logits).all():
-        raise ValueError("the model returned NaN or inf logits on the clean images")
+        raise ValueError(f"the model returned NaN or inf logits {where}")
     classes = logits.shape[1]
     for name, labels in (("y", y), ("targets", targets)):
         if labels is not None and (labels.min() < 0 or labels.max() >= classes):

@@ -55,8 +55,8 @@ class ILLC(BIM):
     name = "ILLC"
     taxonomy = Taxonomy(specificity="targeted", frequency="iterative")
 
-    def _first_pass_at_x(self) -> bool:
-        return False  # the targets come from the clean logits, before any objective exists
+    def _needs_clean_pass(self) -> bool:
+        return True  # the targets come from the clean logits, before any objective exists
 
     def _choose_targets(self, clean_logits: Tensor, y: Tensor,
                         targets: Tensor | None) -> Tensor:

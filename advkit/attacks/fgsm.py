@@ -37,8 +37,8 @@ class FGSM(Attack):
         objective(loss, torch.zeros(1, dtype=torch.long), None)  # validates the name
         self.loss = loss
 
-    def _first_pass_at_x(self) -> bool:
-        return True  # the one gradient pass is at x: it also serves the entry checks
+    def _needs_clean_pass(self) -> bool:
+        return False  # the one gradient pass is at x: it also serves the entry checks
 
     def _run(self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
              clean_logits: Tensor | None, generator: torch.Generator | None) -> Tensor:

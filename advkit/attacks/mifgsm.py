@@ -52,8 +52,8 @@ class MIFGSM(Attack):
         return torch.add(xa, steepest_direction(state["g"], self.threat.norm),
                          alpha=self.step_size)
 
-    def _first_pass_at_x(self) -> bool:
-        return True  # the iteration starts at x: its first gradient pass serves the checks
+    def _needs_clean_pass(self) -> bool:
+        return False  # the iteration starts at x: its first gradient pass serves the checks
 
     def _run(self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
              clean_logits: Tensor | None, generator: torch.Generator | None) -> Tensor:

@@ -69,9 +69,10 @@ class PGD(Attack):
                                        self.l1_sparsity)
         return torch.add(xa, direction, alpha=self.step_size)
 
-    def _first_pass_at_x(self) -> bool:
-        # Without a random start the first gradient pass is at x (every restart starts there).
-        return not self.random_start
+    def _needs_clean_pass(self) -> bool:
+        # PGD never reads the clean logits: its first gradient pass (at x, or at the random
+        # start) serves the entry checks, so a call costs steps + 1 forward passes.
+        return False
 
     def _start(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         return self.threat.random_start(x, generator) if self.random_start else x
