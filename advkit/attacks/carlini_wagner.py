@@ -47,6 +47,21 @@ def _margin(logits: Tensor, labels: Tensor, targets: Tensor | None) -> Tensor:
     return own - others if targets is None else others - own
 
 
+def _start_search(x: Tensor, clean_logits: Tensor, y: Tensor, targets: Tensor | None,
+                  confidence: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The best-so-far state of a minimal-norm search: ``(best, best_score, todo)``.
+
+    ``best`` starts at x, with score inf (nothing found), except for samples already at
+    their goal with the required margin: x itself is their minimum (score 0) and they are
+    left out of ``todo``, the indices still to search.
+    """
+    best = x.clone()
+    best_score = torch.full((x.shape[0],), math.inf, device=x.device, dtype=x.dtype)
+    already = _margin(clean_logits, y, targets) < -confidence
+    best_score[already] = 0.0
+    return best, best_score, (~already).nonzero().squeeze(1)
+
+
 def _hinge(logits: Tensor, labels: Tensor, targets: Tensor | None, kappa: float) -> Tensor:
     """The attack term ``max(margin + kappa, 0)`` (the paper's f plus the constant kappa)."""
     return (_margin(logits, labels, targets) + kappa).clamp_min(0)
@@ -312,13 +327,7 @@ class CarliniWagnerL2(Attack):
 
     def _run(self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
              clean_logits: Tensor, generator: torch.Generator | None) -> Tensor:
-        n = x.shape[0]
-        best = x.clone()
-        best_norm = torch.full((n,), math.inf, device=x.device, dtype=x.dtype)
-        # Already adversarial with the required margin: x itself is the minimum.
-        already = _margin(clean_logits, y, targets) < -self.confidence
-        best_norm[already] = 0.0
-        todo = (~already).nonzero().squeeze(1)
+        best, best_norm, todo = _start_search(x, clean_logits, y, targets, self.confidence)
         w0 = _to_tanh_space(x, self.threat.bounds)
         _search_const(
             model, x, y, targets, todo,
@@ -473,11 +482,7 @@ class CarliniWagnerLinf(Attack):
              clean_logits: Tensor, generator: torch.Generator | None) -> Tensor:
         bounds, kappa = self.threat.bounds, self.confidence
         width = bounds[1] - bounds[0]
-        best = x.clone()
-        best_norm = torch.full((x.shape[0],), math.inf, device=x.device, dtype=x.dtype)
-        already = _margin(clean_logits, y, targets) < -kappa
-        best_norm[already] = 0.0
-        idx = (~already).nonzero().squeeze(1)
+        best, best_norm, idx = _start_search(x, clean_logits, y, targets, kappa)
         xa, ya = x[idx], y[idx]
         ta = targets[idx] if targets is not None else None
         start = _to_tanh_space(xa, bounds)          # warm start of the current tau

@@ -17,6 +17,7 @@ from advkit.attacks.carlini_wagner import (
     _hinge,
     _margin,
     _search_const,
+    _start_search,
 )
 from advkit.threat import ThreatModel
 
@@ -160,12 +161,7 @@ class EAD(Attack):
 
     def _run(self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
              clean_logits: Tensor, generator: torch.Generator | None) -> Tensor:
-        n = x.shape[0]
-        best = x.clone()
-        best_score = torch.full((n,), math.inf, device=x.device, dtype=x.dtype)
-        already = _margin(clean_logits, y, targets) < -self.confidence
-        best_score[already] = 0.0
-        todo = (~already).nonzero().squeeze(1)
+        best, best_score, todo = _start_search(x, clean_logits, y, targets, self.confidence)
         _search_const(
             model, x, y, targets, todo,
             lambda const, todo: self._descend(model, x, y, targets, const, todo, best,
