@@ -194,19 +194,33 @@ class Square(Attack):
 
         if self.threat.norm == "linf":
             s = min(max(round(math.sqrt(p * h * w)), 1), max(side - 1, 1))
-            window = _place(torch.ones(n, s, s, device=x.device, dtype=x.dtype),
-                            *corners(s), h, w) > 0
-            x_new = x_best
-            redraw = torch.ones(n, dtype=torch.bool, device=x.device)
+            # Work on each sample's s x s window only (late windows are a few pixels): its
+            # channels move to x + eps or x - eps (clipped), one sign per channel.
+            rows, cols = corners(s)
+            offsets = torch.arange(s, device=x.device)
+            window = (torch.arange(n, device=x.device)[:, None, None, None],
+                      torch.arange(c, device=x.device)[None, :, None, None],
+                      (rows[:, None] + offsets)[:, None, :, None],
+                      (cols[:, None] + offsets)[:, None, None, :])          # (n, c, s, s)
+            x_win, best_win = x[window], x_best[window]
+            up, down = self.threat.clip(x_win + eps), self.threat.clip(x_win - eps)
+
+            def already(target: Tensor) -> Tensor:
+                """Per sample and channel: the current point is at ``target`` already."""
+                return ~((target - best_win).abs() >= 1e-7).flatten(2).any(2)  # (n, c)
+
+            up_same, down_same = already(up), already(down)
+            signs = _signs((n, c, 1, 1), x, generator)
             # Redraw the signs while a proposal equals the current point inside its window
-            # (a wasted query); 10 tries make a repeat vanishingly rare for eps > 0.
-            for _ in range(10):
-                signs = _signs((n, c, 1, 1), x, generator)
-                fresh = torch.where(window, self.threat.clip(x + eps * signs), x_best)
-                x_new = torch.where(redraw.view(-1, 1, 1, 1), fresh, x_new)
-                redraw = ((x_new - x_best).abs() * window).flatten(1).amax(1) < 1e-7
+            # (a wasted query); 10 draws make a repeat vanishingly rare for eps > 0.
+            for _ in range(9):
+                redraw = torch.where(signs.view(n, c) > 0, up_same, down_same).all(1)
                 if not redraw.any():
                     break
+                signs = torch.where(redraw.view(-1, 1, 1, 1),
+                                    _signs((n, c, 1, 1), x, generator), signs)
+            x_new = x_best.clone()
+            x_new[window] = torch.where(signs > 0, up, down)
             return x_new
 
         s = max(round(math.sqrt(p * h * w)), 3)
