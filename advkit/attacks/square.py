@@ -198,16 +198,14 @@ class Square(Attack):
             # channels move to x + eps or x - eps (clipped), one sign per channel.
             rows, cols = corners(s)
             offsets = torch.arange(s, device=x.device)
-            window = (torch.arange(n, device=x.device)[:, None, None, None],
-                      torch.arange(c, device=x.device)[None, :, None, None],
-                      (rows[:, None] + offsets)[:, None, :, None],
-                      (cols[:, None] + offsets)[:, None, None, :])          # (n, c, s, s)
-            x_win, best_win = x[window], x_best[window]
+            window = ((rows[:, None] + offsets)[:, :, None] * w
+                      + (cols[:, None] + offsets)[:, None, :]).view(n, 1, s * s).expand(n, c, -1)
+            x_win, best_win = x.flatten(2).gather(2, window), x_best.flatten(2).gather(2, window)
             up, down = self.threat.clip(x_win + eps), self.threat.clip(x_win - eps)
 
             def already(target: Tensor) -> Tensor:
                 """Per sample and channel: the current point is at ``target`` already."""
-                return ~((target - best_win).abs() >= 1e-7).flatten(2).any(2)  # (n, c)
+                return ~((target - best_win).abs() >= 1e-7).any(2)            # (n, c)
 
             up_same, down_same = already(up), already(down)
             signs = _signs((n, c, 1, 1), x, generator)
@@ -219,9 +217,8 @@ class Square(Attack):
                     break
                 signs = torch.where(redraw.view(-1, 1, 1, 1),
                                     _signs((n, c, 1, 1), x, generator), signs)
-            x_new = x_best.clone()
-            x_new[window] = torch.where(signs > 0, up, down)
-            return x_new
+            moved = torch.where(signs.view(n, c, 1) > 0, up, down)
+            return x_best.flatten(2).scatter(2, window, moved).view_as(x_best)
 
         s = max(round(math.sqrt(p * h * w)), 3)
         s = min(s + (s % 2 == 0), side)
