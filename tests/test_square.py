@@ -83,6 +83,37 @@ def test_linf_perturbations_are_vertices_of_the_box(batch):
     assert (at_eps | at_box).all()
 
 
+@pytest.mark.parametrize("p", [0.8, 0.1, 0.01])
+def test_a_linf_proposal_moves_one_square_window_per_image_to_a_new_vertex(p):
+    """Some s x s window (s from the schedule) holds every change; inside it each channel
+    sits at clip(x + eps) or clip(x - eps) throughout (one sign per channel); and the
+    proposal differs from the current point (an equal one would waste a query)."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(64, 3, 12, 12, generator=gen)
+    attack = Square(ThreatModel("linf", 0.1))
+    x_best = attack._init(x, gen)
+    x_new = attack._propose(x, x_best, p, gen)
+    side = min(max(round((p * 144) ** 0.5), 1), 11)
+    up, down = (x + 0.1).clamp(0, 1), (x - 0.1).clamp(0, 1)
+
+    def is_window(i: int, r: int, c: int) -> bool:
+        box = (slice(r, r + side), slice(c, c + side))
+        for ch in range(3):
+            win = x_new[i, ch][box]
+            if not (torch.equal(win, up[i, ch][box]) or torch.equal(win, down[i, ch][box])):
+                return False
+        return True
+
+    for i in range(x.shape[0]):
+        changed = (x_new[i] != x_best[i]).any(0).nonzero()
+        assert changed.numel() > 0
+        low, high = changed.min(0).values.tolist(), changed.max(0).values.tolist()
+        assert high[0] - low[0] < side and high[1] - low[1] < side
+        corners = [(r, c) for r in range(max(high[0] - side + 1, 0), min(low[0], 12 - side) + 1)
+                   for c in range(max(high[1] - side + 1, 0), min(low[1], 12 - side) + 1)]
+        assert any(is_window(i, r, c) for r, c in corners), f"image {i}"
+
+
 def test_l2_perturbations_use_the_whole_budget_away_from_the_box():
     model = toy_cnn()
     x = torch.full((16, 1, 8, 8), 0.5)
