@@ -62,6 +62,16 @@ def _start_search(x: Tensor, clean_logits: Tensor, y: Tensor, targets: Tensor | 
     return best, best_score, (~already).nonzero().squeeze(1)
 
 
+def _within_budget(best: Tensor, x: Tensor, threat: ThreatModel) -> Tensor:
+    """``best`` with x put back wherever its perturbation exceeds a finite eps: a search
+    capped by eps returns x where it found nothing inside the budget (in place)."""
+    if threat.bounded:
+        # Measured as the result will be (the running norms may differ in the last bit).
+        over = threat.norms(best - x) > threat.eps
+        best[over] = x[over]
+    return best
+
+
 def _hinge(logits: Tensor, labels: Tensor, targets: Tensor | None, kappa: float) -> Tensor:
     """The attack term ``max(margin + kappa, 0)`` (the paper's f plus the constant kappa)."""
     return (_margin(logits, labels, targets) + kappa).clamp_min(0)
@@ -335,11 +345,7 @@ class CarliniWagnerL2(Attack):
                                               best_norm),
             initial_const=self.initial_const, search_steps=self.search_steps,
             search_tolerance=self.search_tolerance, confidence=self.confidence)
-        if self.threat.bounded:
-            # Measured as the result will be (the running norms may differ in the last bit).
-            over = self.threat.norms(best - x) > self.threat.eps
-            best[over] = x[over]
-        return best
+        return _within_budget(best, x, self.threat)
 
     def _descend(self, model: CountedModel, x: Tensor, w0: Tensor, y: Tensor,
                  targets: Tensor | None, const: Tensor, todo: Tensor, best: Tensor,
@@ -537,8 +543,4 @@ class CarliniWagnerLinf(Attack):
                 adam_t, attempt, tau, const, prev = (
                     z[keep] for z in (adam_t, attempt, tau, const, prev))
                 ta = ta[keep] if ta is not None else None
-        if self.threat.bounded:
-            # Measured as the result will be (the running norms may differ in the last bit).
-            over = self.threat.norms(best - x) > self.threat.eps
-            best[over] = x[over]
-        return best
+        return _within_budget(best, x, self.threat)

@@ -18,6 +18,7 @@ from advkit.attacks.carlini_wagner import (
     _margin,
     _search_const,
     _start_search,
+    _within_budget,
 )
 from advkit.threat import ThreatModel
 
@@ -168,10 +169,7 @@ class EAD(Attack):
                                               best_score),
             initial_const=self.initial_const, search_steps=self.search_steps,
             search_tolerance=self.search_tolerance, confidence=self.confidence)
-        if self.threat.bounded:
-            over = (best - x).flatten(1).abs().sum(1) > self.threat.eps
-            best[over] = x[over]
-        return best
+        return _within_budget(best, x, self.threat)
 
     def _descend(self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
                  const: Tensor, todo: Tensor, best: Tensor, best_score: Tensor) -> Tensor:
