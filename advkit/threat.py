@@ -228,7 +228,7 @@ def _project_l2_box(v: Tensor, lo: Tensor, hi: Tensor, eps: Tensor) -> Tensor:
         return torch.minimum(torch.maximum(v, lo), hi)  # clipping is the projection
     s = torch.ones_like(e2)
     f_prev = None
-    buf = torch.empty_like(v2)
+    buf, buf_clipped = torch.empty_like(v2), torch.empty_like(v2)
     # Newton visits each breakpoint at most once, so the cap never stops an exact run.
     for _ in range(v.shape[1] + 2):
         sv2 = s[:, None] * v2
@@ -239,11 +239,13 @@ def _project_l2_box(v: Tensor, lo: Tensor, hi: Tensor, eps: Tensor) -> Tensor:
         # unchanged set: the last step solved the right piece of G and s is the root.
         if f_prev is not None and torch.equal(f, f_prev):
             break
-        g = torch.minimum(sv2, b2).sum(dim=1)
+        # C summed directly: the Newton step written as s + (eps^2 - G(s)) / F is the same
+        # root on paper but cancels catastrophically when the root is tiny (s ~ 1e-14).
+        c = torch.ge(sv2, b2, out=buf_clipped).mul_(b2).sum(dim=1)
         # f = 0: every coordinate is clipped and G is flat at G(s) > eps^2 (s = 1 only):
         # restart from s = 0, where every coordinate that can move is free.
-        step = torch.where(f > 0, (e2 - g) / torch.where(f > 0, f, 1.0), -s)
-        s = torch.where(outside, (s + step).clamp(0, 1), s)
+        root = torch.where(f > 0, (e2 - c) / torch.where(f > 0, f, 1.0), 0.0)
+        s = torch.where(outside, root.clamp(0, 1), s)
         f_prev = f
     solved = torch.minimum(torch.maximum(v * s.sqrt()[:, None], lo), hi)
     # Guard against rounding: never leave the ball.
