@@ -7,11 +7,11 @@ import sys
 
 import torch
 
+from advkit._version import __version__
+
 
 def describe(device: str | torch.device = "cpu") -> dict[str, str]:
     """Library versions, Python, OS and the device, as strings."""
-    from advkit import __version__
-
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
