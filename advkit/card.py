@@ -10,9 +10,10 @@ as a section of the run's report).
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
+
+from advkit._files import atomic_write
 
 CARD_FORMAT = "advkit-model-card"
 CARD_VERSION = 1
@@ -54,12 +55,7 @@ def build_card(*, checkpoint: str | Path, metadata: dict, seconds: float, device
 
 def write_card(card: dict, path: str | Path) -> Path:
     """Write ``card`` as JSON, atomically (a reader never sees half a card)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(card, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, json.dumps(card, indent=2) + "\n")
 
 
 def read_card(path: str | Path) -> dict:

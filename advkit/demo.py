@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from advkit import data
+from advkit._files import atomic_write
 from advkit.attacks import FGSM, PGD, AttackResult
 from advkit.environment import describe
 from advkit.evaluation import run_attack, table_rows
@@ -50,8 +51,7 @@ def demo_model(*, retrain: bool = False, progress: bool = True,
     key = hashlib.sha256(json.dumps(config_record(DEMO_CONFIG), sort_keys=True).encode())
     run_dir = path.parent / "runs" / f"demo-small_cnn-mnist-{key.hexdigest()[:8]}"
     result = train(DEMO_CONFIG, run_dir, resume=not retrain, progress=progress, log=log)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(result.checkpoint.read_bytes())
+    atomic_write(path, result.checkpoint.read_bytes())
     return result.model
 
 

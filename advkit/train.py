@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from advkit import data as datasets
+from advkit._files import atomic_path
 from advkit.defenses.recipe import Recipe, StopTraining
 from advkit.models import checkpoint, zoo
 from advkit.progress import progress_bar
@@ -207,13 +207,14 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
                         dataset=config.dataset, recipe=config.recipe, config=record,
                         metrics=metrics, history=history, seconds=elapsed,
                         **({"stopped": stopped} if stopped else {}))
-        _atomic_torch_save({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": rng,
-            **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
-            "epoch": epoch, "config": json.dumps(record), "stopped": stopped,
-            "history": json.dumps(history), "seconds": elapsed,
-        }, state_path)
+        with atomic_path(state_path) as tmp:
+            torch.save({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": rng,
+                **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
+                "epoch": epoch, "config": json.dumps(record), "stopped": stopped,
+                "history": json.dumps(history), "seconds": elapsed,
+            }, tmp)
         world.barrier()
     model.eval()
     return TrainResult(model=model, checkpoint=ckpt, history=history, seconds=elapsed)
@@ -332,14 +333,3 @@ def _jsonable(config: TrainConfig) -> dict[str, Any]:
 def _diff(a: dict[str, Any], b: dict[str, Any]) -> str:
     return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
                      if a.get(k) != b.get(k))
-
-
-def _atomic_torch_save(obj: dict[str, Any], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

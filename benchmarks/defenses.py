@@ -36,6 +36,7 @@ from attacks import _device_name, _source_state  # noqa: E402
 from evaluate import markers, write_section  # noqa: E402
 
 import advkit  # noqa: E402
+from advkit._files import atomic_write  # noqa: E402
 from advkit.defenses.presets import PRESETS, get_preset, resolve, train_defense  # noqa: E402
 from advkit.models import read_metadata  # noqa: E402
 from advkit.threat import ThreatModel  # noqa: E402
@@ -86,9 +87,7 @@ def measure(args: argparse.Namespace, defense: str, lipschitz: bool) -> dict:
         "stopped": metadata.get("stopped", ""),
         "measured": f"{_now()}, source {args.source}",
     }
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "row": row}, indent=1))
-    tmp.replace(cache)
+    atomic_write(cache, json.dumps({"key": key, "row": row}, indent=1))
     return row | {"reused": False}
 
 

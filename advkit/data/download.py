@@ -1,7 +1,7 @@
 """Checked, atomic downloads of dataset files.
 
 A download goes to a temporary file beside its destination, its md5 is checked, and only
-then is it moved into place with :func:`os.replace` (atomic on one file system). An
+then is it moved into place (:func:`advkit._files.atomic_path`: atomic on one file system). An
 interrupted or corrupt transfer therefore never leaves a half-written file where a later
 load would trust it.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import secrets
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -19,6 +18,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
+
+from advkit._files import atomic_path
 
 __all__ = [
     "MIRROR_ENV",
@@ -125,23 +126,18 @@ def download(
     if scheme not in ("http", "https"):
         raise ValueError(f"download URL must be http:// or https:// (got {url!r})")
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # A random name opened with "x" can neither clobber nor be clobbered by a concurrent
-    # download of the same file; the umask-based permissions then carry over to dest.
-    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
     try:
-        with open(tmp, "xb") as out:
-            got = _fetch(url, out, progress=progress, timeout=timeout, label=dest.name)
-        if got != md5.lower():
-            raise DownloadError(
-                f"md5 mismatch for {url}: expected {md5.lower()}, got {got}; nothing was "
-                f"written to {dest}. The server sent a different file: retry, check that "
-                f"{MIRROR_ENV} (if set) points at a faithful mirror, or place a verified "
-                f"copy at {dest} yourself."
-            )
-        os.replace(tmp, dest)
+        with atomic_path(dest) as tmp:
+            with open(tmp, "wb") as out:
+                got = _fetch(url, out, progress=progress, timeout=timeout, label=dest.name)
+            if got != md5.lower():
+                raise DownloadError(
+                    f"md5 mismatch for {url}: expected {md5.lower()}, got {got}; nothing was "
+                    f"written to {dest}. The server sent a different file: retry, check that "
+                    f"{MIRROR_ENV} (if set) points at a faithful mirror, or place a verified "
+                    f"copy at {dest} yourself."
+                )
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
         if isinstance(exc, DownloadError) or not isinstance(exc, Exception):
             raise
         raise DownloadError(

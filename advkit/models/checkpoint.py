@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from advkit._files import atomic_path
 from advkit.models import zoo
 
 FORMAT = "advkit-checkpoint/1"
@@ -46,18 +45,11 @@ def save(model: nn.Module, path: str | Path, *, architecture: str,
         raise ValueError(f"unknown architecture {architecture!r}: use one of "
                          f"{', '.join(zoo.ARCHITECTURES)}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "architecture": architecture, "arch_kwargs": arch_kwargs or {},
             "fingerprint": fingerprint(model), **metadata}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"advkit": json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"advkit": json.dumps(meta)})
     return path
 
 

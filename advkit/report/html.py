@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import os
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -23,6 +21,7 @@ import jinja2
 import torch
 from markupsafe import Markup
 
+from advkit._files import atomic_write
 from advkit.report.images import (
     amplified_perturbation,
     check_image,
@@ -157,7 +156,7 @@ def write_html_report(path: str | Path, *, title: str, summary: Sequence[Mapping
         gallery=[_card(item) for item in gallery],
         environment=[(key, _display(value)) for key, value in fields["environment"].items()],
     )
-    return _write_atomically(Path(path), html)
+    return atomic_write(path, html)
 
 
 def _table(keys: Sequence[str], checked: Sequence[Mapping[str, Scalar]]
@@ -200,7 +199,7 @@ def write_json_report(path: str | Path, *, title: str, summary: Sequence[Mapping
         "tables": {heading: _validate_summary(rows)[1] for heading, rows in tables},
     }
     text = json.dumps(_json_safe(document), indent=2, ensure_ascii=False, allow_nan=False)
-    return _write_atomically(Path(path), text + "\n")
+    return atomic_write(path, text + "\n")
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -413,25 +412,3 @@ def _json_safe(value: object) -> object:
     if isinstance(value, list | tuple):
         return [_json_safe(item) for item in value]
     return str(value)
-
-
-def _write_atomically(path: Path, text: str) -> Path:
-    """Write text to path via a temporary file in the same directory and os.replace.
-
-    Same directory, so the rename never crosses filesystems and stays atomic.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # os.open with 0o666 lets the umask set the final permissions, as for a plain
-    # open(); tempfile's private 0o600 would make the report unreadable to others.
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
