@@ -170,7 +170,7 @@ def attack(
     import numpy as np
     import torch
 
-    from advkit.train import accuracy
+    from advkit.evaluation import accuracy
     try:
         atk = _build_attack(attack_name, norm, eps, steps=steps, step_size=step_size,
                             restarts=restarts, n_queries=n_queries, loss=loss, seed=seed)
@@ -230,7 +230,7 @@ def evaluate(
 ) -> None:
     """Clean and robust accuracy of a model under attacks at one or more eps, or under an
     attack suite (--suite) recorded in a resumable store."""
-    from advkit.train import accuracy
+    from advkit.evaluation import accuracy
     if suite is not None or resume is not None:
         if attack_names:
             raise _fail("use either --attack (single attacks) or --suite (a suite), not both")
@@ -349,8 +349,8 @@ def train_cmd(
     benchmarks/RESULTS.md: `advkit train --defense pgd --preset mnist`."""
     import shutil
 
-    from advkit.defenses.presets import resolve, train_defense
     from advkit.models import model_dir, trained_path
+    from advkit.training import resolve, train_defense
     log = (lambda _: None) if as_json else console.print
     given = {"arch": arch, "dataset": dataset, "epochs": epochs, "batch_size": batch_size,
              "lr": lr, "optimizer": optimizer, "schedule": schedule,

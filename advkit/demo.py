@@ -20,11 +20,11 @@ from advkit import data
 from advkit._files import atomic_write
 from advkit.attacks import FGSM, PGD, AttackResult
 from advkit.environment import describe
-from advkit.evaluation import run_attack, table_rows
+from advkit.evaluation import accuracy, run_attack, table_rows
 from advkit.models import checkpoint, trained_path
 from advkit.report import gallery_items, write_html_report, write_json_report
 from advkit.threat import ThreatModel
-from advkit.train import TrainConfig, accuracy, config_record, train
+from advkit.training import TrainConfig, config_record, train
 
 #: The demo's model: three epochs of small_cnn, ~99% test accuracy in about a minute.
 DEMO_CONFIG = TrainConfig(arch="small_cnn", dataset="mnist", epochs=3, seed=0)

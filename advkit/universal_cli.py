@@ -40,7 +40,7 @@ def _slice(dataset: str, split: str, start: int, count: int):
 
 def _accuracy(net, x, y, device: str, v=None, bounds=(0.0, 1.0)) -> float:
     from advkit.attacks.universal import apply_perturbation
-    from advkit.train import accuracy
+    from advkit.evaluation import accuracy
     return accuracy(net, apply_perturbation(x, v, bounds) if v is not None else x, y,
                     device=device)
 

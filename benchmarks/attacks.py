@@ -62,12 +62,12 @@ from advkit.attacks import (  # noqa: E402
     Square,
     UniversalPerturbation,
 )
-from advkit.evaluation import run_attack  # noqa: E402
+from advkit.evaluation import accuracy, run_attack  # noqa: E402
 from advkit.models import checkpoint  # noqa: E402
 from advkit.models.loaders import model_dir, trained_path  # noqa: E402
 from advkit.threat import ThreatModel  # noqa: E402
 from advkit.threat import norms as lp_norms  # noqa: E402
-from advkit.train import TrainConfig, accuracy, train  # noqa: E402
+from advkit.training import TrainConfig, train  # noqa: E402
 
 LIBRARIES = ("advkit", "advkit-noexit", "advkit-paper", "advkit-paper-full", "torchattacks",
              "foolbox", "art")

@@ -5,7 +5,7 @@
     python benchmarks/defenses.py --preset fashion-mnist --limit 500
 
 Each recipe trains exactly as ``advkit train --defense NAME --preset PRESET`` does
-(``advkit.defenses.presets``), in ``--runs/PRESET-NAME``: a finished run there
+(``advkit.training.presets``), in ``--runs/PRESET-NAME``: a finished run there
 with the same settings is reused, an interrupted one resumes, so the training
 seconds reported are the trainer's own record (summed over resumed pieces, the
 per-epoch held-out PGD check included). ``--lipschitz`` adds standard training
@@ -37,9 +37,9 @@ from evaluate import markers, write_section  # noqa: E402
 
 import advkit  # noqa: E402
 from advkit._files import atomic_write  # noqa: E402
-from advkit.defenses.presets import PRESETS, get_preset, resolve, train_defense  # noqa: E402
 from advkit.models import read_metadata  # noqa: E402
 from advkit.threat import ThreatModel  # noqa: E402
+from advkit.training import PRESETS, get_preset, resolve, train_defense  # noqa: E402
 
 DEFAULT_RUNS = Path.home() / ".cache" / "advkit" / "recipes"
 

@@ -39,7 +39,7 @@ def _digest(*tensors: torch.Tensor | None) -> str:
 
 
 def _model(workdir: Path) -> torch.nn.Module:
-    from advkit.train import TrainConfig, train
+    from advkit.training import TrainConfig, train
 
     config = TrainConfig(epochs=1, batch_size=100, train_limit=3000, val_limit=500, seed=0)
     return train(config, workdir / "base", progress=False, log=lambda _: None).model
@@ -143,11 +143,7 @@ def _evaluations(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 def _training(workdir: Path, teacher: torch.nn.Module) -> dict[str, str]:
     from advkit import ThreatModel
-    from advkit.train import TrainConfig, train
-    try:
-        from advkit.training import build_recipe
-    except ImportError:
-        from advkit.defenses import build_recipe
+    from advkit.training import TrainConfig, build_recipe, train
 
     threat = ThreatModel(norm="linf", eps=0.3)
     out = {}

@@ -10,7 +10,9 @@ import torch
 
 from advkit import ThreatModel, data, evaluate
 from advkit.attacks import PGD
-from advkit.defenses import (
+from advkit.evaluation import Stage, Suite, accuracy
+from advkit.models import create, load
+from advkit.training import (
     MART,
     TRADES,
     Distillation,
@@ -20,10 +22,9 @@ from advkit.defenses import (
     Recipe,
     StopTraining,
     TemperatureTraining,
+    TrainConfig,
+    train,
 )
-from advkit.evaluation import Stage, Suite
-from advkit.models import create, load
-from advkit.train import TrainConfig, accuracy, train
 
 THREAT = ThreatModel("linf", 0.2)
 BASE = {"arch": "small_cnn", "epochs": 2, "train_limit": 3000, "val_limit": 300, "lr": 2e-3}

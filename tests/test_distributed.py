@@ -10,7 +10,7 @@ import sys
 import torch
 
 from advkit.models import load
-from advkit.train import TrainConfig, train
+from advkit.training import TrainConfig, train
 
 ARGS = ["--epochs", "2", "--train-limit", "1000", "--batch-size", "100", "--no-resume", "--json",
         "--no-card"]

@@ -9,10 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from advkit.cli import app
-from advkit.defenses import build_recipe
-from advkit.defenses.presets import PRESETS, TRAIN_DEFAULTS, get_preset, resolve, split
 from advkit.models import create, read_metadata
-from advkit.train import TrainConfig
+from advkit.training import PRESETS, TRAIN_DEFAULTS, TrainConfig, build_recipe, get_preset, resolve
+from advkit.training.trainer import split
 
 
 @pytest.mark.parametrize(("preset", "defense"), [

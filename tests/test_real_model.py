@@ -7,8 +7,7 @@ import torch
 
 from advkit import ThreatModel
 from advkit.attacks import FGSM, PGD
-from advkit.evaluation import run_attack
-from advkit.train import accuracy
+from advkit.evaluation import accuracy, run_attack
 
 
 def test_clean_accuracy_is_at_least_98_percent(mnist_model, mnist_test):

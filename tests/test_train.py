@@ -1,6 +1,6 @@
-"""Specification of advkit.train: a short run learns, records its config and metrics in the
-checkpoint, is bit-for-bit reproducible from its seed, and resumes an interrupted run to the
-very weights an uninterrupted one reaches."""
+"""Specification of the trainer (advkit.training.train): a short run learns, records its
+config and metrics in the checkpoint, is bit-for-bit reproducible from its seed, and resumes
+an interrupted run to the very weights an uninterrupted one reaches."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from advkit import models
-from advkit.defenses import Recipe
-from advkit.train import TrainConfig, TrainResult, accuracy, train
+from advkit.evaluation import accuracy
+from advkit.training import Recipe, TrainConfig, TrainResult, train
 
 #: Two short epochs: 8 batches each, ~65% test accuracy (chance is 10%).
 CONFIG = TrainConfig(arch="small_cnn", dataset="mnist", epochs=2, batch_size=128,

@@ -1,51 +1,6 @@
-"""Defenses. Training recipes (all run by the one trainer, ``advkit.train``):
-standard, PGD and fast (FGSM-RS) adversarial training, TRADES, MART, defensive
-distillation (teacher temperature training + student), Gaussian augmentation.
-Lipschitz-bounded layers are an architecture option (``lipschitz=True``).
+"""Inference-time defenses: input transforms, detectors and protected pipelines
+(transform -> classify -> detect), coming.
+
+Training-time defenses (adversarial training, TRADES, MART, distillation, noise
+augmentation) are recipes of the trainer: see :mod:`advkit.training`.
 """
-
-import inspect
-
-from torch import nn
-
-from advkit.defenses.adversarial_training import FastAdversarialTraining, PGDTraining
-from advkit.defenses.distillation import Distillation, TemperatureTraining
-from advkit.defenses.mart import MART
-from advkit.defenses.noise import GaussianAugmentation
-from advkit.defenses.recipe import Recipe, StopTraining
-from advkit.defenses.trades import TRADES
-from advkit.threat import ThreatModel
-
-#: Recipe classes by the name ``advkit train --defense`` takes.
-RECIPES: dict[str, type[Recipe]] = {cls.name: cls for cls in (
-    Recipe, PGDTraining, FastAdversarialTraining, TRADES, MART, TemperatureTraining,
-    Distillation, GaussianAugmentation)}
-
-
-def build_recipe(name: str, threat: ThreatModel | None = None, *,
-                 teacher: nn.Module | None = None, **options: object) -> Recipe:
-    """The recipe called ``name``, configured from the options it takes (None = default).
-
-    Adversarial recipes take ``threat``; distillation takes ``teacher``. Options a
-    recipe does not take are an error.
-    """
-    if name not in RECIPES:
-        raise ValueError(f"unknown defense {name!r}: use one of {', '.join(RECIPES)}")
-    cls = RECIPES[name]
-    accepted = inspect.signature(cls.__init__).parameters
-    given = {k: v for k, v in options.items() if v is not None}
-    extra = [k for k in given if k not in accepted]
-    if extra:
-        raise ValueError(f"the {name} recipe takes no option {', '.join(extra)}")
-    if "threat" in accepted:
-        given["threat"] = threat
-    if "teacher" in accepted:
-        if teacher is None:
-            raise ValueError("distillation needs a teacher trained at the same temperature")
-        given["teacher"] = teacher
-    return cls(**given)
-
-
-__all__ = ["RECIPES", "build_recipe", "Distillation", "FastAdversarialTraining",
-           "GaussianAugmentation", "MART", "PGDTraining", "Recipe", "StopTraining", "TRADES",
-           "TemperatureTraining"]

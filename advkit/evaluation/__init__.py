@@ -4,6 +4,7 @@ gradient-masking checks, and the resumable SQLite store of runs.
 ``advkit.evaluate(model, x, y, threat, suite="standard")`` is the entry point.
 """
 
+from advkit.evaluation.accuracy import accuracy
 from advkit.evaluation.batching import (
     curve_rows,
     curves,
@@ -19,5 +20,5 @@ from advkit.evaluation.store import DEFAULT_STORE, Store
 from advkit.evaluation.suites import SUITES, Stage, Suite, get_suite
 
 __all__ = ["Check", "DEFAULT_STORE", "EvaluationReport", "ExpectedLogits", "SUITES", "Stage",
-           "Store", "Suite", "curve_rows", "curves", "evaluate", "finite_or_none", "get_suite",
-           "merge", "read_report", "run_attack", "sweep", "table_rows"]
+           "Store", "Suite", "accuracy", "curve_rows", "curves", "evaluate", "finite_or_none",
+           "get_suite", "merge", "read_report", "run_attack", "sweep", "table_rows"]

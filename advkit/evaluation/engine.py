@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from advkit.attacks.base import check_inputs, eval_mode
+from advkit.distributed import World
 from advkit.environment import describe
 from advkit.evaluation import checks as checks_lib
 from advkit.evaluation.store import ChunkRecord, Outcome, Store
@@ -99,36 +99,6 @@ class EvaluationReport:
                 "seconds": self.seconds}
 
 
-# --- distribution -------------------------------------------------------------------------------
-
-
-class _World:
-    """Rank and size of the torch.distributed group (1 process when none is set up)."""
-
-    def __init__(self, device: torch.device) -> None:
-        dist = torch.distributed
-        if (dist.is_available() and not dist.is_initialized()
-                and int(os.environ.get("WORLD_SIZE", "1")) > 1):  # launched by torchrun
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        self.on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        self.rank = dist.get_rank() if self.on else 0
-        self.size = dist.get_world_size() if self.on else 1
-
-    def from_root(self, make: Callable[[], object]) -> object:
-        """``make()`` on rank 0, its result on every rank."""
-        box = [make() if self.rank == 0 else None]
-        if self.on:
-            torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, item: object) -> list[object]:
-        if not self.on:
-            return [item]
-        items: list[object] = [None] * self.size
-        torch.distributed.all_gather_object(items, item)
-        return items
-
-
 # --- the run ----------------------------------------------------------------------------------
 
 
@@ -193,7 +163,7 @@ def evaluate(
         param = next(iter(model.parameters()), None)
         device = param.device if param is not None else torch.device("cpu")
     device = torch.device(device)
-    world = _World(device)
+    world = World.join(device)
     from advkit.models import fingerprint
     config = {
         "suite": suite.to_dict(), "threat": {"norm": threat.norm, "eps": threat.eps,
@@ -356,8 +326,7 @@ class _Engine:
                 self.db.set_check(self.run_id, check.name, check.status, check.message,
                                   check.details)
                 self.log(f"check {check.name}: {check.status.upper()} - {check.message}")
-        if self.world.on:
-            torch.distributed.barrier()
+        self.world.barrier()
 
     def _checks(self, done: set[str]):
         rows = self.db.samples(self.run_id)

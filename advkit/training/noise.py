@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advkit.defenses.recipe import Recipe
+from advkit.training.recipe import Recipe
 
 
 class GaussianAugmentation(Recipe):

@@ -10,8 +10,8 @@ from torch import Tensor, nn
 
 from advkit.attacks import PGD
 from advkit.attacks.base import require_at_least
-from advkit.defenses.recipe import Recipe, StopTraining, attack_mode
 from advkit.threat import ThreatModel
+from advkit.training.recipe import Recipe, StopTraining, attack_mode
 
 
 def robust_accuracy(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,

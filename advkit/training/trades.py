@@ -10,9 +10,9 @@ from torch import Tensor, nn
 
 from advkit.attacks._iterate import ascend, steepest_direction
 from advkit.attacks.base import CountedModel
-from advkit.defenses.adversarial_training import PGDTraining
-from advkit.defenses.recipe import attack_mode
 from advkit.threat import ThreatModel
+from advkit.training.adversarial_training import PGDTraining
+from advkit.training.recipe import attack_mode
 
 
 def kl_to(p_clean: Tensor):

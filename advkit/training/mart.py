@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advkit.defenses.adversarial_training import PGDTraining
 from advkit.threat import ThreatModel
+from advkit.training.adversarial_training import PGDTraining
 
 
 class MART(PGDTraining):

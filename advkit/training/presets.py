@@ -3,21 +3,14 @@
 
 ``advkit train --defense pgd --preset mnist`` trains what ``python
 benchmarks/defenses.py --preset mnist`` measured; options given explicitly on the
-command line override the preset's. :func:`train_defense` is the one place that
-turns a defense name, a configuration and options into a trained model (the
-distillation teacher included), for the CLI and the benchmark alike.
+command line override the preset's. Presets are data: :func:`resolve` gives the
+settings of a run, which :func:`advkit.training.trainer.train_defense` trains.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
-
-import torch
-
-from advkit.threat import ThreatModel
 
 #: Defaults of ``advkit train`` where neither a preset nor an option says otherwise.
 TRAIN_DEFAULTS: dict[str, Any] = {"arch": "small_cnn", "dataset": "mnist", "epochs": 3,
@@ -30,7 +23,7 @@ class Preset:
 
     ``common`` holds settings every defense shares; ``defenses[name]`` adds or
     overrides settings for one defense. A setting is either a
-    :class:`~advkit.train.TrainConfig` field (``arch``, ``epochs``, ``lr``, ...) or a
+    :class:`~advkit.training.TrainConfig` field (``arch``, ``epochs``, ``lr``, ...) or a
     recipe option (``steps``, ``warmup_epochs``, ``beta``, ``temperature``, ...).
     """
 
@@ -104,45 +97,3 @@ def resolve(defense: str, preset: str | None, given: dict[str, Any]) -> dict[str
         raise ValueError(f"the {preset} preset trains on {chosen['dataset']}, not "
                          f"{explicit['dataset']}: drop --dataset or the preset")
     return {**TRAIN_DEFAULTS, **chosen, **explicit}
-
-
-def split(settings: dict[str, Any]) -> tuple[dict[str, Any], ThreatModel, dict[str, Any]]:
-    """``settings`` as (TrainConfig fields, threat model, recipe options)."""
-    from advkit.train import TrainConfig
-
-    config_fields = {f.name for f in fields(TrainConfig)}
-    config = {k: v for k, v in settings.items() if k in config_fields}
-    threat = ThreatModel(settings.get("norm", "linf"), settings.get("eps", 0.3))
-    options = {k: v for k, v in settings.items()
-               if k not in config_fields and k not in ("norm", "eps")}
-    return config, threat, options
-
-
-def train_defense(defense: str, settings: dict[str, Any], run_dir: str | Path, *,
-                  resume: bool = True, progress: bool = True,
-                  device: str | torch.device = "cpu",
-                  log: Callable[[str], None] = print):
-    """Train ``defense`` with ``settings`` (see :func:`resolve`) in ``run_dir``.
-
-    Defensive distillation first trains its teacher at the same temperature in
-    ``run_dir/teacher``. Returns the :class:`~advkit.train.TrainResult`; its
-    ``seconds`` include the teacher's. A finished run in ``run_dir`` with the same
-    settings is reused, not repeated (``resume``).
-    """
-    from advkit.defenses import build_recipe
-    from advkit.train import TrainConfig, train
-
-    fields_, threat, options = split(settings)
-    config = TrainConfig(**fields_)
-    run_dir = Path(run_dir)
-    teacher, teacher_seconds = None, 0.0
-    if defense == "distillation":
-        teacher_recipe = build_recipe("temperature", threat, **options)
-        log(f"training the distillation teacher at T={teacher_recipe.temperature:g}")
-        done = train(replace(config, recipe="temperature"), run_dir / "teacher", resume=resume,
-                     progress=progress, device=device, recipe=teacher_recipe, log=log)
-        teacher, teacher_seconds = done.model, done.seconds
-    recipe = build_recipe(defense, threat, teacher=teacher, **options)
-    result = train(replace(config, recipe=recipe.name), run_dir, resume=resume,
-                   progress=progress, device=device, recipe=recipe, log=log)
-    return replace(result, seconds=result.seconds + teacher_seconds)

@@ -1,10 +1,15 @@
 """The trainer: every recipe (standard, adversarial, TRADES, MART, distillation, noise)
-runs through it; a recipe turns a batch into a loss (``advkit.defenses.Recipe``).
+runs through it; a recipe turns a batch into a loss (``advkit.training.Recipe``).
 
 Training is deterministic for a given seed (the shuffling order of every epoch
 is drawn from ``seed + epoch``), checkpoints every epoch, and resumes where an
 interrupted run stopped: ``state.pt`` holds weights, optimizer, scheduler and RNG
 states, written atomically and read back with ``weights_only=True``.
+
+Launched by ``torchrun``, training is data parallel: the model is wrapped in
+DistributedDataParallel, each process takes a contiguous shard of every global batch,
+and only rank 0 writes checkpoints. The global batch, and so the optimisation, is the
+same as in one process; the random draws of a recipe (random starts, noise) differ.
 """
 
 from __future__ import annotations
@@ -13,18 +18,22 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from advkit import data as datasets
 from advkit._files import atomic_path
-from advkit.defenses.recipe import Recipe, StopTraining
+from advkit.distributed import World
+from advkit.evaluation.accuracy import accuracy
 from advkit.models import checkpoint, zoo
 from advkit.progress import progress_bar
+from advkit.threat import ThreatModel
+from advkit.training.recipe import Recipe, StopTraining
+from advkit.training.registry import build_recipe
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine", "step", "onecycle")
@@ -102,7 +111,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
     if config.precision == "fp16" and torch.device(device).type != "cuda":
         raise ValueError("fp16 mixed precision needs a CUDA device (it relies on loss "
                          "scaling); on a CPU use precision='bf16' (CLI: --precision bf16)")
-    world = _World.join(device)
+    world = World.join(device)
     if world.size > 1 and torch.device(device).type == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', world.rank))}"
     log = log if world.main else (lambda _: None)
@@ -199,7 +208,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
             + f" ({elapsed:.0f} s)")
         metrics = {"clean_accuracy": val_acc, "val_samples": int(x_val.shape[0]), **extra,
                    "torch_threads": torch.get_num_threads()}
-        rng = world.gather_rng()
+        # One process records its RNG state as it is, several record theirs in rank order.
+        rng = world.gather(torch.get_rng_state()) if world.on else torch.get_rng_state()
         if not world.main:
             world.barrier()
             continue
@@ -220,78 +230,44 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
     return TrainResult(model=model, checkpoint=ckpt, history=history, seconds=elapsed)
 
 
-@dataclass
-class _World:
-    """This process's place among data-parallel processes (one process: rank 0 of 1).
+def split(settings: dict[str, Any]) -> tuple[dict[str, Any], ThreatModel, dict[str, Any]]:
+    """``settings`` (see :func:`advkit.training.presets.resolve`) as (TrainConfig fields,
+    threat model, recipe options)."""
+    config_fields = {f.name for f in fields(TrainConfig)}
+    config = {k: v for k, v in settings.items() if k in config_fields}
+    threat = ThreatModel(settings.get("norm", "linf"), settings.get("eps", 0.3))
+    options = {k: v for k, v in settings.items()
+               if k not in config_fields and k not in ("norm", "eps")}
+    return config, threat, options
 
-    Launched by ``torchrun`` (WORLD_SIZE > 1), training joins the process group
-    (gloo on CPU, NCCL on GPU), wraps the model in DistributedDataParallel, and
-    gives each process a contiguous shard of every global batch; only rank 0
-    writes checkpoints. The global batch, and so the optimisation, is the same as
-    in one process; the random draws of a recipe (random starts, noise) differ.
+
+def train_defense(defense: str, settings: dict[str, Any], run_dir: str | Path, *,
+                  resume: bool = True, progress: bool = True,
+                  device: str | torch.device = "cpu",
+                  log: Callable[[str], None] = print) -> TrainResult:
+    """Train ``defense`` with ``settings`` (see :func:`advkit.training.presets.resolve`)
+    in ``run_dir``: the one place that turns a defense name and its settings into a
+    trained model, for the CLI and the benchmark alike.
+
+    Defensive distillation first trains its teacher at the same temperature in
+    ``run_dir/teacher``. Returns the :class:`TrainResult`; its ``seconds`` include the
+    teacher's. A finished run in ``run_dir`` with the same settings is reused, not
+    repeated (``resume``).
     """
-
-    rank: int = 0
-    size: int = 1
-
-    @classmethod
-    def join(cls, device: str | torch.device) -> _World:
-        import torch.distributed as dist
-
-        if not dist.is_available() or (int(os.environ.get("WORLD_SIZE", "1")) <= 1
-                                       and not dist.is_initialized()):
-            return cls()
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size())
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def wrap(self, model: nn.Module, device: str | torch.device) -> nn.Module:
-        if self.size == 1:
-            return model
-        ids = [torch.device(device)] if torch.device(device).type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-    def shard(self, batch: Tensor) -> Tensor:
-        return batch.tensor_split(self.size)[self.rank]
-
-    def sum(self, *values: float) -> list[float]:
-        if self.size == 1:
-            return list(values)
-        import torch.distributed as dist
-
-        total = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(total)
-        return total.tolist()
-
-    def gather_rng(self) -> Tensor | list[Tensor]:
-        if self.size == 1:
-            return torch.get_rng_state()
-        import torch.distributed as dist
-
-        states: list[Tensor | None] = [None] * self.size
-        dist.all_gather_object(states, torch.get_rng_state())
-        return states  # type: ignore[return-value]
-
-    def barrier(self) -> None:
-        if self.size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 1000,
-             device: str | torch.device = "cpu") -> float:
-    """Clean accuracy of ``model`` on (x, y), in batches, without gradients."""
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, x.shape[0], batch_size):
-            logits = model(x[i:i + batch_size].to(device))
-            correct += int((logits.argmax(1).cpu() == y[i:i + batch_size]).sum())
-    return correct / max(1, x.shape[0])
+    fields_, threat, options = split(settings)
+    config = TrainConfig(**fields_)
+    run_dir = Path(run_dir)
+    teacher, teacher_seconds = None, 0.0
+    if defense == "distillation":
+        teacher_recipe = build_recipe("temperature", threat, **options)
+        log(f"training the distillation teacher at T={teacher_recipe.temperature:g}")
+        done = train(replace(config, recipe="temperature"), run_dir / "teacher", resume=resume,
+                     progress=progress, device=device, recipe=teacher_recipe, log=log)
+        teacher, teacher_seconds = done.model, done.seconds
+    recipe = build_recipe(defense, threat, teacher=teacher, **options)
+    result = train(replace(config, recipe=recipe.name), run_dir, resume=resume,
+                   progress=progress, device=device, recipe=recipe, log=log)
+    return replace(result, seconds=result.seconds + teacher_seconds)
 
 
 def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

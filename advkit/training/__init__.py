@@ -1,0 +1,31 @@
+"""Training: one trainer and the recipes it runs.
+
+The trainer (:func:`train`, configured by :class:`TrainConfig`) seeds, checkpoints,
+resumes and runs data parallel under ``torchrun``; a recipe turns a batch into a
+loss: standard training, PGD and fast (FGSM-RS) adversarial training, TRADES, MART,
+defensive distillation (teacher temperature training + student), Gaussian
+augmentation. Lipschitz-bounded layers are an architecture option
+(``lipschitz=True``). Presets are the shipped settings behind the defense figures in
+``benchmarks/RESULTS.md``; :func:`train_defense` trains a defense from its settings.
+"""
+
+from advkit.training.adversarial_training import FastAdversarialTraining, PGDTraining
+from advkit.training.distillation import Distillation, TemperatureTraining
+from advkit.training.mart import MART
+from advkit.training.noise import GaussianAugmentation
+from advkit.training.presets import PRESETS, TRAIN_DEFAULTS, Preset, get_preset, resolve
+from advkit.training.recipe import Recipe, StopTraining
+from advkit.training.registry import RECIPES, build_recipe
+from advkit.training.trades import TRADES
+from advkit.training.trainer import (
+    TrainConfig,
+    TrainResult,
+    config_record,
+    train,
+    train_defense,
+)
+
+__all__ = ["MART", "PRESETS", "RECIPES", "TRADES", "TRAIN_DEFAULTS", "Distillation",
+           "FastAdversarialTraining", "GaussianAugmentation", "PGDTraining", "Preset", "Recipe",
+           "StopTraining", "TemperatureTraining", "TrainConfig", "TrainResult", "build_recipe",
+           "config_record", "get_preset", "resolve", "train", "train_defense"]
