@@ -19,7 +19,7 @@ from advkit.attacks.universal import (
     load_perturbation,
     save_perturbation,
 )
-from advkit.universal_cli import universal_app
+from advkit.cli.universal import universal_app
 
 MNIST_EPS = 0.3
 

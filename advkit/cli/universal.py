@@ -1,6 +1,6 @@
 """``advkit universal``: fit a universal adversarial perturbation, save it, apply it.
 
-A typer sub-app; the main CLI mounts it with
+A typer sub-app; :mod:`advkit.cli` mounts it with
 ``app.add_typer(universal_app, name="universal")``.
 
 - ``advkit universal fit --model M --dataset mnist --eps 0.2 --norm linf --limit 2000
@@ -19,16 +19,24 @@ from typing import Annotated
 
 import typer
 
+from advkit.cli._common import (
+    DatasetOpt,
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    TrustOpt,
+    console,
+    fail,
+    out,
+    print_json,
+    print_rows,
+    provenance,
+    resolve_device,
+)
+from advkit.evaluation import accuracy
+
 universal_app = typer.Typer(add_completion=False, no_args_is_help=True,
                             help="Universal adversarial perturbations: fit one, apply one.")
-
-ModelOpt = Annotated[str, typer.Option(
-    "--model", "-m", help="advkit checkpoint, .onnx, TorchScript, module:factory, or zoo name")]
-DatasetOpt = Annotated[str, typer.Option(help="mnist, fashion-mnist, cifar10, ...")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
-TrustOpt = Annotated[bool, typer.Option("--trust", help="allow unpickling the model file "
-                                                         "(only for files you trust)")]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ... or auto (cuda if present)")]
 
 
 def _slice(dataset: str, split: str, start: int, count: int):
@@ -40,7 +48,6 @@ def _slice(dataset: str, split: str, start: int, count: int):
 
 def _accuracy(net, x, y, device: str, v=None, bounds=(0.0, 1.0)) -> float:
     from advkit.attacks.universal import apply_perturbation
-    from advkit.evaluation import accuracy
     return accuracy(net, apply_perturbation(x, v, bounds) if v is not None else x, y,
                     device=device)
 
@@ -69,7 +76,6 @@ def fit_command(
     import time
 
     from advkit.attacks.universal import UniversalPerturbation, fooling_rate, save_perturbation
-    from advkit.cli import _device, _fail, _print_json, _print_rows, _provenance, out
     from advkit.models import load as load_model
     from advkit.threat import ThreatModel
     try:
@@ -78,7 +84,7 @@ def fit_command(
         threat = ThreatModel(norm=norm, eps=eps)
         attack = UniversalPerturbation(threat, delta=delta, max_epochs=max_epochs, inner=inner,
                                        batch_size=batch_size, seed=seed)
-        device = _device(device)
+        device = resolve_device(device)
         net = load_model(model, trust=trust, map_location=device)
         x, y = _slice(dataset, split, 0, limit)
         # Held-out: test images the fit never saw.
@@ -99,7 +105,7 @@ def fit_command(
                                       if has_heldout else None),
             "seconds": seconds,
         }
-        prov = _provenance(net, model, dataset, split, int(x.shape[0]), device)
+        prov = provenance(net, model, dataset, split, int(x.shape[0]), device)
         metadata = {**summary, "bounds": list(threat.bounds), "model": model,
                     "model_fingerprint": prov["model_fingerprint"], "data": prov["data"],
                     "heldout": {"dataset": dataset, "split": "test", "start": start,
@@ -107,11 +113,11 @@ def fit_command(
                     "config": attack.config()}
         save_perturbation(out_path, v, metadata)
     except (ValueError, FileNotFoundError, TypeError) as err:
-        raise _fail(str(err)) from err
+        raise fail(str(err)) from err
     if as_json:
-        _print_json({**prov, "config": attack.config(), **summary, "saved": str(out_path)})
+        print_json({**prov, "config": attack.config(), **summary, "saved": str(out_path)})
     else:
-        _print_rows([summary], f"universal perturbation on {model} ({dataset})")
+        print_rows([summary], f"universal perturbation on {model} ({dataset})")
         out.print(f"saved: {out_path}")
 
 
@@ -129,14 +135,13 @@ def apply_command(
 ) -> None:
     """Add a saved universal perturbation to images; report fooling rate and accuracy."""
     from advkit.attacks.universal import fooling_rate, load_perturbation
-    from advkit.cli import _device, _fail, _print_json, _print_rows, _provenance, console
     from advkit.models import load as load_model
     try:
         if start < 0 or limit < 1:
             raise ValueError(f"--start must be >= 0 and --limit >= 1 (got {start}, {limit})")
         v, meta = load_perturbation(perturbation)
         bounds = tuple(meta.get("bounds", (0.0, 1.0)))
-        device = _device(device)
+        device = resolve_device(device)
         net = load_model(model, trust=trust, map_location=device)
         x, y = _slice(dataset, split, start, limit)
         if x.shape[0] == 0:
@@ -144,7 +149,7 @@ def apply_command(
         if v.shape[1:] != x.shape[1:]:
             raise ValueError(f"the perturbation has shape {tuple(v.shape[1:])}, the images of "
                              f"{dataset} {tuple(x.shape[1:])}: fit one for this dataset")
-        prov = _provenance(net, model, dataset, split, int(x.shape[0]), device)
+        prov = provenance(net, model, dataset, split, int(x.shape[0]), device)
         prov["data"]["start"] = start
         same_model = meta.get("model_fingerprint") == prov["model_fingerprint"]
         row = {"n": int(x.shape[0]), "norm": meta.get("norm"), "eps": meta.get("eps"),
@@ -153,11 +158,11 @@ def apply_command(
                "perturbed_acc": _accuracy(net, x, y, device, v, bounds),
                "same_model": same_model}
     except (ValueError, FileNotFoundError, TypeError) as err:
-        raise _fail(str(err)) from err
+        raise fail(str(err)) from err
     if as_json:
-        _print_json({**prov, "perturbation": str(perturbation), "fitted_on": meta, **row})
+        print_json({**prov, "perturbation": str(perturbation), "fitted_on": meta, **row})
     else:
         if not same_model:
             console.print("[yellow]note:[/] the perturbation was fitted on another model "
                           f"(fingerprint {meta.get('model_fingerprint')}): a transfer test")
-        _print_rows([row], f"universal perturbation {perturbation.name} on {model}")
+        print_rows([row], f"universal perturbation {perturbation.name} on {model}")

@@ -1,0 +1,35 @@
+"""The ``advkit`` command: a thin shell over the Python API, one command per job.
+
+Each job has its module (``attacks_list``, ``attack``, ``evaluate``, ``train``, ``demo``,
+``report``, ``runs``, ``universal``); ``_common`` holds what they share. This module
+only mounts them, in the order ``advkit --help`` lists them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from advkit.cli import attack, attacks_list, demo, evaluate, report, runs, train, universal
+from advkit.cli._common import console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="advkit: attack, defend, certify and report adversarial robustness.")
+app.command("attacks")(attacks_list.list_attacks)
+app.command("attack")(attack.attack)
+app.command("evaluate")(evaluate.evaluate)
+app.command("train")(train.train_cmd)
+app.command("demo")(demo.demo)
+app.add_typer(universal.universal_app, name="universal")
+app.add_typer(runs.runs_app, name="runs")
+app.command("report")(report.report)
+
+
+def main() -> None:
+    """Entry point of the ``advkit`` console script."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
