@@ -4,7 +4,7 @@
 ``advkit train --defense pgd --preset mnist`` trains what ``python
 benchmarks/defenses.py --preset mnist`` measured; options given explicitly on the
 command line override the preset's. Presets are data: :func:`resolve` gives the
-settings of a run, which :func:`advkit.training.trainer.train_defense` trains.
+settings of a run, which :func:`advkit.training.train_defense` trains.
 """
 
 from __future__ import annotations
