@@ -84,7 +84,7 @@ def test_apgd_costs_at_most_steps_gradient_passes_per_sample(batch):
 def test_per_sample_passes_add_up_to_the_counted_passes(batch, attack):
     model, (x, y) = toy_cnn(), batch
     result = attack(model, x, y)
-    passes = result.extras["passes"]
+    passes = result.queries
     assert passes.shape == (x.shape[0],) and (passes >= 2).all()
     assert passes.sum().item() == result.forward_passes + result.backward_passes
     # a sample broken early costs less than one that held out to the end
@@ -115,8 +115,8 @@ def test_a_sample_at_a_fixed_point_leaves_the_run(batch):
     held = ~long.success
     assert held.sum() >= 0.8 * x.shape[0] and torch.equal(held, ~short.success)
     torch.testing.assert_close(long.x_adv, short.x_adv, atol=0, rtol=0)
-    passes = long.extras["passes"]
-    assert torch.equal(passes, short.extras["passes"])
+    passes = long.queries
+    assert torch.equal(passes, short.queries)
     assert (passes[held] == 4).all()  # clean pass, one gradient (2), success pass
     # the DLR loss is scale-invariant: its gradients do not vanish, nothing is stuck
     dlr = APGD(threat, steps=50, loss="dlr", seed=0)(model, x, y)

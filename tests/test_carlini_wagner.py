@@ -9,8 +9,9 @@ from toys import toy_cnn
 
 from advkit import ThreatModel
 from advkit.attacks import FGSM, DeepFool
-from advkit.attacks.base import CountedModel
-from advkit.attacks.carlini_wagner import CarliniWagnerL2, CarliniWagnerLinf, _estimate_const
+from advkit.attacks._const_search import estimate_const
+from advkit.attacks.carlini_wagner import CarliniWagnerL2, CarliniWagnerLinf
+from advkit.models.access import Oracle
 
 INF = float("inf")
 #: Short runs for the small models: the contract does not depend on the budget.
@@ -182,13 +183,13 @@ def test_cw_l2_spends_one_gradient_per_image_per_step(batch):
 def test_the_estimated_first_c_is_twice_the_linearised_threshold_on_a_linear_model():
     """For a linear margin m + g.d, c = 2 m / ||g||^2 puts the minimiser on the boundary."""
     model, x, y, a = binary_linear()
-    counted = CountedModel(model)
+    counted = Oracle(model, x.shape[0])
     with torch.no_grad():
         m = -margins(model, x, y)  # own logit minus the other: the margin the attack removes
-    const = _estimate_const(counted, x, y, None, kappa=0.0)
+    const = estimate_const(counted, x, y, None, kappa=0.0)
     torch.testing.assert_close(const, 2 * 2 * m / a.pow(2).sum(), rtol=1e-4, atol=0)
     assert counted.backward_passes == x.shape[0]  # one gradient pass per image
-    with_kappa = _estimate_const(counted, x, y, None, kappa=0.5)
+    with_kappa = estimate_const(counted, x, y, None, kappa=0.5)
     torch.testing.assert_close(with_kappa, 2 * 2 * (m + 0.5) / a.pow(2).sum(), rtol=1e-4,
                                atol=0)
 

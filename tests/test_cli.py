@@ -21,7 +21,8 @@ from advkit.cli import app
 REPO = Path(__file__).resolve().parents[1]
 TAXONOMY = {
     "falsification": {"false negative", "false positive"},
-    "knowledge": {"white box", "gray box", "black box"},
+    "knowledge": {"white box", "gray box", "black box (scores)",
+                  "black box (decisions)"},
     "specificity": {"untargeted", "targeted", "untargeted+targeted"},
     "frequency": {"one-time", "iterative"},
     "scope": {"individual", "universal"},
@@ -90,6 +91,8 @@ def test_attacks_json_lists_every_attack_with_its_taxonomy_norms_and_paper():
         assert len(row["paper"]) > 10
     assert rows["FGSM"]["frequency"] == "one-time"
     assert rows["PGD"]["frequency"] == "iterative"
+    assert rows["PGD"]["access"] == "gradients" and rows["Square"]["access"] == "scores"
+    assert {row["access"] for row in rows.values()} <= {"gradients", "scores", "labels"}
     assert "Madry" in rows["PGD"]["paper"]
     assert "Goodfellow" in rows["FGSM"]["paper"]
 
@@ -97,8 +100,8 @@ def test_attacks_json_lists_every_attack_with_its_taxonomy_norms_and_paper():
 def test_attacks_without_json_prints_a_table_of_them():
     result = invoke("attacks")
     assert result.exit_code == 0, result.output
-    for text in ("FGSM", "BIM", "ILLC", "PGD", "MIFGSM", "falsification", "knowledge",
-                 "white box", "Madry"):
+    for text in ("FGSM", "BIM", "ILLC", "PGD", "MIFGSM", "access", "gradients", "scores",
+                 "falsification", "knowledge", "white box", "Madry"):
         assert text in result.stdout
 
 

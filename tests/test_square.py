@@ -76,8 +76,8 @@ def test_linf_perturbations_are_vertices_of_the_box(batch):
     """Every pixel moves by exactly +-eps unless the box stopped it."""
     model, (x, y) = toy_cnn(), batch
     result = make("linf", n_queries=50)(model, x, y)
-    delta = (result.x_adv - x)[result.extras["queries"] > 0]
-    x_adv = result.x_adv[result.extras["queries"] > 0]
+    delta = (result.x_adv - x)[result.queries > 2]
+    x_adv = result.x_adv[result.queries > 2]
     at_eps = (delta.abs() - 0.1).abs() < 1e-6
     at_box = (x_adv == 0) | (x_adv == 1)
     assert (at_eps | at_box).all()
@@ -119,7 +119,7 @@ def test_l2_perturbations_use_the_whole_budget_away_from_the_box():
     x = torch.full((16, 1, 8, 8), 0.5)
     y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(1))
     result = Square(ThreatModel("l2", 0.5), n_queries=50)(model, x, y)
-    queried = result.extras["queries"] > 0
+    queried = result.queries > 2
     torch.testing.assert_close(result.norms[queried], torch.full_like(result.norms[queried], 0.5))
 
 
@@ -129,13 +129,13 @@ def test_l2_perturbations_use_the_whole_budget_away_from_the_box():
 def test_query_counts_are_exact_and_within_the_budget(n_queries, batch):
     model, (x, y) = Counting(toy_cnn()), batch
     result = Square(ThreatModel("linf", 0.05), n_queries=n_queries)(model, x, y)
-    queries = result.extras["queries"]
+    queries = result.queries
     assert queries.dtype == torch.int64 and queries.shape == (x.shape[0],)
-    assert (queries <= n_queries).all()
-    # The clean pass and the success pass of the base class are not attack queries.
-    assert model.images == int(queries.sum()) + 2 * x.shape[0] == result.forward_passes
+    # The search's queries, plus the clean pass and the success pass of the base class.
+    assert (queries <= n_queries + 2).all()
+    assert model.images == int(queries.sum()) == result.forward_passes
     # Unbroken samples spend the whole budget; broken ones stop at the query that broke them.
-    assert (queries[~result.success] == n_queries).all()
+    assert (queries[~result.success] == n_queries + 2).all()
     assert 0 < result.success.sum() < x.shape[0]
 
 
@@ -144,7 +144,7 @@ def test_samples_misclassified_from_the_start_get_no_query(batch):
     with torch.no_grad():
         wrong = (model(x).argmax(1) + 1) % 10
     result = make("linf")(model, x, wrong)
-    assert (result.extras["queries"] == 0).all() and result.success.all()
+    assert (result.queries == 2).all() and result.success.all()
     torch.testing.assert_close(result.x_adv, x)
 
 
@@ -154,7 +154,7 @@ def test_square_needs_no_gradient(batch):
         PGD(ThreatModel("linf", 0.1), steps=1)(model, x, y)  # the black box does refuse
     result = make("linf")(model, x, y)
     assert result.backward_passes == 0 and result.success.any()
-    assert Square.taxonomy.knowledge == "black box"
+    assert Square.taxonomy.knowledge == "black box (scores)"
 
 
 # --- the contract ------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def test_outputs_stay_in_the_box_and_the_ball(norm, batch):
 def test_same_seed_same_result_and_another_seed_another_search(norm, batch):
     model, (x, y) = toy_cnn(), batch
     a, b = make(norm, seed=3)(model, x, y), make(norm, seed=3)(model, x, y)
-    assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.extras["queries"], b.extras["queries"])
+    assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.queries, b.queries)
     c = make(norm, seed=4)(model, x, y)
     assert not torch.equal(a.x_adv, c.x_adv)
 
@@ -220,7 +220,7 @@ def test_square_breaks_most_mnist_digits_at_linf_03(mnist_model, mnist_test):
     x, y = mnist_test[0][:100], mnist_test[1][:100]
     model = Counting(mnist_model)
     result = Square(ThreatModel("linf", 0.3), n_queries=1000)(model, x, y)
-    queries = result.extras["queries"]
+    queries = result.queries
     assert result.success.float().mean() >= 0.9
-    assert (result.norms <= 0.3 + 1e-6).all() and (queries <= 1000).all()
-    assert model.images == int(queries.sum()) + 2 * x.shape[0]
+    assert (result.norms <= 0.3 + 1e-6).all() and (queries <= 1000 + 2).all()
+    assert model.images == int(queries.sum())

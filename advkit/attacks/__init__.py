@@ -5,7 +5,7 @@ forward pass. ``REGISTRY`` maps each attack's name to its class.
 """
 
 from advkit.attacks.apgd import APGD, APGDT
-from advkit.attacks.base import Attack, AttackResult, CountedModel, Taxonomy
+from advkit.attacks.base import Attack, AttackResult, Taxonomy
 from advkit.attacks.bim import BIM, ILLC
 from advkit.attacks.carlini_wagner import CarliniWagnerL2, CarliniWagnerLinf
 from advkit.attacks.deepfool import DeepFool
@@ -35,7 +35,7 @@ def get(name: str) -> type[Attack]:
     return REGISTRY[key]
 
 
-__all__ = ["Attack", "AttackResult", "CountedModel", "Taxonomy", "REGISTRY", "get",
+__all__ = ["Attack", "AttackResult", "Taxonomy", "REGISTRY", "get",
            "FGSM", "BIM", "ILLC", "PGD", "MIFGSM", "APGD", "APGDT", "Square", "JSMA", "HotCold",
            "FeatureAdversary", "UniversalPerturbation", "DeepFool", "FAB",
            "CarliniWagnerL2", "CarliniWagnerLinf", "EAD"]

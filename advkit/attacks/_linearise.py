@@ -2,20 +2,18 @@
 
 Both attacks replace the model, at the current iterate, by its first-order Taylor
 expansion and step onto a linearised decision boundary. They need the same two
-pieces: the input gradients of several logit differences at one point
-(:func:`logit_gradients`, with the coefficients from :func:`logit_differences`) and
-the smallest step onto a hyperplane inside the box (:func:`project_onto_hyperplane`).
+pieces: the input gradients of several logit differences at one point (the oracle's
+Jacobian door, :meth:`advkit.models.access.Oracle.jacobian`, with the coefficients
+from :func:`logit_differences`) and the smallest step onto a hyperplane inside the box
+(:func:`project_onto_hyperplane`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
-
-from advkit.attacks.base import CountedModel
 
 
 def logit_differences(classes: Tensor, labels: Tensor, num_classes: int) -> Tensor:
@@ -26,39 +24,6 @@ def logit_differences(classes: Tensor, labels: Tensor, num_classes: int) -> Tens
     coef.scatter_add_(2, labels[:, None, None].expand(n, k, 1),
                       torch.full((n, k, 1), -1.0, device=classes.device))
     return coef
-
-
-def logit_gradients(
-    model: CountedModel, x: Tensor, coefficients: Tensor | Callable[[Tensor], Tensor],
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Input gradients of k linear combinations of the logits, per sample.
-
-    ``coefficients`` is a tensor (n, k, C), or a function of the logits at ``x``
-    returning one (so the combinations may depend on the current prediction).
-    Returns the logits (n, C), the combinations' values (n, k) and their input
-    gradients (n, k, *x.shape[1:]).
-
-    :class:`CountedModel` has one door per objective (one gradient), and DeepFool
-    and FAB need k gradients at the same point: this helper goes through
-    ``model.model`` with one forward pass, then k backward passes through the same
-    graph (one per combination, batched over the samples), and counts exactly that,
-    ``n`` forward and ``n * k`` backward passes. (One backward with the k cotangents
-    batched by ``is_grads_batched`` was no faster on CPU, and needs every operation of
-    the model to support vmap.)
-    """
-    n = x.shape[0]
-    xg = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        logits = model.model(xg)
-        coef = coefficients(logits.detach()) if callable(coefficients) else coefficients
-        coef = coef.to(logits.dtype)
-        k = coef.shape[1]
-        values = (coef * logits[:, None, :]).sum(dim=2)
-        grads = [torch.autograd.grad(values[:, j].sum(), xg, retain_graph=j < k - 1)[0]
-                 for j in range(k)]
-    model.forward_passes += n
-    model.backward_passes += n * k
-    return logits.detach(), values.detach(), torch.stack(grads, dim=1)
 
 
 def project_onto_hyperplane(

@@ -9,31 +9,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from advkit.attacks._iterate import objective, steepest_direction
-from advkit.attacks.base import Attack, CountedModel, Taxonomy, goal_reached, require_at_least
+from advkit.attacks._logits import best_other, dlr_loss, top_other_classes
+from advkit.attacks.ascent import objective, steepest_direction
+from advkit.attacks.base import Attack, Oracle, Taxonomy, goal_reached, require_at_least
 from advkit.threat import ThreatModel
 
 LOSSES = ("ce", "dlr")
 PAPER = ("Croce & Hein 2020, Reliable evaluation of adversarial robustness with an ensemble "
          "of diverse parameter-free attacks")
-
-
-def dlr_loss(logits: Tensor, labels: Tensor, targets: Tensor | None = None) -> Tensor:
-    """The Difference of Logits Ratio loss, per sample (the quantity APGD ascends).
-
-    Untargeted: ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12)``; targeted:
-    ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)``, where ``z_pi1 >= z_pi2 >= ...``
-    are the sorted logits. Dividing by a logit gap makes it invariant to shifting the
-    logits and scaling them by a positive factor, so it does not vanish on models with
-    a saturated softmax.
-    """
-    z = logits.sort(dim=1, descending=True).values
-    z_y = logits.gather(1, labels[:, None]).squeeze(1)
-    if targets is None:
-        z_other = logits.scatter(1, labels[:, None], float("-inf")).amax(dim=1)
-        return -(z_y - z_other) / (z[:, 0] - z[:, 2] + 1e-12)
-    z_t = logits.gather(1, targets[:, None]).squeeze(1)
-    return -(z_y - z_t) / (z[:, 0] - (z[:, 2] + z[:, 3]) / 2 + 1e-12)
 
 
 def checkpoints(steps: int) -> list[int]:
@@ -68,9 +51,9 @@ def _check_classes(loss: str, classes: int, targeted: bool) -> None:
 
 
 def apgd(
-    model: CountedModel, x: Tensor, labels: Tensor, loss_targets: Tensor | None,
+    model: Oracle, x: Tensor, labels: Tensor, loss_targets: Tensor | None,
     goal_targets: Tensor | None, x_start: Tensor, threat: ThreatModel, steps: int, loss: str,
-    alpha: float = 0.75, rho: float = 0.75, passes: Tensor | None = None,
+    alpha: float = 0.75, rho: float = 0.75,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One APGD run (Algorithm 1 of the paper) from ``x_start``, batched, with early exit.
 
@@ -92,9 +75,6 @@ def apgd(
     gradient, no momentum, at its best point: a saturated softmax), where every further
     step would return the same result.
 
-    ``passes`` (N,), if given, counts each sample's model passes (a gradient = forward +
-    backward = 2), for per-sample accounting.
-
     Returns ``(x_out, reached, loss, logits)`` per sample: the first iterate that
     reached the goal where one did (``reached``), else the iterate of highest loss;
     the loss and logits at ``x_out``.
@@ -115,11 +95,9 @@ def apgd(
     last_mark = 0
     for k in range(steps + 1):
         if k < steps:
-            logits, grad = model.gradient(xk, fn)
+            logits, grad = model.gradient(xk, fn, rows=idx)
         else:
-            logits, grad = model.logits(xk), torch.zeros_like(xk)
-        if passes is not None:
-            passes[idx] += 2 if k < steps else 1
+            logits, grad = model.logits(xk, rows=idx), torch.zeros_like(xk)
         f = fn(logits)
         if out_logits is None:
             out_logits = torch.zeros(n, logits.shape[1], device=x.device, dtype=logits.dtype)
@@ -224,7 +202,6 @@ class APGD(Attack):
         seed: seed of the random starts (same seed, same result); None for fresh draws.
     """
 
-    name = "APGD"
     paper = PAPER
     taxonomy = Taxonomy(frequency="iterative")
     norms = ("linf", "l2")
@@ -255,22 +232,15 @@ class APGD(Attack):
     def _start(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         return self.threat.random_start(x, generator) if self.random_start else x.clone()
 
-    def _apgd(self, model: CountedModel, x: Tensor, y: Tensor, loss_targets: Tensor | None,
-              goal_targets: Tensor | None, generator: torch.Generator | None,
-              passes: Tensor | None = None):
+    def _apgd(self, model: Oracle, x: Tensor, y: Tensor, loss_targets: Tensor | None,
+              goal_targets: Tensor | None, generator: torch.Generator | None):
         return apgd(model, x, y, loss_targets, goal_targets, self._start(x, generator),
-                    self.threat, self.steps, self.loss, self.alpha, self.rho, passes)
+                    self.threat, self.steps, self.loss, self.alpha, self.rho)
 
-    @staticmethod
-    def _passes(x: Tensor) -> Tensor:
-        """Per-sample model passes, starting with the clean and the final success pass."""
-        return torch.full((x.shape[0],), 2.0, device=x.device)
-
-    def _run(self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
+    def _run(self, model: Oracle, x: Tensor, y: Tensor, targets: Tensor | None,
              clean_logits: Tensor, generator: torch.Generator | None,
-             ) -> tuple[Tensor, dict[str, Tensor]]:
+             ) -> Tensor:
         _check_classes(self.loss, clean_logits.shape[1], targets is not None)
-        passes = self._passes(x)
         best = x.clone()
         best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device, dtype=x.dtype)
         todo = (~goal_reached(clean_logits, y, targets)).nonzero().squeeze(1)
@@ -278,14 +248,13 @@ class APGD(Attack):
             if todo.numel() == 0:
                 break
             ts = targets[todo] if targets is not None else None
-            used = torch.zeros(todo.numel(), device=x.device)
-            adv, reached, loss, _ = self._apgd(model, x[todo], y[todo], ts, ts, generator, used)
-            passes[todo] += used
+            adv, reached, loss, _ = self._apgd(model.view(todo), x[todo], y[todo], ts, ts,
+                                               generator)
             score = torch.where(reached, torch.full_like(loss, float("inf")), loss)
             better = score > best_loss[todo]
             best[todo[better]], best_loss[todo[better]] = adv[better], score[better]
             todo = todo[~reached]
-        return best, {"passes": passes}
+        return best
 
 
 class APGDT(APGD):
@@ -315,7 +284,6 @@ class APGDT(APGD):
         alpha, rho, random_start, seed: as in :class:`APGD`.
     """
 
-    name = "APGDT"
     taxonomy = Taxonomy(specificity="untargeted", frequency="iterative")
 
     def __init__(
@@ -336,14 +304,13 @@ class APGDT(APGD):
                              "choice use APGD(threat, loss='dlr') with targets=")
         return None
 
-    def _run(self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
+    def _run(self, model: Oracle, x: Tensor, y: Tensor, targets: Tensor | None,
              clean_logits: Tensor, generator: torch.Generator | None,
-             ) -> tuple[Tensor, dict[str, Tensor]]:
+             ) -> Tensor:
         classes = clean_logits.shape[1]
-        passes = self._passes(x)
         _check_classes(self.loss, classes, targeted=True)
         k = min(self.n_target_classes, classes - 1)
-        ranked = clean_logits.scatter(1, y[:, None], float("-inf")).topk(k, dim=1).indices
+        ranked = top_other_classes(clean_logits, y, k)
         best = x.clone()
         best_margin = torch.full((x.shape[0],), float("-inf"), device=x.device,
                                  dtype=clean_logits.dtype)
@@ -351,16 +318,14 @@ class APGDT(APGD):
         for j in range(k):
             for _ in range(self.restarts):
                 if todo.numel() == 0:
-                    return best, {"passes": passes}
+                    return best
                 ys = y[todo]
-                used = torch.zeros(todo.numel(), device=x.device)
-                adv, reached, _, logits = self._apgd(model, x[todo], ys, ranked[todo, j], None,
-                                                     generator, used)
-                passes[todo] += used
+                adv, reached, _, logits = self._apgd(model.view(todo), x[todo], ys,
+                                                     ranked[todo, j], None, generator)
                 own = logits.gather(1, ys[:, None]).squeeze(1)
-                margin = logits.scatter(1, ys[:, None], float("-inf")).amax(dim=1) - own
+                margin = best_other(logits, ys) - own
                 margin = torch.where(reached, torch.full_like(margin, float("inf")), margin)
                 better = margin > best_margin[todo]
                 best[todo[better]], best_margin[todo[better]] = adv[better], margin[better]
                 todo = todo[~reached]
-        return best, {"passes": passes}
+        return best

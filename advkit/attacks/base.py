@@ -14,7 +14,7 @@ import sys
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,19 +23,58 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from advkit.models.access import (
+    GRADIENTS,
+    LABELS,
+    SCORES,
+    AccessError,
+    ModelAccess,
+    Oracle,
+    allows,
+    as_access,
+)
 from advkit.threat import ThreatModel
+
+#: The knowledge axis's values, and the model access each one needs. Gray-box attacks
+#: craft on surrogates they hold themselves and need only the target's labels.
+KNOWLEDGE = {"white box": GRADIENTS, "gray box": LABELS, "black box (scores)": SCORES,
+             "black box (decisions)": LABELS}
+#: The other axes' values (DESIGN.md's taxonomy).
+AXES = {
+    "falsification": ("false negative", "false positive"),
+    "knowledge": tuple(KNOWLEDGE),
+    "specificity": ("untargeted+targeted", "untargeted", "targeted"),
+    "frequency": ("one-time", "iterative"),
+    "scope": ("individual", "universal"),
+    "perturbation": ("constrained", "optimized"),
+}
 
 
 @dataclass(frozen=True)
 class Taxonomy:
-    """Where an attack sits on the six axes of DESIGN.md's taxonomy."""
+    """Where an attack sits on the six axes of DESIGN.md's taxonomy (values checked)."""
 
-    falsification: str = "false negative"   # or "false positive"
-    knowledge: str = "white box"            # "gray box", "black box"
-    specificity: str = "untargeted+targeted"  # "untargeted", "targeted"
-    frequency: str = "iterative"            # "one-time"
-    scope: str = "individual"               # "universal"
-    perturbation: str = "constrained"       # "optimized" (minimal norm)
+    falsification: str = "false negative"
+    knowledge: str = "white box"
+    specificity: str = "untargeted+targeted"
+    frequency: str = "iterative"
+    scope: str = "individual"
+    perturbation: str = "constrained"  # "optimized": finds the smallest perturbation
+
+    def __post_init__(self) -> None:
+        for axis, values in AXES.items():
+            if getattr(self, axis) not in values:
+                raise ValueError(f"taxonomy {axis} must be one of {', '.join(values)} "
+                                 f"(got {getattr(self, axis)!r})")
+
+    @property
+    def access(self) -> str:
+        """The model access this knowledge needs: gradients, scores or labels."""
+        return KNOWLEDGE[self.knowledge]
+
+    @property
+    def black_box(self) -> bool:
+        return self.knowledge.startswith("black box")
 
 
 @dataclass
@@ -56,10 +95,14 @@ class AttackResult:
         forward_passes / backward_passes: images sent through the model
             (one image through the model once = 1), checks and the success
             pass included.
+        queries: the per-sample cost (int64, N): for each sample, the forward plus
+            the backward passes spent on it, the entry check and the final success
+            pass included, whatever the attack. For a score- or label-only model it
+            is the number of queries; for a white-box attack a gradient costs 2.
+            ``queries.sum() == forward_passes + backward_passes``.
         seconds: wall time of the whole call.
         extras: further per-sample tensors (first dim N) an attack reports, such as
-            ``queries`` (model queries per sample, for score- and decision-based
-            attacks) or several candidate examples per image.
+            several candidate examples per image.
     """
 
     x_adv: Tensor
@@ -70,6 +113,7 @@ class AttackResult:
     targets: Tensor | None
     forward_passes: int
     backward_passes: int
+    queries: Tensor
     seconds: float
     attack: str
     threat: ThreatModel
@@ -130,48 +174,6 @@ class AttackResult:
         }
 
 
-class CountedModel:
-    """A model seen through the only two doors an attack may use, each counting images.
-
-    ``check_first``, if given, is called once with the logits of the first pass through
-    either door, before anything else sees them (the gradient door calls it before the
-    objective is evaluated): the entry checks of attacks that need no clean forward pass
-    (see :meth:`Attack._needs_clean_pass`).
-    """
-
-    def __init__(self, model: nn.Module,
-                 check_first: Callable[[Tensor], None] | None = None) -> None:
-        self.model = model
-        self.forward_passes = 0
-        self.backward_passes = 0
-        self.check_first = check_first
-
-    def _checked(self, logits: Tensor) -> Tensor:
-        if self.check_first is not None:
-            check, self.check_first = self.check_first, None
-            check(logits.detach())
-        return logits
-
-    def logits(self, x: Tensor) -> Tensor:
-        """Logits without a graph (one forward pass per image)."""
-        self.forward_passes += x.shape[0]
-        with torch.no_grad():
-            return self._checked(self.model(x))
-
-    def gradient(self, x: Tensor, objective: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
-        """Logits at ``x`` and the gradient of ``objective(logits)`` (per sample, summed).
-
-        Only the input gradient is computed (no parameter gradients accumulate).
-        """
-        self.forward_passes += x.shape[0]
-        self.backward_passes += x.shape[0]
-        x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            logits = self._checked(self.model(x))
-            (grad,) = torch.autograd.grad(objective(logits).sum(), x)
-        return logits.detach(), grad
-
-
 def require_at_least(minimum: int, **values: int) -> None:
     """Raise a clear ValueError for the first of ``values`` (name=value) below ``minimum``:
     the constructors' check of step counts, restarts and batch sizes."""
@@ -205,15 +207,35 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
+_ACCESS_HINT = {
+    SCORES: "Use a score-based attack (advkit attacks lists each attack's access), or "
+            "pass the nn.Module itself if you may read its gradients.",
+    LABELS: "Use a decision-based attack (advkit attacks lists each attack's access), or "
+            "give the model with more access.",
+    GRADIENTS: "",
+}
+
+
 class Attack(ABC):
-    """Base class: subclasses set the class attributes and implement ``_run``."""
+    """Base class: subclasses set the class attributes and implement ``_run``.
+
+    ``name`` is the class name; ``access`` (the model access the attack needs) follows
+    from ``taxonomy.knowledge``.
+    """
 
     name: ClassVar[str]
     paper: ClassVar[str]
     taxonomy: ClassVar[Taxonomy]
+    access: ClassVar[str]
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
     kind: ClassVar[str] = "budgeted"   # or "minimal"
     targeted_only: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.name = cls.__name__
+        if "taxonomy" in cls.__dict__:
+            cls.access = cls.taxonomy.access
 
     def __init__(self, threat: ThreatModel, *, seed: int | None = 0) -> None:
         if not isinstance(threat, ThreatModel):
@@ -239,52 +261,66 @@ class Attack(ABC):
         return f"{type(self).__name__}({args})"
 
     def __call__(
-        self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None = None,
+        self, model: nn.Module | ModelAccess, x: Tensor, y: Tensor,
+        targets: Tensor | None = None,
     ) -> AttackResult:
         """Attack ``model`` on images ``x`` (N,C,H,W in the bounds) with labels ``y``.
 
-        Pass ``targets`` (N,) for a targeted attack. Returns an :class:`AttackResult`.
+        ``model`` is an ``nn.Module`` (white box) or an access object that exposes less
+        (:func:`advkit.models.scores_only`, :func:`advkit.models.labels_only`); an attack
+        that needs more access than it is given is refused before any query. Pass
+        ``targets`` (N,) for a targeted attack. Returns an :class:`AttackResult`.
         """
         start = time.perf_counter()
-        x, y, targets = check_inputs(model, x, y, targets, self.threat)
+        access = as_access(model)
+        if not allows(access.level, self.access):
+            raise AccessError(
+                f"{self.name} is a {self.taxonomy.knowledge} attack: it needs {self.access} "
+                f"access, but the model was given with {access.level} access only. "
+                f"{_ACCESS_HINT[access.level]}")
+        x, y, targets = check_inputs(access, x, y, targets, self.threat)
         if self.targeted_only and targets is None:
-            raise ValueError(f"{type(self).__name__} is targeted: pass targets=")
+            raise ValueError(f"{self.name} is targeted: pass targets=")
         if self.kind == "budgeted":
             self.threat.check_eps_for(x)
-        counted = CountedModel(model)
-        with eval_mode(model):
+        oracle = Oracle(access, x.shape[0], device=x.device, who=self.name)
+        with eval_mode(access.module):
             clean_logits: Tensor | None = None
             if not self._needs_clean_pass():
                 # Check the logits of the attack's own first pass (at x or at a random start)
                 # instead of paying for a clean forward pass; they run before any use.
-                counted.check_first = lambda logits: check_logits(logits, y, targets,
-                                                                  where=FIRST_POINT)
+                oracle.check_first = lambda logits: check_logits(logits, y, targets,
+                                                                 where=FIRST_POINT)
+            elif access.level == LABELS:
+                oracle.labels(x)
             else:
-                clean_logits = counted.logits(x)
+                clean_logits = oracle.logits(x)
                 check_logits(clean_logits, y, targets)
                 targets = self._choose_targets(clean_logits, y, targets)
             generator = None
             if self.seed is not None:
                 generator = torch.Generator(device=x.device).manual_seed(self.seed)
-            out = self._run(counted, x, y, targets, clean_logits, generator)
-            if counted.check_first is not None:
-                raise RuntimeError(f"{type(self).__name__} declared that it needs no clean pass "
+            oracle.reserve(1)
+            out = self._run(oracle, x, y, targets, clean_logits, generator)
+            oracle.reserve(0)
+            if oracle.check_first is not None:
+                raise RuntimeError(f"{self.name} declared that it needs no clean pass "
                                    "but made no model pass; fix its _needs_clean_pass()")
             x_adv, extras = out if isinstance(out, tuple) else (out, {})
             x_adv = x_adv.detach().clamp(*self.threat.bounds)
-            logits = counted.logits(x_adv)
+            predictions = oracle.labels(x_adv)
         norms = self.threat.norms(x_adv - x)
-        success = goal_reached(logits, y, targets)
+        success = predictions == targets if targets is not None else predictions != y
         if self.kind == "minimal":
             norms = torch.where(success, norms, torch.full_like(norms, math.inf))
             if self.threat.bounded:
                 success = success & (norms <= self.threat.eps)
         return AttackResult(
-            x_adv=x_adv, success=success, norms=norms, predictions=logits.argmax(1),
-            labels=y, targets=targets, forward_passes=counted.forward_passes,
-            backward_passes=counted.backward_passes, seconds=time.perf_counter() - start,
-            attack=type(self).__name__, threat=self.threat, kind=self.kind, config=self.config(),
-            extras=extras,
+            x_adv=x_adv, success=success, norms=norms, predictions=predictions,
+            labels=y, targets=targets, forward_passes=oracle.forward_passes,
+            backward_passes=oracle.backward_passes, queries=oracle.queries,
+            seconds=time.perf_counter() - start, attack=self.name, threat=self.threat,
+            kind=self.kind, config=self.config(), extras=extras,
         )
 
     def _choose_targets(self, clean_logits: Tensor, y: Tensor,
@@ -305,13 +341,16 @@ class Attack(ABC):
 
     @abstractmethod
     def _run(
-        self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
+        self, model: Oracle, x: Tensor, y: Tensor, targets: Tensor | None,
         clean_logits: Tensor | None, generator: torch.Generator | None,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """Return adversarial images for ``x`` (shape of x, inside the threat model).
 
+        ``model`` is the only way into the model: every door counts per sample (see
+        :class:`~advkit.models.access.Oracle`; a door used on a subset of the samples
+        needs ``rows=``, or a :meth:`~advkit.models.access.Oracle.view`).
         ``clean_logits`` are the model's logits at ``x``, or None for an attack whose
-        :meth:`_needs_clean_pass` is False.
+        :meth:`_needs_clean_pass` is False (or that has label-only access).
 
         An attack may also return ``(x_adv, extras)``: per-sample tensors that end
         up in ``AttackResult.extras``. Minimal-norm attacks return ``x`` itself
@@ -320,10 +359,10 @@ class Attack(ABC):
 
 
 def check_inputs(
-    model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, threat: ThreatModel,
+    model: nn.Module | ModelAccess, x: Tensor, y: Tensor, targets: Tensor | None,
+    threat: ThreatModel,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module (got {type(model).__name__})")
+    as_access(model)  # a clear TypeError for anything that is not a model
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor (got {type(x).__name__})")
     if x.dim() != 4:

@@ -30,7 +30,6 @@ class BIM(PGD):
         loss, early_exit, seed: as in :class:`PGD`.
     """
 
-    name = "BIM"
     paper = "Kurakin et al. 2017, Adversarial Examples in the Physical World"
     taxonomy = Taxonomy(frequency="iterative")
 
@@ -52,7 +51,6 @@ class ILLC(BIM):
     target was reached). With ``steps=1`` it is the one-step "step l.l." method.
     """
 
-    name = "ILLC"
     taxonomy = Taxonomy(specificity="targeted", frequency="iterative")
 
     def _needs_clean_pass(self) -> bool:

@@ -11,12 +11,23 @@ As in the authors' code, the loss uses ``f + kappa >= 0`` (same gradients).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from advkit.attacks.base import Attack, CountedModel, Taxonomy
+from advkit.attacks._const_search import (
+    abort_check,
+    check_common,
+    check_search,
+    check_tolerance,
+    hinge,
+    is_count,
+    search_const,
+    start_search,
+    within_budget,
+)
+from advkit.attacks._logits import margin as logit_margin
+from advkit.attacks.base import Attack, Oracle, Taxonomy
 from advkit.threat import ThreatModel
 
 #: The reference code maps the box into tanh space with this factor so that atanh stays finite.
@@ -25,56 +36,6 @@ _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
 #: The authors' Adam learning rates (L2, Linf) at their 1000 steps per run.
 _PAPER_L2_LR, _PAPER_LINF_LR, _PAPER_STEPS = 1e-2, 5e-3, 1000
-#: The estimated first c (``initial_const=None``) is this multiple of the linearised one.
-_ESTIMATE_FACTOR = 2.0
-#: Stalled checks in a row that end a run which has already found an adversarial example
-#: (one ends a run that has not; see ``CarliniWagnerL2``'s docstring).
-_ABORT_PATIENCE_AFTER_SUCCESS = 3
-_ABORT_PATIENCE = 1
-#: Estimated first c values are kept in this range: below the 1e9 that marks "no
-#: success yet" in the search, and above 0 (a sample exactly on the boundary).
-_CONST_RANGE = (1e-6, 1e8)
-
-
-def _margin(logits: Tensor, labels: Tensor, targets: Tensor | None) -> Tensor:
-    """Per sample: how far the goal is, in logits (negative once it is reached).
-
-    Untargeted ``Z_y - max_{i != y} Z_i``; targeted ``max_{i != t} Z_i - Z_t``.
-    """
-    cls = targets if targets is not None else labels
-    own = logits.gather(1, cls[:, None]).squeeze(1)
-    others = logits.scatter(1, cls[:, None], float("-inf")).amax(dim=1)
-    return own - others if targets is None else others - own
-
-
-def _start_search(x: Tensor, clean_logits: Tensor, y: Tensor, targets: Tensor | None,
-                  confidence: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The best-so-far state of a minimal-norm search: ``(best, best_score, todo)``.
-
-    ``best`` starts at x, with score inf (nothing found), except for samples already at
-    their goal with the required margin: x itself is their minimum (score 0) and they are
-    left out of ``todo``, the indices still to search.
-    """
-    best = x.clone()
-    best_score = torch.full((x.shape[0],), math.inf, device=x.device, dtype=x.dtype)
-    already = _margin(clean_logits, y, targets) < -confidence
-    best_score[already] = 0.0
-    return best, best_score, (~already).nonzero().squeeze(1)
-
-
-def _within_budget(best: Tensor, x: Tensor, threat: ThreatModel) -> Tensor:
-    """``best`` with x put back wherever its perturbation exceeds a finite eps: a search
-    capped by eps returns x where it found nothing inside the budget (in place)."""
-    if threat.bounded:
-        # Measured as the result will be (the running norms may differ in the last bit).
-        over = threat.norms(best - x) > threat.eps
-        best[over] = x[over]
-    return best
-
-
-def _hinge(logits: Tensor, labels: Tensor, targets: Tensor | None, kappa: float) -> Tensor:
-    """The attack term ``max(margin + kappa, 0)`` (the paper's f plus the constant kappa)."""
-    return (_margin(logits, labels, targets) + kappa).clamp_min(0)
 
 
 def _to_tanh_space(x: Tensor, bounds: tuple[float, float]) -> Tensor:
@@ -108,123 +69,11 @@ def _adam(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, t: Tensor | int,
     return param - lr * m_hat / (v_hat.sqrt() + _ADAM_EPS)
 
 
-def _bisect_const(const: Tensor, lower: Tensor, upper: Tensor, success: Tensor) -> None:
-    """The reference code's search over c, per sample and in place.
-
-    After a success c becomes an upper bound; after a failure a lower bound. With both
-    bounds known the next c is their midpoint; while no success has been seen (upper
-    bound still at its initial 1e10) c grows tenfold.
-    """
-    upper.copy_(torch.where(success, torch.minimum(upper, const), upper))
-    lower.copy_(torch.where(success, lower, torch.maximum(lower, const)))
-    bracketed = upper < 1e9
-    const.copy_(torch.where(bracketed, (lower + upper) / 2,
-                            torch.where(success, const, const * 10)))
-
-
-def _estimate_const(model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
-                    kappa: float) -> Tensor:
-    """Per sample, a first c read off the model linearised at ``x`` (one gradient pass).
-
-    With the attack term linearised, ``f(x + d) + kappa ~ m + g . d``, the minimiser of
-    ``||d||^2 + c (m + g . d)`` is ``d = -c g / 2``, which lands exactly on the
-    boundary ``m + g . d = 0`` at ``c = 2 m / ||g||^2``. The estimate is
-    ``_ESTIMATE_FACTOR`` times that: the boundary curves towards the image (on the
-    MNIST test CNN the smallest successful c the paper's search finds is 0.3 to 1.3
-    times the linear value), and a run whose c is just at the threshold ends on the
-    boundary rather than across it, so the factor makes the first run succeed.
-    """
-    logits, grad = model.gradient(x, lambda z: _margin(z, y, targets))
-    need = _margin(logits, y, targets) + kappa
-    c = _ESTIMATE_FACTOR * 2 * need / grad.flatten(1).pow(2).sum(1)
-    # A flat model (zero gradient) gives inf or nan: start as high as the search allows.
-    return c.nan_to_num(nan=_CONST_RANGE[1]).clamp(*_CONST_RANGE)
-
-
-def _search_const(model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
-                  todo: Tensor, descend: Callable[[Tensor, Tensor], Tensor], *,
-                  initial_const: float | None, search_steps: int, search_tolerance: float,
-                  confidence: float) -> None:
-    """The per-sample search over c shared by C&W L2 and EAD.
-
-    ``descend(const, todo)`` runs the attack once at the per-sample ``const`` on the
-    samples ``todo`` and returns, per sample of ``todo``, whether it succeeded. c starts
-    at ``initial_const`` (None: :func:`_estimate_const`), then follows
-    :func:`_bisect_const`; a sample stops searching once a run has succeeded and the
-    bracket ``[lower, upper]`` has ``upper - lower <= search_tolerance * upper``.
-    """
-    const = torch.full((x.shape[0],), initial_const or 0.0, device=x.device, dtype=x.dtype)
-    if initial_const is None and todo.numel():
-        const[todo] = _estimate_const(model, x[todo], y[todo],
-                                      None if targets is None else targets[todo],
-                                      confidence).to(x.dtype)
-    lower, upper = torch.zeros_like(const), torch.full_like(const, 1e10)
-    for _ in range(search_steps):
-        if todo.numel() == 0:
-            break
-        success = descend(const, todo)
-        c, lo, hi = const[todo], lower[todo], upper[todo]
-        _bisect_const(c, lo, hi, success)
-        const[todo], lower[todo], upper[todo] = c, lo, hi
-        # Search on only where no run has succeeded yet (upper still at its initial
-        # 1e10) or where the bracket on c is still wider than the tolerance.
-        todo = todo[(hi >= 1e9) | (hi - lo > search_tolerance * hi)]
-
-
-def _check_tolerance(search_tolerance: float) -> None:
-    if not (isinstance(search_tolerance, (int, float)) and 0 <= search_tolerance <= 1):
-        raise ValueError(f"search_tolerance must be in [0, 1] (got {search_tolerance!r}); "
-                         "1 stops at the first success, 0 runs every search step")
-
-
-def _abort_check(loss: Tensor, prev: Tensor, stalls: Tensor, succeeded: Tensor,
-                 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The per-sample early abort, at one check: which runs go on, the new ``prev`` and
-    ``stalls``.
-
-    A check stalls when the loss is not below 0.9999 of the lowest loss at an earlier
-    check (the paper's rule). A run that has not succeeded yet stops at its first
-    stalled check; one that has succeeded shrinks its example along the boundary,
-    where the loss jumps each time an iterate falls back across, so a stalled check is
-    often such a jump: it stops only after ``_ABORT_PATIENCE_AFTER_SUCCESS`` in a row.
-    """
-    stalls = torch.where(loss > prev * 0.9999, stalls + 1, 0)
-    keep = stalls < torch.where(succeeded, _ABORT_PATIENCE_AFTER_SUCCESS, _ABORT_PATIENCE)
-    return keep, torch.minimum(prev, loss), stalls
-
-
-def _is_count(steps: object) -> bool:
-    return isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1
-
-
 def _scaled_lr(paper_lr: float, steps: int) -> float:
     """The paper's learning rate at its 1000 steps, scaled by ``1000 / steps`` for fewer."""
-    if not _is_count(steps):
+    if not is_count(steps):
         return paper_lr  # the step count is refused by the checks
     return paper_lr * max(1.0, _PAPER_STEPS / steps)
-
-
-def _check_common(steps: int, learning_rate: float, confidence: float) -> None:
-    if not _is_count(steps):
-        raise ValueError(f"steps must be an integer >= 1 (got {steps!r})")
-    if not (isinstance(learning_rate, (int, float)) and learning_rate > 0
-            and math.isfinite(learning_rate)):
-        raise ValueError(f"learning_rate must be a finite number > 0 (got {learning_rate!r})")
-    if not (isinstance(confidence, (int, float)) and confidence >= 0
-            and math.isfinite(confidence)):
-        raise ValueError(f"confidence (kappa) must be a finite number >= 0 (got {confidence!r}); "
-                         "0 asks for any misclassification, larger values for a logit margin")
-
-
-def _check_search(search_steps: int, initial_const: float | None,
-                  allow_estimate: bool = False) -> None:
-    if not _is_count(search_steps):
-        raise ValueError(f"search_steps must be an integer >= 1 (got {search_steps!r})")
-    if initial_const is None and allow_estimate:
-        return
-    if not (isinstance(initial_const, (int, float)) and 0 < initial_const < 1e9):
-        hint = " or None for the per-sample estimate" if allow_estimate else ""
-        raise ValueError(f"initial_const must be in (0, 1e9){hint} (got {initial_const!r})")
 
 
 class CarliniWagnerL2(Attack):
@@ -248,7 +97,7 @@ class CarliniWagnerL2(Attack):
     move the norm by well under 1%. By default (``initial_const=None``) each sample
     starts instead at twice the c at which the model linearised at ``x`` would put the
     minimiser exactly on the boundary, ``4 (m + kappa) / ||grad m||^2`` with ``m`` the
-    margin (one gradient pass; see :func:`_estimate_const`), and stops searching at
+    margin (one gradient pass; see :func:`estimate_const`), and stops searching at
     its first success (``search_tolerance=1``). On the test MNIST CNN (first 200 test
     images, all broken either way) this default costs 101 gradient passes per image (the
     estimate's included) and finds a median L2 of 1.59 (mean 1.63), against 715 passes
@@ -309,7 +158,6 @@ class CarliniWagnerL2(Attack):
         seed: unused (the attack is deterministic); kept for the common signature.
     """
 
-    name = "CarliniWagnerL2"
     paper = "Carlini & Wagner 2017, Towards Evaluating the Robustness of Neural Networks"
     taxonomy = Taxonomy(frequency="iterative", perturbation="optimized")
     norms = ("l2",)
@@ -324,9 +172,9 @@ class CarliniWagnerL2(Attack):
         super().__init__(threat, seed=seed)
         if learning_rate is None:
             learning_rate = _scaled_lr(_PAPER_L2_LR, steps)
-        _check_common(steps, learning_rate, confidence)
-        _check_search(search_steps, initial_const, allow_estimate=True)
-        _check_tolerance(search_tolerance)
+        check_common(steps, learning_rate, confidence)
+        check_search(search_steps, initial_const, allow_estimate=True)
+        check_tolerance(search_tolerance)
         self.steps = steps
         self.search_steps = search_steps
         self.initial_const = None if initial_const is None else float(initial_const)
@@ -335,19 +183,19 @@ class CarliniWagnerL2(Attack):
         self.learning_rate = float(learning_rate)
         self.abort_early = abort_early
 
-    def _run(self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
+    def _run(self, model: Oracle, x: Tensor, y: Tensor, targets: Tensor | None,
              clean_logits: Tensor, generator: torch.Generator | None) -> Tensor:
-        best, best_norm, todo = _start_search(x, clean_logits, y, targets, self.confidence)
+        best, best_norm, todo = start_search(x, clean_logits, y, targets, self.confidence)
         w0 = _to_tanh_space(x, self.threat.bounds)
-        _search_const(
+        search_const(
             model, x, y, targets, todo,
             lambda const, todo: self._descend(model, x, w0, y, targets, const, todo, best,
                                               best_norm),
             initial_const=self.initial_const, search_steps=self.search_steps,
             search_tolerance=self.search_tolerance, confidence=self.confidence)
-        return _within_budget(best, x, self.threat)
+        return within_budget(best, x, self.threat)
 
-    def _descend(self, model: CountedModel, x: Tensor, w0: Tensor, y: Tensor,
+    def _descend(self, model: Oracle, x: Tensor, w0: Tensor, y: Tensor,
                  targets: Tensor | None, const: Tensor, todo: Tensor, best: Tensor,
                  best_norm: Tensor) -> Tensor:
         """One run of Adam at fixed c on the samples ``todo``; updates ``best`` in place.
@@ -372,10 +220,10 @@ class CarliniWagnerL2(Attack):
             x_adv = lo + (hi - lo) * (tanh_w + 1) / 2
             jac = (1 - tanh_w * tanh_w) * (hi - lo) / 2
             logits, grad_f = model.gradient(
-                x_adv, lambda z, c=ca, yy=ya, tt=ta: c * _hinge(z, yy, tt, kappa))
+                x_adv, lambda z, c=ca, yy=ya, tt=ta: c * hinge(z, yy, tt, kappa), rows=idx)
             delta = x_adv - xa
             dist2 = (delta * delta).flatten(1).sum(1)
-            margin = _margin(logits, ya, ta)
+            margin = logit_margin(logits, ya, ta)
             adversarial = margin < -kappa
             dist = dist2.sqrt()
             better = adversarial & (dist < best_norm[idx])
@@ -384,7 +232,7 @@ class CarliniWagnerL2(Attack):
             success[local[adversarial]] = True
             if self.abort_early and step % check_every == 0:
                 loss = dist2 + ca * (margin + kappa).clamp_min(0)
-                keep, prev, stalls = _abort_check(loss, prev, stalls, success[local])
+                keep, prev, stalls = abort_check(loss, prev, stalls, success[local])
                 if not keep.all():
                     local, idx, xa, wa, ya, ca, jac, delta, grad_f, modifier, m, v, prev, stalls = (
                         t[keep] for t in (local, idx, xa, wa, ya, ca, jac, delta, grad_f,
@@ -450,7 +298,6 @@ class CarliniWagnerLinf(Attack):
         seed: unused (the attack is deterministic); kept for the common signature.
     """
 
-    name = "CarliniWagnerLinf"
     paper = "Carlini & Wagner 2017, Towards Evaluating the Robustness of Neural Networks"
     taxonomy = Taxonomy(frequency="iterative", perturbation="optimized")
     norms = ("linf",)
@@ -465,7 +312,7 @@ class CarliniWagnerLinf(Attack):
         super().__init__(threat, seed=seed)
         if learning_rate is None:
             learning_rate = _scaled_lr(_PAPER_LINF_LR, steps)
-        _check_common(steps, learning_rate, confidence)
+        check_common(steps, learning_rate, confidence)
         if not (isinstance(initial_const, (int, float)) and 0 < initial_const < largest_const):
             raise ValueError(f"initial_const must be > 0 and below largest_const={largest_const} "
                              f"(got {initial_const!r})")
@@ -484,11 +331,11 @@ class CarliniWagnerLinf(Attack):
         self.learning_rate = float(learning_rate)
         self.abort_early = abort_early
 
-    def _run(self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
+    def _run(self, model: Oracle, x: Tensor, y: Tensor, targets: Tensor | None,
              clean_logits: Tensor, generator: torch.Generator | None) -> Tensor:
         bounds, kappa = self.threat.bounds, self.confidence
         width = bounds[1] - bounds[0]
-        best, best_norm, idx = _start_search(x, clean_logits, y, targets, kappa)
+        best, best_norm, idx = start_search(x, clean_logits, y, targets, kappa)
         xa, ya = x[idx], y[idx]
         ta = targets[idx] if targets is not None else None
         start = _to_tanh_space(xa, bounds)          # warm start of the current tau
@@ -504,11 +351,11 @@ class CarliniWagnerLinf(Attack):
             w = start + modifier
             x_adv = _from_tanh_space(w, bounds)
             logits, grad_f = model.gradient(
-                x_adv, lambda z, c=const, yy=ya, tt=ta: c * _hinge(z, yy, tt, kappa))
+                x_adv, lambda z, c=const, yy=ya, tt=ta: c * hinge(z, yy, tt, kappa), rows=idx)
             delta = x_adv - xa
             t = tau.view(-1, *([1] * (x.dim() - 1)))
             excess = (delta.abs() - t).clamp_min(0)
-            margin = _margin(logits, ya, ta)
+            margin = logit_margin(logits, ya, ta)
             loss = const * (margin + kappa).clamp_min(0) + excess.flatten(1).sum(1)
             worked = (margin < -kappa) & (loss < 1e-4 * const)
             # Success: record, shrink tau, warm-start from here with a fresh Adam.
@@ -543,4 +390,4 @@ class CarliniWagnerLinf(Attack):
                 adam_t, attempt, tau, const, prev = (
                     z[keep] for z in (adam_t, attempt, tau, const, prev))
                 ta = ta[keep] if ta is not None else None
-        return _within_budget(best, x, self.threat)
+        return within_budget(best, x, self.threat)

@@ -13,10 +13,10 @@ from torch import Tensor
 
 from advkit.attacks._linearise import (
     logit_differences,
-    logit_gradients,
     project_onto_hyperplane,
 )
-from advkit.attacks.base import Attack, CountedModel, Taxonomy, require_at_least
+from advkit.attacks._logits import top_other_classes
+from advkit.attacks.base import Attack, Oracle, Taxonomy, require_at_least
 from advkit.threat import ThreatModel
 
 #: Guards divisions by a gradient norm that vanishes (a flat region of the model).
@@ -79,7 +79,6 @@ class DeepFool(Attack):
         seed: unused (DeepFool is deterministic); kept for the common signature.
     """
 
-    name = "DeepFool"
     paper = ("Moosavi-Dezfooli et al. 2016, DeepFool: a simple and accurate method to fool "
              "deep neural networks")
     taxonomy = Taxonomy(specificity="untargeted", frequency="iterative", perturbation="optimized")
@@ -112,13 +111,13 @@ class DeepFool(Attack):
                              "with targets=")
         return None
 
-    def _run(self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
+    def _run(self, model: Oracle, x: Tensor, y: Tensor, targets: Tensor | None,
              clean_logits: Tensor, generator: torch.Generator | None) -> Tensor:
         classes = clean_logits.shape[1]
         if classes < 2:
             raise ValueError(f"DeepFool needs a model with at least 2 classes (got {classes})")
         k = min(self.top_k, classes - 1)
-        candidates = clean_logits.scatter(1, y[:, None], float("-inf")).topk(k, dim=1).indices
+        candidates = top_other_classes(clean_logits, y, k)
         lo, hi = self.threat.bounds
         grow = 1 + self.overshoot
         out = x.clone()
@@ -129,13 +128,13 @@ class DeepFool(Attack):
         for _ in range(self.steps):
             if active.numel() == 0:
                 break
-            _, f, grads = logit_gradients(model, xa, logit_differences(ca, ya, classes))
+            _, f, grads = model.jacobian(xa, logit_differences(ca, ya, classes), rows=active)
             if self.box == "clip":
                 r_total = r_total + self._paper_step(f, grads)
                 xa = (x0 + grow * r_total).clamp(lo, hi)
             else:
                 xa = (xa + grow * self._box_step(xa, f, grads)).clamp(lo, hi)
-            done = model.logits(xa).argmax(dim=1) != ya
+            done = model.labels(xa, rows=active) != ya
             if done.any():
                 out[active[done]] = xa[done]
                 keep = ~done

@@ -8,18 +8,18 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from advkit.attacks.base import Attack, CountedModel, Taxonomy
-from advkit.attacks.carlini_wagner import (
-    _abort_check,
-    _check_common,
-    _check_search,
-    _check_tolerance,
-    _hinge,
-    _margin,
-    _search_const,
-    _start_search,
-    _within_budget,
+from advkit.attacks._const_search import (
+    abort_check,
+    check_common,
+    check_search,
+    check_tolerance,
+    hinge,
+    search_const,
+    start_search,
+    within_budget,
 )
+from advkit.attacks._logits import margin as logit_margin
+from advkit.attacks.base import Attack, Oracle, Taxonomy
 from advkit.threat import ThreatModel
 
 DECISION_RULES = ("l1", "en")
@@ -116,7 +116,6 @@ class EAD(Attack):
         seed: unused (the attack is deterministic); kept for the common signature.
     """
 
-    name = "EAD"
     paper = ("Chen et al. 2018, EAD: Elastic-Net Attacks to Deep Neural Networks via "
              "Adversarial Examples")
     taxonomy = Taxonomy(frequency="iterative", perturbation="optimized")
@@ -132,7 +131,7 @@ class EAD(Attack):
         shrink_only_when_adversarial: bool | None = None, seed: int | None = 0,
     ) -> None:
         super().__init__(threat, seed=seed)
-        _check_common(steps, learning_rate, confidence)
+        check_common(steps, learning_rate, confidence)
         if shrink_only_when_adversarial is None:
             shrink_only_when_adversarial = decision_rule == "l1"
         self.shrink_only_when_adversarial = bool(shrink_only_when_adversarial)
@@ -141,8 +140,8 @@ class EAD(Attack):
             initial_const = None if self.shrink_only_when_adversarial else 1e-3
         if search_tolerance is None:
             search_tolerance = 1.0 if self.shrink_only_when_adversarial else 0.0
-        _check_search(search_steps, initial_const, allow_estimate=True)
-        _check_tolerance(search_tolerance)
+        check_search(search_steps, initial_const, allow_estimate=True)
+        check_tolerance(search_tolerance)
         if not (isinstance(beta, (int, float)) and beta >= 0 and math.isfinite(beta)):
             raise ValueError(f"beta must be a finite number >= 0 (got {beta!r}); the paper "
                              "uses 1e-3")
@@ -160,18 +159,18 @@ class EAD(Attack):
         self.abort_early = abort_early
         self.search_tolerance = float(search_tolerance)
 
-    def _run(self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
+    def _run(self, model: Oracle, x: Tensor, y: Tensor, targets: Tensor | None,
              clean_logits: Tensor, generator: torch.Generator | None) -> Tensor:
-        best, best_score, todo = _start_search(x, clean_logits, y, targets, self.confidence)
-        _search_const(
+        best, best_score, todo = start_search(x, clean_logits, y, targets, self.confidence)
+        search_const(
             model, x, y, targets, todo,
             lambda const, todo: self._descend(model, x, y, targets, const, todo, best,
                                               best_score),
             initial_const=self.initial_const, search_steps=self.search_steps,
             search_tolerance=self.search_tolerance, confidence=self.confidence)
-        return _within_budget(best, x, self.threat)
+        return within_budget(best, x, self.threat)
 
-    def _descend(self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
+    def _descend(self, model: Oracle, x: Tensor, y: Tensor, targets: Tensor | None,
                  const: Tensor, todo: Tensor, best: Tensor, best_score: Tensor) -> Tensor:
         """One (F)ISTA run at fixed c on the samples ``todo``; updates ``best`` in place.
 
@@ -191,7 +190,7 @@ class EAD(Attack):
             delta = (xk - xa).flatten(1)
             l1, l2sq = delta.abs().sum(1), delta.pow(2).sum(1)
             score = l1 if self.decision_rule == "l1" else l2sq + beta * l1
-            margin = _margin(logits, ya, ta)
+            margin = logit_margin(logits, ya, ta)
             adversarial = margin < -kappa
             better = adversarial & (score < best_score[idx])
             best[idx[better]] = xk[better]
@@ -207,8 +206,8 @@ class EAD(Attack):
         check_every = max(1, self.steps // 10)
         for k in range(self.steps):
             logits_y, grad_f = model.gradient(
-                yk, lambda z, c=ca, yy=ya, tt=ta: c * _hinge(z, yy, tt, kappa))
-            loss = judge(xk, model.logits(xk) if self.fista and k > 0 else logits_y)
+                yk, lambda z, c=ca, yy=ya, tt=ta: c * hinge(z, yy, tt, kappa), rows=idx)
+            loss = judge(xk, model.logits(xk, rows=idx) if self.fista and k > 0 else logits_y)
             if self.abort_early and k % check_every == 0:
                 watch = loss
                 if self.shrink_only_when_adversarial:
@@ -218,7 +217,7 @@ class EAD(Attack):
                     prev, stalls = prev.masked_fill(fresh, math.inf), stalls.masked_fill(fresh, 0)
                     watching_best[local] = success[local]
                     watch = torch.where(success[local], run_best[local], loss)
-                keep, prev, stalls = _abort_check(watch, prev, stalls, success[local])
+                keep, prev, stalls = abort_check(watch, prev, stalls, success[local])
                 if not keep.all():
                     local, idx, xa, ya, ca, xk, yk, prev, stalls, grad_f, logits_y = (
                         t[keep] for t in (local, idx, xa, ya, ca, xk, yk, prev, stalls, grad_f,
@@ -229,11 +228,11 @@ class EAD(Attack):
             pull = 2 * (yk - xa)
             if self.shrink_only_when_adversarial:
                 # grad_f is already zero where yk is adversarial (the hinge is flat).
-                still = _margin(logits_y, ya, ta) >= -kappa
+                still = logit_margin(logits_y, ya, ta) >= -kappa
                 pull = pull * still.view(-1, *[1] * (yk.dim() - 1))
             lr = self.learning_rate * math.sqrt(1 - k / self.steps)
             x_next = _shrink(yk - lr * (grad_f + pull), xa, beta, bounds)
             yk = x_next + (k + 1) / (k + 4) * (x_next - xk) if self.fista else x_next
             xk = x_next
-        judge(xk, model.logits(xk))
+        judge(xk, model.logits(xk, rows=idx))
         return success

@@ -10,10 +10,10 @@ from torch import Tensor
 
 from advkit.attacks._linearise import (
     logit_differences,
-    logit_gradients,
     project_onto_hyperplane,
 )
-from advkit.attacks.base import Attack, CountedModel, Taxonomy, goal_reached, require_at_least
+from advkit.attacks._logits import best_other_class, top_other_classes
+from advkit.attacks.base import Attack, Oracle, Taxonomy, goal_reached, require_at_least
 from advkit.threat import ThreatModel, random_in_ball
 
 #: Radius of the random starts when the threat model has no finite eps (the
@@ -81,7 +81,6 @@ class FAB(Attack):
         seed: seed of the random starts (same seed, same result).
     """
 
-    name = "FAB"
     paper = ("Croce & Hein 2020, Minimally distorted Adversarial Examples with a Fast Adaptive "
              "Boundary Attack")
     taxonomy = Taxonomy(frequency="iterative", perturbation="optimized")
@@ -122,7 +121,7 @@ class FAB(Attack):
                              "(FAB-T, untargeted goal), not both")
         return targets
 
-    def _run(self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
+    def _run(self, model: Oracle, x: Tensor, y: Tensor, targets: Tensor | None,
              clean_logits: Tensor, generator: torch.Generator | None) -> Tensor:
         classes = clean_logits.shape[1]
         if classes < 2:
@@ -139,8 +138,8 @@ class FAB(Attack):
             runs = [(_rival_of(ta, classes), ta)]
         elif self.target_classes is not None:
             k = min(self.target_classes, classes - 1)
-            ranked = clean_logits[active].scatter(1, ya[:, None], -math.inf).topk(k, dim=1)
-            runs = [(logit_differences(ranked.indices[:, j:j + 1], ya, classes), None)
+            ranked = top_other_classes(clean_logits[active], ya, k)
+            runs = [(logit_differences(ranked[:, j:j + 1], ya, classes), None)
                     for j in range(k)]
         else:
             others = torch.arange(classes, device=x.device).expand(len(active), classes)
@@ -150,7 +149,7 @@ class FAB(Attack):
             for restart in range(self.restarts):
                 start = x[active] if restart == 0 else self._random_start(
                     x[active], best[active], generator)
-                self._track(model, x[active], ya, goal_targets, start, coefficients,
+                self._track(model.view(active), x[active], ya, goal_targets, start, coefficients,
                             active, out, best)
         return out
 
@@ -164,7 +163,7 @@ class FAB(Attack):
         return self.threat.clip(x0 + random_in_ball(x0.shape, eps, self.threat.norm, x0,
                                                     generator))
 
-    def _track(self, model: CountedModel, x0: Tensor, y: Tensor, targets: Tensor | None,
+    def _track(self, model: Oracle, x0: Tensor, y: Tensor, targets: Tensor | None,
                start: Tensor, coefficients: Tensor | Callable[[Tensor], Tensor],
                index: Tensor, out: Tensor, best: Tensor) -> None:
         """One run of FAB from ``start``; improves ``out`` and ``best`` at rows ``index``."""
@@ -174,7 +173,7 @@ class FAB(Attack):
         rows = torch.arange(n, device=x0.device)
         xi = start
         for _ in range(self.steps):
-            _, f, grads = logit_gradients(model, xi, coefficients)
+            _, f, grads = model.jacobian(xi, coefficients)
             w = grads.flatten(2)
             if f.shape[1] > 1:
                 dual = {"l2": w.norm(dim=2), "linf": w.abs().sum(dim=2),
@@ -209,7 +208,7 @@ def _rival_of(targets: Tensor, classes: int) -> Callable[[Tensor], Tensor]:
     """Coefficients of ``f_target - f_rival``, the rival being the strongest other class."""
 
     def coefficients(logits: Tensor) -> Tensor:
-        rival = logits.scatter(1, targets[:, None], -math.inf).argmax(dim=1)
+        rival = best_other_class(logits, targets)
         return logit_differences(targets[:, None], rival, classes)
 
     return coefficients

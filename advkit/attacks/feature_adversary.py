@@ -15,12 +15,13 @@ from torch import Tensor, nn
 from advkit.attacks.base import (
     Attack,
     AttackResult,
-    CountedModel,
+    Oracle,
     Taxonomy,
     check_inputs,
     eval_mode,
     require_at_least,
 )
+from advkit.models.access import ModelAccess, allows, as_access
 from advkit.threat import ThreatModel
 
 
@@ -62,7 +63,6 @@ class FeatureAdversary(Attack):
         seed: unused (the attack is deterministic); kept for the contract.
     """
 
-    name = "FeatureAdversary"
     paper = "Sabour et al. 2016, Adversarial Manipulation of Deep Representations"
     taxonomy = Taxonomy(specificity="targeted", frequency="iterative")
     norms = ("linf", "l2")
@@ -99,7 +99,7 @@ class FeatureAdversary(Attack):
         cfg["guides"] = list(self._guides.shape) if self._guides is not None else None
         return cfg
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor,
+    def __call__(self, model: nn.Module | ModelAccess, x: Tensor, y: Tensor,
                  targets: Tensor | None = None) -> AttackResult:
         """Attack ``model`` on ``x`` towards the guides' representations (see the class)."""
         start = time.perf_counter()
@@ -109,23 +109,27 @@ class FeatureAdversary(Attack):
         if self._guides is None:
             raise ValueError("FeatureAdversary needs guide images: FeatureAdversary(threat, "
                              "layer=..., guides=g) or attack.with_guides(g)")
-        x, y, _ = check_inputs(model, x, y, None, self.threat)
+        access = as_access(model)
+        if not allows(access.level, self.access):
+            return super().__call__(model, x, y)  # refused there, with the common message
+        x, y, _ = check_inputs(access, x, y, None, self.threat)
         guides = self._check_guides(x)
-        module = resolve_layer(model, self.layer)
-        counted = CountedModel(model)
-        with eval_mode(model):
+        module = resolve_layer(access.module, self.layer)
+        guide_pass = Oracle(access, x.shape[0], device=x.device, who=self.name)
+        with eval_mode(access.module):
             with capture(module) as feats:
-                guide_labels = counted.logits(guides).argmax(1)
+                guide_labels = guide_pass.labels(guides)
             same = guide_labels == y
             if same.any():
                 raise ValueError(f"{int(same.sum())} guides are classified as their source "
                                  "image's true class; a guide must come from another class")
-            self._work = (module, feats["out"])
-            try:
-                result = super().__call__(model, x, y, guide_labels)
-            finally:
-                del self._work
-        return replace(result, forward_passes=result.forward_passes + counted.forward_passes,
+            # The layer and the guides' features travel on a copy made for this call, so
+            # the configured attack keeps no per-call state (and may be called concurrently).
+            worker = copy.copy(self)
+            worker._work = (module, feats["out"])
+            result = Attack.__call__(worker, access, x, y, guide_labels)
+        return replace(result, forward_passes=result.forward_passes + guide_pass.forward_passes,
+                       queries=result.queries + guide_pass.queries,
                        seconds=time.perf_counter() - start)
 
     def _check_guides(self, x: Tensor) -> Tensor:
@@ -141,7 +145,7 @@ class FeatureAdversary(Attack):
             raise ValueError(f"guides have values outside the bounds {self.threat.bounds}")
         return g.to(device=x.device, dtype=x.dtype).expand_as(x)
 
-    def _run(self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
+    def _run(self, model: Oracle, x: Tensor, y: Tensor, targets: Tensor | None,
              clean_logits: Tensor, generator: torch.Generator | None,
              ) -> tuple[Tensor, dict[str, Tensor]]:
         module, guide_feats = self._work

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from advkit.attacks._iterate import ascend, objective, steepest_direction
-from advkit.attacks.base import Attack, CountedModel, Taxonomy
+from advkit.attacks.ascent import ascend, objective, steepest_direction
+from advkit.attacks.base import Attack, Oracle, Taxonomy
 from advkit.threat import ThreatModel
 
 
@@ -27,7 +27,6 @@ class FGSM(Attack):
         loss: ``"ce"`` or ``"margin"``.
     """
 
-    name = "FGSM"
     paper = "Goodfellow et al. 2015, Explaining and Harnessing Adversarial Examples"
     taxonomy = Taxonomy(frequency="one-time")
     norms = ("linf", "l2")
@@ -40,7 +39,7 @@ class FGSM(Attack):
     def _needs_clean_pass(self) -> bool:
         return False  # the one gradient pass is at x: it also serves the entry checks
 
-    def _run(self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
+    def _run(self, model: Oracle, x: Tensor, y: Tensor, targets: Tensor | None,
              clean_logits: Tensor | None, generator: torch.Generator | None) -> Tensor:
         eps, norm = self.threat.eps, self.threat.norm
         return ascend(

@@ -7,7 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from advkit.attacks.base import Attack, CountedModel, Taxonomy
+from advkit.attacks._logits import top_other_classes
+from advkit.attacks.base import Attack, Oracle, Taxonomy
 from advkit.threat import ThreatModel
 
 COLD = ("true", "all")
@@ -59,7 +60,6 @@ class HotCold(Attack):
         seed: unused (the attack is deterministic); kept for the contract.
     """
 
-    name = "HotCold"
     paper = "Rozsa et al. 2016, Adversarial Diversity and Hard Positive Generation"
     taxonomy = Taxonomy(frequency="one-time", perturbation="optimized")
     norms = ("l2", "linf")
@@ -87,11 +87,10 @@ class HotCold(Attack):
         if k > classes - 1:
             raise ValueError(f"hot={k} asks for more classes than the model's {classes - 1} "
                              "non-true classes; use hot='all'")
-        ranked = clean_logits.scatter(1, y[:, None], -math.inf).argsort(1, descending=True)
-        return ranked[:, :k]
+        return top_other_classes(clean_logits, y, k)
 
-    def _direction(self, model: CountedModel, xs: Tensor, hot: Tensor, cold: Tensor,
-                   ) -> tuple[Tensor, Tensor]:
+    def _direction(self, model: Oracle, xs: Tensor, hot: Tensor, cold: Tensor,
+                   owner: Tensor) -> tuple[Tensor, Tensor]:
         """Unit-norm (threat norm) input gradients of the hot logit minus the cold term,
         and the first-order estimate of the scale at which that difference turns positive.
         """
@@ -105,14 +104,14 @@ class HotCold(Attack):
                 z_cold = logits.gather(1, cold[:, None]).squeeze(1)
             return z_hot - z_cold
 
-        logits, grad = model.gradient(xs, objective)
+        logits, grad = model.gradient(xs, objective, rows=owner)
         size = self.threat.norms(grad).clamp_min(1e-12)
         direction = grad / size.view(-1, *([1] * (grad.dim() - 1)))
         # Moving s along the unit direction raises the objective by s * <grad, direction>.
         slope = (grad * direction).flatten(1).sum(1).clamp_min(1e-12)
         return direction, (-objective(logits)).clamp_min(0) / slope
 
-    def _run(self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
+    def _run(self, model: Oracle, x: Tensor, y: Tensor, targets: Tensor | None,
              clean_logits: Tensor, generator: torch.Generator | None,
              ) -> tuple[Tensor, dict[str, Tensor]]:
         n, shape = x.shape[0], x.shape[1:]
@@ -120,14 +119,15 @@ class HotCold(Attack):
         k = hot.shape[1]
         xs = x.repeat_interleave(k, dim=0)                             # (N*K, C, H, W)
         hs, ys = hot.reshape(-1), y.repeat_interleave(k)
-        direction, start = self._direction(model, xs, hs, ys)
+        owner = torch.arange(n, device=x.device).repeat_interleave(k)  # the sample of each row
+        direction, start = self._direction(model, xs, hs, ys, owner)
         s_max = (self.threat.eps if self.threat.bounded
                  else self.threat.max_eps(x[0].numel()))
-        scale = self._line_search(model, xs, direction, hs, start, s_max)  # inf: not found
+        scale = self._line_search(model, xs, direction, hs, start, s_max, owner)  # inf: none
         found = torch.isfinite(scale)
         step = torch.where(found, scale, torch.zeros_like(scale))
         cands = self.threat.clip(xs + step.view(-1, *[1] * len(shape)) * direction)
-        verified = model.logits(cands).argmax(1) == hs
+        verified = model.labels(cands, rows=owner) == hs
         cands = torch.where(verified.view(-1, *[1] * len(shape)), cands, xs)
         norms = self.threat.norms(cands - xs)
         norms = torch.where(verified, norms, torch.full_like(norms, math.inf)).view(n, k)
@@ -139,15 +139,15 @@ class HotCold(Attack):
         return x_adv, {"candidates": cands, "candidate_targets": hot,
                        "candidate_success": verified.view(n, k), "candidate_norms": norms}
 
-    def _line_search(self, model: CountedModel, xs: Tensor, direction: Tensor, hot: Tensor,
-                     start: Tensor, s_max: float) -> Tensor:
+    def _line_search(self, model: Oracle, xs: Tensor, direction: Tensor, hot: Tensor,
+                     start: Tensor, s_max: float, owner: Tensor) -> Tensor:
         """Per row, the smallest scale found that reaches ``hot`` (inf where none does)."""
         m = xs.shape[0]
         expand = (-1, *[1] * (xs.dim() - 1))
 
         def reaches(rows: Tensor, s: Tensor) -> Tensor:
             point = self.threat.clip(xs[rows] + s.view(expand) * direction[rows])
-            return model.logits(point).argmax(1) == hot[rows]
+            return model.labels(point, rows=owner[rows]) == hot[rows]
 
         floor = s_max * 2.0 ** -_MAX_DOUBLINGS
         s = start.clamp(floor, s_max)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from advkit.attacks.base import Attack, CountedModel, Taxonomy
+from advkit.attacks.base import Attack, Oracle, Taxonomy
 from advkit.threat import ThreatModel
 
 SCORES = ("logits", "softmax")
@@ -67,7 +67,6 @@ class JSMA(Attack):
         seed: unused by the algorithm (it is deterministic); kept for the contract.
     """
 
-    name = "JSMA"
     paper = "Papernot et al. 2016, The Limitations of Deep Learning in Adversarial Settings"
     taxonomy = Taxonomy(specificity="targeted", frequency="iterative", perturbation="optimized")
     norms = ("linf", "l1", "l2")
@@ -88,7 +87,7 @@ class JSMA(Attack):
         self.gamma = float(gamma)
         self.scores = scores
 
-    def _run(self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
+    def _run(self, model: Oracle, x: Tensor, y: Tensor, targets: Tensor | None,
              clean_logits: Tensor, generator: torch.Generator | None,
              ) -> tuple[Tensor, dict[str, Tensor]]:
         assert targets is not None  # targeted_only: the base class refuses targets=None
@@ -121,13 +120,13 @@ class JSMA(Attack):
         for it in range(max_iter + 1):
             shaped = xa.view(-1, *x.shape[1:])
             if it < max_iter:
-                logits, grad_t, grad_o = self._jacobian(model, shaped, ta)
+                logits, grad_t, grad_o = self._jacobian(model, shaped, ta, active)
                 domain = (xa < hia) if increase else (xa > loa)
                 p, q, none_left = _best_pairs(grad_t.reshape(-1, d), grad_o.reshape(-1, d),
                                               domain, changed, max_changed - changed.sum(1),
                                               increase)
             else:  # out of iterations: only the final check
-                logits = model.logits(shaped)
+                logits = model.logits(shaped, rows=active)
                 none_left = torch.ones(xa.shape[0], dtype=torch.bool, device=x.device)
             done = logits.argmax(1) == ta
             leave = done | none_left
@@ -150,7 +149,7 @@ class JSMA(Attack):
         out = torch.where(reached.view(n, *([1] * (x.dim() - 1))), out, x)
         return out, {"l0": torch.where(reached, l0, torch.zeros_like(l0))}
 
-    def _jacobian(self, model: CountedModel, xa: Tensor, ta: Tensor,
+    def _jacobian(self, model: Oracle, xa: Tensor, ta: Tensor, rows: Tensor,
                   ) -> tuple[Tensor, Tensor, Tensor]:
         """Logits, and the input gradients of the target's score and of the others' sum.
 
@@ -160,7 +159,7 @@ class JSMA(Attack):
         """
         if self.scores == "softmax":
             logits, grad = model.gradient(
-                xa, lambda out: out.softmax(1).gather(1, ta[:, None]).squeeze(1))
+                xa, lambda out: out.softmax(1).gather(1, ta[:, None]).squeeze(1), rows=rows)
             return logits, grad, -grad
         m = xa.shape[0]
         tt = torch.cat([ta, ta])
@@ -169,7 +168,7 @@ class JSMA(Attack):
             own = logits.gather(1, tt[:, None]).squeeze(1)
             return torch.cat([own[:m], (logits.sum(1) - own)[m:]])
 
-        logits, grad = model.gradient(torch.cat([xa, xa]), objective)
+        logits, grad = model.gradient(torch.cat([xa, xa]), objective, rows=torch.cat([rows, rows]))
         return logits[:m], grad[:m], grad[m:]
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from advkit.attacks._iterate import ascend, objective, steepest_direction
-from advkit.attacks.base import Attack, CountedModel, Taxonomy, require_at_least
+from advkit.attacks.ascent import ascend, objective, steepest_direction
+from advkit.attacks.base import Attack, Oracle, Taxonomy, require_at_least
 from advkit.threat import ThreatModel
 
 
@@ -27,7 +27,6 @@ class MIFGSM(Attack):
         loss, early_exit, seed: as in :class:`advkit.attacks.PGD`.
     """
 
-    name = "MIFGSM"
     paper = "Dong et al. 2018, Boosting Adversarial Attacks with Momentum"
     taxonomy = Taxonomy(frequency="iterative")
     norms = ("linf", "l2")
@@ -55,7 +54,7 @@ class MIFGSM(Attack):
     def _needs_clean_pass(self) -> bool:
         return False  # the iteration starts at x: its first gradient pass serves the checks
 
-    def _run(self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
+    def _run(self, model: Oracle, x: Tensor, y: Tensor, targets: Tensor | None,
              clean_logits: Tensor | None, generator: torch.Generator | None) -> Tensor:
         return ascend(model, x, y, targets, x, self.threat, self.steps,
                       lambda labels, tgts: objective(self.loss, labels, tgts), self._step,

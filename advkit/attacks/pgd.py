@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from advkit.attacks._iterate import LOSSES, ascend, objective, steepest_direction
-from advkit.attacks.base import Attack, CountedModel, Taxonomy, goal_reached, require_at_least
+from advkit.attacks.ascent import LOSSES, ascend, objective, steepest_direction
+from advkit.attacks.base import Attack, Oracle, Taxonomy, goal_reached, require_at_least
 from advkit.threat import ThreatModel
 
 
@@ -35,7 +35,6 @@ class PGD(Attack):
         seed: seed of the random starts (same seed, same result); None for fresh draws.
     """
 
-    name = "PGD"
     paper = "Madry et al. 2018, Towards Deep Learning Models Resistant to Adversarial Attacks"
     taxonomy = Taxonomy(frequency="iterative")
     norms = ("linf", "l2", "l1")
@@ -77,7 +76,7 @@ class PGD(Attack):
     def _start(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         return self.threat.random_start(x, generator) if self.random_start else x
 
-    def _run(self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
+    def _run(self, model: Oracle, x: Tensor, y: Tensor, targets: Tensor | None,
              clean_logits: Tensor | None, generator: torch.Generator | None) -> Tensor:
         if self.restarts == 1:
             return ascend(model, x, y, targets, self._start(x, generator), self.threat,
@@ -88,9 +87,9 @@ class PGD(Attack):
         for _ in range(self.restarts):
             xs, ys = x[todo], y[todo]
             ts = targets[todo] if targets is not None else None
-            adv = ascend(model, xs, ys, ts, self._start(xs, generator), self.threat,
+            adv = ascend(model.view(todo), xs, ys, ts, self._start(xs, generator), self.threat,
                          self.steps, self._objective, self._step, early_exit=self.early_exit)
-            logits = model.logits(adv)
+            logits = model.logits(adv, rows=todo)
             # Keep, per sample, the restart with the highest objective; a success beats all.
             score = self._objective(ys, ts)(logits)
             score = torch.where(goal_reached(logits, ys, ts), torch.full_like(score, float("inf")),

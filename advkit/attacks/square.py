@@ -7,8 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from advkit.attacks._iterate import LOSSES, objective
-from advkit.attacks.base import Attack, CountedModel, Taxonomy, goal_reached
+from advkit.attacks.ascent import LOSSES, objective
+from advkit.attacks.base import Attack, Oracle, Taxonomy, goal_reached
 from advkit.threat import ThreatModel
 
 #: The paper's iterations (of 10,000) after which the window fraction p is halved.
@@ -69,22 +69,22 @@ class Square(Attack):
     black-box adversarial attack via random search", ECCV 2020.
     https://arxiv.org/abs/1912.00049
 
-    Score-based black box: it reads only the model's logits (``CountedModel.logits``,
-    never a gradient). Each query proposes the current best perturbation with one
-    window of side ``s = round(sqrt(p * H * W))`` changed, and keeps it if the loss
-    fell. Linf: the window is set to ``+-eps`` per channel, starting from vertical
-    stripes of ``+-eps``. L2: a pair of opposite-sign bumps is put in the window and
-    the mass of a second window is moved into it, the total norm kept at eps; the
-    start is a grid of such bumps. ``p`` follows the paper's halving schedule
-    (:func:`p_schedule`). A sample leaves the search as soon as it reaches its goal
-    and is never queried again; samples the model already gets wrong get no query.
+    Score-based black box: it needs only the model's scores (give it
+    ``advkit.models.scores_only(model)`` to make sure), never a gradient. Each query
+    proposes the current best perturbation with one window of side
+    ``s = round(sqrt(p * H * W))`` changed, and keeps it if the loss fell. Linf: the
+    window is set to ``+-eps`` per channel, starting from vertical stripes of ``+-eps``.
+    L2: a pair of opposite-sign bumps is put in the window and the mass of a second
+    window is moved into it, the total norm kept at eps; the start is a grid of such
+    bumps. ``p`` follows the paper's halving schedule (:func:`p_schedule`). A sample
+    leaves the search as soon as it reaches its goal and is never queried again;
+    samples the model already gets wrong get no query.
 
-    ``result.extras["queries"]`` (int64, per sample) counts exactly the model
-    queries the search spent on each sample, the initial one included (at most
-    ``n_queries``; 0 for samples misclassified from the start). The clean
-    forward pass and the final verification pass that :class:`Attack` makes
-    around every attack are not attack queries and are not in this count, so
-    ``result.forward_passes == queries.sum() + 2 * N``.
+    ``result.queries`` (int64, per sample) counts every query of each sample: the
+    search's (at most ``n_queries``, the initial one included; none for samples
+    misclassified from the start) plus the clean pass and the final success pass
+    that :class:`Attack` makes around every attack, so a sample costs at most
+    ``n_queries + 2`` queries.
 
     Args:
         threat: norm (linf or l2), eps, bounds.
@@ -99,10 +99,9 @@ class Square(Attack):
         seed: seed of the random search (same seed, same result); None for fresh draws.
     """
 
-    name = "Square"
     paper = ("Andriushchenko et al. 2020, Square Attack: a query-efficient black-box "
              "adversarial attack via random search")
-    taxonomy = Taxonomy(knowledge="black box")
+    taxonomy = Taxonomy(knowledge="black box (scores)")
     norms = ("linf", "l2")
 
     def __init__(self, threat: ThreatModel, *, n_queries: int = 5000, p_init: float = 0.8,
@@ -120,22 +119,20 @@ class Square(Attack):
         self.p_init = p_init
         self.loss = loss
 
-    def _run(self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
+    def _run(self, model: Oracle, x: Tensor, y: Tensor, targets: Tensor | None,
              clean_logits: Tensor, generator: torch.Generator | None,
-             ) -> tuple[Tensor, dict[str, Tensor]]:
+             ) -> Tensor:
         loss = self.loss or ("ce" if targets is not None else "margin")
         out = x.clone()
-        queries = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
         idx = (~goal_reached(clean_logits, y, targets)).nonzero().squeeze(1)
         if idx.numel() == 0:
-            return out, {"queries": queries}
+            return out
         xa, ya = x[idx], y[idx]
         ta = targets[idx] if targets is not None else None
 
         def query(x_new: Tensor) -> tuple[Tensor, Tensor]:
             """Loss to minimise and goal, one query per active sample."""
-            logits = model.logits(x_new)
-            queries[idx] += 1
+            logits = model.logits(x_new, rows=idx)
             return -objective(loss, ya, ta)(logits), goal_reached(logits, ya, ta)
 
         x_best = self._init(xa, generator)
@@ -159,7 +156,7 @@ class Square(Attack):
             x_best = torch.where(accept.view(-1, 1, 1, 1), x_new, x_best)
             best = torch.where(accept, value, best)
         out[idx] = x_best
-        return out, {"queries": queries}
+        return out
 
     def _init(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         n, c, h, w = x.shape

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -15,9 +14,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from advkit.attacks._logits import top_other_classes
 from advkit.attacks.base import (
     Attack,
-    CountedModel,
+    Oracle,
     Taxonomy,
     check_inputs,
     check_logits,
@@ -91,7 +91,6 @@ class UniversalPerturbation(Attack):
         seed: seed of the random order of the images (same seed, same ``v``).
     """
 
-    name = "UniversalPerturbation"
     paper = "Moosavi-Dezfooli et al. 2017, Universal adversarial perturbations"
     taxonomy = Taxonomy(specificity="untargeted", frequency="iterative", scope="universal")
     norms = ("linf", "l2")
@@ -162,16 +161,17 @@ class UniversalPerturbation(Attack):
         """
         x, y, _ = check_inputs(model, x, y, None, self.threat)
         self.threat.check_eps_for(x)
-        counted = CountedModel(model)
-        with eval_mode(model):
-            clean = torch.cat([counted.logits(x[i:i + 500]) for i in range(0, len(x), 500)])
+        counted = Oracle(model, x.shape[0], device=x.device, who=self.name)
+        with eval_mode(counted.model):
+            clean = torch.cat([counted.logits(x[i:i + 500], rows=_span(i, len(x), x.device))
+                               for i in range(0, len(x), 500)])
             check_logits(clean, y, None)
             generator = None
             if self.seed is not None:
                 generator = torch.Generator(device=x.device).manual_seed(self.seed)
             return self._fit(counted, x, clean.argmax(1), generator, progress)
 
-    def _fit(self, model: CountedModel, x: Tensor, labels: Tensor,
+    def _fit(self, model: Oracle, x: Tensor, labels: Tensor,
              generator: torch.Generator | None, progress: bool) -> Tensor:
         n = x.shape[0]
         v = torch.zeros_like(x[:1])
@@ -182,15 +182,15 @@ class UniversalPerturbation(Attack):
                 for start in range(0, n, self.batch_size):
                     idx = order[start:start + self.batch_size]
                     if self.inner == "gradient":
-                        v = self._gradient_step(model, x[idx], v, labels[idx])
+                        v = self._gradient_step(model.view(idx), x[idx], v, labels[idx])
                     else:
-                        r = self._deepfool(model, x[idx], v, labels[idx])
+                        r = self._deepfool(model.view(idx), x[idx], v, labels[idx])
                         for ri in r[r.flatten(1).abs().amax(1) > 0]:
                             v = self._project(v + ri)
                     bar.advance(f"epoch {epoch + 1}", steps=idx.numel())
                 fooled = torch.cat([
-                    model.logits(self.threat.clip(x[i:i + 500] + v)).argmax(1) != labels[i:i + 500]
-                    for i in range(0, n, 500)])
+                    model.labels(self.threat.clip(x[i:i + 500] + v), rows=_span(i, n, x.device))
+                    != labels[i:i + 500] for i in range(0, n, 500)])
                 rate = fooled.float().mean()
                 bar.advance(f"epoch {epoch + 1}: fooling rate {rate.item():.1%}", steps=0)
                 if rate >= 1 - self.delta:
@@ -204,7 +204,7 @@ class UniversalPerturbation(Attack):
             return v.clamp(-eps, eps)
         return v * (eps / v.norm().clamp_min(1e-12)).clamp(max=1.0)
 
-    def _gradient_step(self, model: CountedModel, x: Tensor, v: Tensor, labels: Tensor,
+    def _gradient_step(self, model: Oracle, x: Tensor, v: Tensor, labels: Tensor,
                        ) -> Tensor:
         """``P(v + step_size * direction)``, ascending the unfooled images' cross-entropy."""
         lo, hi = self.threat.bounds
@@ -222,7 +222,7 @@ class UniversalPerturbation(Attack):
             direction = grad_v / grad_v.norm().clamp_min(1e-12)
         return self._project(v + self.step_size * direction)
 
-    def _deepfool(self, model: CountedModel, x: Tensor, v: Tensor, labels: Tensor) -> Tensor:
+    def _deepfool(self, model: Oracle, x: Tensor, v: Tensor, labels: Tensor) -> Tensor:
         """Per image, a small ``r`` with ``k(clip(x + v + r)) != labels`` (0 if already so).
 
         DeepFool: at the current point, linearise ``f_j - f_k`` for the candidate classes
@@ -235,8 +235,7 @@ class UniversalPerturbation(Attack):
         if active.numel() == 0:
             return r
         k = min(self.candidates, logits.shape[1])
-        ranked = logits[active].scatter(1, labels[active, None], math.inf).argsort(1, True)
-        others = ranked[:, 1:k]                                       # (A, k-1) classes j
+        others = top_other_classes(logits[active], labels[active], k - 1)  # (A, k-1) classes j
         expand = (-1, *[1] * (x.dim() - 1))
         for _ in range(self.deepfool_steps):
             a, m = active.numel(), others.shape[1]
@@ -248,7 +247,8 @@ class UniversalPerturbation(Attack):
                 return out.gather(1, rows_j[:, None]).squeeze(1) - out.gather(
                     1, rows_k[:, None]).squeeze(1)
 
-            out, w = model.gradient(point.repeat_interleave(m, dim=0), objective)
+            out, w = model.gradient(point.repeat_interleave(m, dim=0), objective,
+                                    rows=active.repeat_interleave(m))
             still = out.view(a, m, -1)[:, 0].argmax(1) == labels[active]
             keep = still.nonzero().squeeze(1)
             active, others = active[keep], others[keep]
@@ -270,7 +270,7 @@ class UniversalPerturbation(Attack):
 
     # ------------------------------------------------------------------------ contract
 
-    def _run(self, model: CountedModel, x: Tensor, y: Tensor, targets: Tensor | None,
+    def _run(self, model: Oracle, x: Tensor, y: Tensor, targets: Tensor | None,
              clean_logits: Tensor, generator: torch.Generator | None,
              ) -> tuple[Tensor, dict[str, Tensor]]:
         v = self._perturbation
@@ -281,11 +281,16 @@ class UniversalPerturbation(Attack):
                              f"{tuple(x.shape)}: they must agree in (C, H, W)")
         v = v.to(device=x.device, dtype=x.dtype)
         x_adv = self.threat.clip(x + v)
-        fooled = model.logits(x_adv).argmax(1) != clean_logits.argmax(1)
+        fooled = model.labels(x_adv) != clean_logits.argmax(1)
         return x_adv, {"perturbation": v.expand_as(x), "fooled": fooled}
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def _span(start: int, n: int, device: torch.device) -> Tensor:
+    """The sample indices of the chunk of (at most) 500 images that begins at ``start``."""
+    return torch.arange(start, min(start + 500, n), device=device)
 
 
 def apply_perturbation(x: Tensor, v: Tensor, bounds: tuple[float, float] = (0.0, 1.0)) -> Tensor:

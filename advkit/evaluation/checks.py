@@ -103,13 +103,14 @@ def gradient_health(model: nn.Module, x: Tensor, y: Tensor) -> Check:
                  "loss gradient.", details)
 
 
-def black_box_gain(per_sample: Sequence[dict], suite: Suite, knowledge: dict[str, str]) -> Check:
-    """Samples that survived every white-box stage but fell to a black-box one."""
-    if suite.kind != "budgeted" or not any(v == "black box" for v in knowledge.values()):
+def black_box_gain(per_sample: Sequence[dict], suite: Suite, black_box: dict[str, bool],
+                   ) -> Check:
+    """Samples that survived every white-box stage but fell to a black-box one
+    (``black_box``: per stage name, whether its attack is a black box)."""
+    if suite.kind != "budgeted" or not any(black_box.values()):
         return Check("black_box", "skip", "No black-box stage in this suite.")
     correct = [r for r in per_sample if r["clean_pred"] == r["label"]]
-    gained = sum(1 for r in correct if r["broken_by"] and knowledge.get(r["broken_by"]) ==
-                 "black box")
+    gained = sum(1 for r in correct if r["broken_by"] and black_box.get(r["broken_by"]))
     share = gained / max(len(correct), 1)
     details = {"broken_by_black_box": gained, "clean_correct": len(correct), "share": share}
     if gained == 0:

@@ -286,13 +286,11 @@ class _Engine:
                             _chunk_seed(self.config["seed"], stage, chunk))
         result = attack(model, xc, yc)
         n = len(idx)
-        per_sample = result.extras.get("queries", result.extras.get("passes"))
-        exact = per_sample is not None
-        if per_sample is None:
-            per_sample = torch.full((n,), (result.forward_passes + result.backward_passes) / n)
-        per_sample = per_sample.double() * spec.eot
+        # Every attack counts its per-sample cost the same way (forward + backward passes,
+        # entry and success passes included); the EOT wrapper runs the model eot times a pass.
+        per_sample = result.queries.double() * spec.eot
         outcomes = [Outcome(i, bool(s), float(nm) if math.isfinite(nm) else None, int(p), float(q),
-                            exact)
+                            True)
                     for i, s, nm, p, q in zip(idx, result.success.tolist(), result.norms.tolist(),
                                               result.predictions.tolist(), per_sample.tolist(),
                                               strict=True)]
@@ -346,9 +344,9 @@ class _Engine:
         if "gradients" not in done:
             yield checks_lib.gradient_health(model, xs, ys)
         if "black_box" not in done:
-            knowledge = {s.name: s.attack_class.taxonomy.knowledge for s in self.suite.stages}
+            black_box = {s.name: s.attack_class.taxonomy.black_box for s in self.suite.stages}
             yield checks_lib.black_box_gain(self.db.per_sample_rows(self.run_id), self.suite,
-                                            knowledge)
+                                            black_box)
         if not {"eps_monotone", "unbounded", "restarts"} <= done:
             if self.threat.bounded:
                 yield from checks_lib.eps_behaviour(model, xs, ys, self.threat,

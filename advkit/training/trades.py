@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advkit.attacks._iterate import ascend, steepest_direction
-from advkit.attacks.base import CountedModel
+from advkit.attacks.ascent import ascend, steepest_direction
+from advkit.models.access import Oracle
 from advkit.threat import ThreatModel
 from advkit.training.adversarial_training import PGDTraining
 from advkit.training.recipe import attack_mode
@@ -57,7 +57,7 @@ class TRADES(PGDTraining):
         start = threat.clip(x + 0.001 * torch.randn_like(x))
         with attack_mode(model) as inner:
             return ascend(
-                CountedModel(inner), x, y, None, start, threat, self.steps,
+                Oracle(inner, x.shape[0], device=x.device), x, y, None, start, threat, self.steps,
                 lambda labels, targets: kl_to(p_clean),
                 lambda xa, grad, state: xa + step * steepest_direction(grad, threat.norm),
                 early_exit=False,  # the KL target needs every sample at every step

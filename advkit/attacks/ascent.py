@@ -5,6 +5,10 @@ steepest-ascent direction of the threat model's norm, projection back into the
 ball and the box. :func:`ascend` runs that loop on the samples not yet broken
 only (per-sample early exit): a sample whose goal is reached leaves the working
 batch at once, so no model pass is spent on it again.
+
+Public because training recipes run the same loop for their inner maximisation
+(TRADES ascends a KL divergence): :func:`ascend`, :func:`objective` and
+:func:`steepest_direction` are the stable part.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from advkit.attacks.base import CountedModel, goal_reached
+from advkit.attacks._logits import margin
+from advkit.attacks.base import Oracle, goal_reached
 from advkit.threat import ThreatModel
 
 LOSSES = ("ce", "margin")
@@ -36,12 +41,8 @@ def objective(loss: str, labels: Tensor, targets: Tensor | None) -> Callable[[Te
     if loss == "ce":
         return lambda logits: sign * F.cross_entropy(logits, cls, reduction="none")
 
-    def margin(logits: Tensor) -> Tensor:
-        own = logits.gather(1, cls[:, None]).squeeze(1)
-        others = logits.scatter(1, cls[:, None], float("-inf")).amax(dim=1)
-        return sign * (others - own)
-
-    return margin
+    # Ascending the margin is descending the distance to the goal.
+    return lambda logits: -margin(logits, labels, targets)
 
 
 def steepest_direction(grad: Tensor, norm: str, x: Tensor | None = None,
@@ -72,7 +73,7 @@ def steepest_direction(grad: Tensor, norm: str, x: Tensor | None = None,
 
 
 def ascend(
-    model: CountedModel, x: Tensor, labels: Tensor, targets: Tensor | None, x_start: Tensor,
+    model: Oracle, x: Tensor, labels: Tensor, targets: Tensor | None, x_start: Tensor,
     threat: ThreatModel, steps: int, objective_fn: Callable[[Tensor, Tensor | None], Callable],
     step: Callable[[Tensor, Tensor, dict[str, Tensor]], Tensor],
     state: dict[str, Tensor] | None = None, early_exit: bool = True,
@@ -94,7 +95,7 @@ def ascend(
     state = dict(state or {})
     objective_a = objective_fn(ya, ta)
     for _ in range(steps):
-        logits, grad = model.gradient(xa, objective_a)
+        logits, grad = model.gradient(xa, objective_a, rows=active)
         if early_exit:
             done = goal_reached(logits, ya, ta)
             if done.any():
