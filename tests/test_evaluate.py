@@ -104,6 +104,10 @@ def test_suite_from_toml_and_json(tmp_path):
     ('[[stage]]\nattack = "apgd"\nspeed = 3\n', "unknown keys"),
     ('[[stage]]\nattack = "apgd"\neot = 0\n', "eot must be"),
     ('[[stage\n', "not valid"),
+    ('[[stage]]\nattack = "apgd"\nparams = { stesp = 10 }\n',
+     r"stage 'apgd' \(apgd\): unknown option 'stesp' \(did you mean 'steps'\?\)"),
+    ('knd = "minimal"\n[[stage]]\nattack = "fab"\n',
+     r"unknown key 'knd' \(did you mean 'kind'\?\)"),
 ])
 def test_bad_suite_files_are_refused(tmp_path, text, message):
     (tmp_path / "bad.toml").write_text(text)
@@ -121,6 +125,28 @@ def test_suite_composed_inline():
         get_suite("apgd:steps")
     with pytest.raises(ValueError, match="unknown attack"):
         get_suite("apgd+nope")
+
+
+def test_a_bad_suite_fails_before_any_work_and_names_the_stage(tmp_path):
+    x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    store = tmp_path / "runs.sqlite"
+    for suite, message in (("apgd:stesp=5", r"stage 'apgd' \(apgd\): unknown option 'stesp'"),
+                           ("apgd:steps=-5", r"stage 'apgd' \(apgd\): steps must be >= 1")):
+        with pytest.raises(ValueError, match=message):
+            advkit.evaluate(model, x, y, LINF, suite, store=store, progress=False)
+    assert not store.exists()  # nothing was started, so nothing was stored
+
+
+def test_out_of_range_labels_are_refused_before_a_run_is_stored(tmp_path):
+    x = torch.rand(4, 1, 8, 8)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    store = tmp_path / "runs.sqlite"
+    for bad in (10, 1000, -1):
+        y = torch.tensor([0, 1, bad, 3])
+        with pytest.raises(ValueError, match=r"y must be in \[0, 9\] for a model with 10"):
+            advkit.evaluate(model, x, y, LINF, "fast", store=store, progress=False)
+    assert not store.exists()
 
 
 def test_unknown_suite_and_missing_file():

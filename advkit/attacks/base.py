@@ -411,6 +411,14 @@ CLEAN_IMAGES = "on the clean images"
 FIRST_POINT = "at the attack's first point (x or its random start)"
 
 
+def check_label_range(classes: int, y: Tensor, targets: Tensor | None = None) -> None:
+    """Labels (and targets) must name one of the model's ``classes`` outputs."""
+    for name, labels in (("y", y), ("targets", targets)):
+        if labels is not None and (labels.min() < 0 or labels.max() >= classes):
+            raise ValueError(f"{name} must be in [0, {classes - 1}] for a model with {classes} "
+                             f"classes (got min {labels.min().item()}, max {labels.max().item()})")
+
+
 def check_logits(logits: Tensor, y: Tensor, targets: Tensor | None,
                  where: str = CLEAN_IMAGES) -> None:
     """The entry checks on a model's logits at the clean images (or, for an attack that
@@ -420,11 +428,7 @@ def check_logits(logits: Tensor, y: Tensor, targets: Tensor | None,
                          f"{tuple(logits.shape)} for N={y.shape[0]})")
     if not torch.isfinite(logits).all():
         raise ValueError(f"the model returned NaN or inf logits {where}")
-    classes = logits.shape[1]
-    for name, labels in (("y", y), ("targets", targets)):
-        if labels is not None and (labels.min() < 0 or labels.max() >= classes):
-            raise ValueError(f"{name} must be in [0, {classes - 1}] for a model with {classes} "
-                             f"classes (got min {labels.min().item()}, max {labels.max().item()})")
+    check_label_range(logits.shape[1], y, targets)
     if logits.min() >= 0 and logits.max() <= 1 and torch.allclose(
             logits.sum(1), torch.ones_like(logits[:, 0]), atol=1e-3):
         warnings.warn(

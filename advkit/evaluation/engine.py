@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from advkit.attacks.base import check_inputs, eval_mode
+from advkit.attacks.base import check_inputs, check_label_range, check_logits, eval_mode
 from advkit.distributed import World
 from advkit.environment import describe
 from advkit.evaluation import checks as checks_lib
@@ -62,8 +63,10 @@ class EvaluationReport:
             samples whose smallest perturbation found exceeds eps).
         stages: one dict per stage (robust accuracy after it, samples it broke, time, passes).
         per_sample: one dict per sample: label, clean prediction, which stage broke it,
-            with what norm, after how many model passes (``passes_exact`` False where only
-            the chunk's average is known) and whether it is robust.
+            with what norm, at what cost (``passes``: the attacks' ``result.queries``,
+            forward + backward passes on that sample; ``passes_exact`` is False only in
+            runs stored before every attack counted per sample, where it holds the
+            chunk's average) and whether it is robust.
         per_class: clean and robust accuracy per true class.
         checks: the masking checks; ``reliable`` is False when any of them failed.
         curves: robust accuracy versus eps (name -> points).
@@ -152,6 +155,7 @@ def evaluate(
     start = time.perf_counter()
     log = log or (lambda _: None)
     suite = get_suite(suite).for_norm(threat.norm)
+    suite.check(_stage_threat(threat, suite))  # bad option values: an error before any work
     x, y, _ = check_inputs(model, x, y, None, threat)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
@@ -163,6 +167,7 @@ def evaluate(
         param = next(iter(model.parameters()), None)
         device = param.device if param is not None else torch.device("cpu")
     device = torch.device(device)
+    _probe(model, x, y, device)
     world = World.join(device)
     from advkit.models import fingerprint
     config = {
@@ -193,6 +198,17 @@ def evaluate(
     report.seconds = time.perf_counter() - start
     report.chunks_run = sum(world.gather(engine.chunks_run))
     return report
+
+
+def _probe(model: nn.Module, x: Tensor, y: Tensor, device: torch.device) -> None:
+    """The attacks' entry checks on one image, before a run is stored: logits of shape
+    (1, classes), finite, and every label one of the classes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eval_mode warns once, around the run itself
+        with eval_mode(model), torch.no_grad():
+            logits = model(x[:1].to(device))
+    check_logits(logits, y[:1].to(device), None)
+    check_label_range(logits.shape[1], y)
 
 
 def _open_run(db: Store, resume: int | None, config: dict, device) -> int:

@@ -21,6 +21,8 @@ Users compose their own suites in TOML (or YAML, when PyYAML is installed)::
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
 import tomllib
 from dataclasses import dataclass, field
@@ -62,6 +64,14 @@ class Stage:
         if isinstance(self.eot, bool) or not isinstance(self.eot, int) or self.eot < 1:
             raise ValueError(f"stage {self.name!r}: eot must be an integer >= 1 (got {self.eot!r})")
         object.__setattr__(self, "norms", tuple(self.norms))
+        # A misspelt option must fail here, before any work, not when the stage first runs.
+        accepted = [k for k, p in inspect.signature(self.attack_class.__init__).parameters.items()
+                    if p.kind is p.KEYWORD_ONLY and k != "seed"]
+        for key in self.params:
+            if key not in accepted:
+                raise ValueError(f"stage {self.name!r} ({self.attack}): unknown option {key!r}"
+                                 f"{_did_you_mean(key, accepted)}; it takes "
+                                 f"{', '.join(accepted) or 'no options'}")
 
     @property
     def attack_class(self) -> type[Attack]:
@@ -72,8 +82,11 @@ class Stage:
 
     def build(self, threat: ThreatModel, seed: int) -> Attack:
         """The configured attack for ``threat`` (minimal-norm attacks get ``threat``'s eps as
-        their cap) with the given seed."""
-        return self.attack_class(threat, **self.params, seed=seed)
+        their cap) with the given seed. A bad option value is an error naming the stage."""
+        try:
+            return self.attack_class(threat, **self.params, seed=seed)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"stage {self.name!r} ({self.attack}): {err}") from err
 
     def to_dict(self) -> dict:
         return {"name": self.name, "attack": self.attack, "params": dict(self.params),
@@ -107,6 +120,11 @@ class Suite:
             raise ValueError(f"no stage of suite {self.name!r} supports the {norm} norm")
         return Suite(self.name, stages, self.kind)
 
+    def check(self, threat: ThreatModel) -> None:
+        """Build every stage once for ``threat``: bad option values fail before any work."""
+        for stage in self.stages:
+            stage.build(threat, seed=0)
+
     def to_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "stages": [s.to_dict() for s in self.stages]}
 
@@ -114,6 +132,11 @@ class Suite:
     def from_dict(cls, data: dict, name: str = "custom") -> Suite:
         if not isinstance(data, dict):
             raise ValueError("a suite must be a table with a list of stages")
+        keys = ("name", "kind", "stage", "stages")
+        for key in data:
+            if key not in keys:
+                raise ValueError(f"suite: unknown key {key!r}{_did_you_mean(key, keys)}; a suite "
+                                 f"has {', '.join(keys)}")
         raw = data.get("stages", data.get("stage"))
         if not isinstance(raw, list) or not raw:
             raise ValueError("a suite needs a non-empty list of stages ([[stage]] in TOML)")
@@ -129,6 +152,11 @@ class Suite:
                                 params=dict(entry.get("params", {})), eot=entry.get("eot", 1),
                                 norms=tuple(entry.get("norms", ()))))
         return cls(data.get("name", name), tuple(stages), data.get("kind", "budgeted"))
+
+
+def _did_you_mean(key: str, choices: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _standard() -> list[Stage]:
