@@ -113,6 +113,13 @@ class DeepFool(Attack):
 
     def _run(self, model: Oracle, x: Tensor, y: Tensor, targets: Tensor | None,
              clean_logits: Tensor, generator: torch.Generator | None) -> Tensor:
+        return self._iterate(model, x, y, clean_logits)
+
+    def _iterate(self, model: Oracle, x: Tensor, y: Tensor, clean_logits: Tensor,
+                 last_iterate: bool = False) -> Tensor:
+        """The attack's loop. Where ``steps`` were not enough the result is ``x`` (the
+        minimal-norm contract) or, with ``last_iterate``, the last iterate (what the
+        universal perturbation's inner step adds, as in the authors' code)."""
         classes = clean_logits.shape[1]
         if classes < 2:
             raise ValueError(f"DeepFool needs a model with at least 2 classes (got {classes})")
@@ -140,6 +147,8 @@ class DeepFool(Attack):
                 keep = ~done
                 active, x0, xa, ya, ca = active[keep], x0[keep], xa[keep], ya[keep], ca[keep]
                 r_total = r_total[keep]
+        if last_iterate:
+            out[active] = xa
         return out
 
     def _dual_norms(self, w: Tensor) -> Tensor:

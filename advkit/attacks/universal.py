@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from advkit.attacks._logits import top_other_classes
+from advkit._files import atomic_path
 from advkit.attacks.base import (
     Attack,
     Oracle,
@@ -24,6 +22,7 @@ from advkit.attacks.base import (
     eval_mode,
     require_at_least,
 )
+from advkit.attacks.deepfool import DeepFool
 from advkit.progress import progress_bar
 from advkit.threat import ThreatModel
 
@@ -54,10 +53,10 @@ class UniversalPerturbation(Attack):
       Adversarial Training", https://arxiv.org/abs/1812.03705). It needs one
       forward and backward pass per image and epoch.
     * ``inner="deepfool"``: the paper's choice, DeepFool (Moosavi-Dezfooli et al.,
-      2016, https://arxiv.org/abs/1511.04599), written in this module: for each
+      2016, https://arxiv.org/abs/1511.04599; advkit's :class:`DeepFool`): for each
       still-unfooled image at most ``deepfool_steps`` linearisations towards the
-      nearest boundary among the ``candidates`` classes with the highest clean
-      logits, with ``overshoot``; the images' ``r`` are added to ``v`` one after
+      nearest boundary among the ``candidates`` classes with the highest logits at
+      ``clip(x + v)``, with ``overshoot``; the images' ``r`` are added to ``v`` one after
       another, projecting after each (with ``batch_size=1`` this is exactly the
       paper's sequential loop). It costs up to ``deepfool_steps * (candidates - 1)``
       gradient passes per image and epoch, and where the per-image minimal
@@ -223,50 +222,23 @@ class UniversalPerturbation(Attack):
         return self._project(v + self.step_size * direction)
 
     def _deepfool(self, model: Oracle, x: Tensor, v: Tensor, labels: Tensor) -> Tensor:
-        """Per image, a small ``r`` with ``k(clip(x + v + r)) != labels`` (0 if already so).
+        """Per image, DeepFool's ``r`` towards ``k(clip(x + v + r)) != labels`` (0 where the
+        image is already fooled; the last iterate's where ``deepfool_steps`` were not
+        enough).
 
-        DeepFool: at the current point, linearise ``f_j - f_k`` for the candidate classes
-        j, step onto the nearest linearised boundary (L2: along ``w``, Linf: along
-        ``sign(w)``), repeat until the label changes; finally scale by ``1 + overshoot``.
+        The attack itself (:class:`~advkit.attacks.DeepFool`, box ``"clip"``), run from
+        ``clip(x + v)`` on the ``candidates - 1`` classes other than the label with the
+        highest logits there, through this call's oracle (its passes count here).
         """
-        r = torch.zeros_like(x)
-        logits = model.logits(self.threat.clip(x + v))
-        active = (logits.argmax(1) == labels).nonzero().squeeze(1)
-        if active.numel() == 0:
-            return r
-        k = min(self.candidates, logits.shape[1])
-        others = top_other_classes(logits[active], labels[active], k - 1)  # (A, k-1) classes j
-        expand = (-1, *[1] * (x.dim() - 1))
-        for _ in range(self.deepfool_steps):
-            a, m = active.numel(), others.shape[1]
-            point = self.threat.clip(x[active] + v + r[active])
-            rows_j, rows_k = others.reshape(-1), labels[active].repeat_interleave(m)
-
-            def objective(out: Tensor, rows_j: Tensor = rows_j, rows_k: Tensor = rows_k,
-                          ) -> Tensor:
-                return out.gather(1, rows_j[:, None]).squeeze(1) - out.gather(
-                    1, rows_k[:, None]).squeeze(1)
-
-            out, w = model.gradient(point.repeat_interleave(m, dim=0), objective,
-                                    rows=active.repeat_interleave(m))
-            still = out.view(a, m, -1)[:, 0].argmax(1) == labels[active]
-            keep = still.nonzero().squeeze(1)
-            active, others = active[keep], others[keep]
-            if active.numel() == 0:
-                break
-            f = objective(out).view(a, m)[keep].abs()
-            w = w.view(a, m, *x.shape[1:])[keep]
-            dual = w.flatten(2).norm(p=1 if self.threat.norm == "linf" else 2, dim=2)
-            dist = f / dual.clamp_min(1e-12)
-            j = dist.argmin(1)
-            rows = torch.arange(active.numel(), device=x.device)
-            wj, fj, nj = w[rows, j], f[rows, j], dual[rows, j].clamp_min(1e-12)
-            if self.threat.norm == "linf":
-                step = ((fj + 1e-4) / nj).view(expand) * wj.sign()
-            else:
-                step = ((fj + 1e-4) / nj ** 2).view(expand) * wj
-            r[active] += step
-        return r * (1 + self.overshoot)
+        point = self.threat.clip(x + v)
+        deepfool = DeepFool(ThreatModel(self.threat.norm, float("inf"), self.threat.bounds),
+                            steps=self.deepfool_steps, overshoot=self.overshoot,
+                            top_k=self.candidates - 1)
+        # Its loop, not its __call__: the inner attack works through this call's oracle and
+        # on logits it already has, so neither its entry checks nor its passes are repeated.
+        # As in the authors' code, an image DeepFool did not finish still adds its last r.
+        reached = deepfool._iterate(model, point, labels, model.logits(point), last_iterate=True)
+        return reached - point
 
     # ------------------------------------------------------------------------ contract
 
@@ -327,21 +299,14 @@ def save_perturbation(path: str | Path, v: Tensor, metadata: dict[str, Any] | No
     fingerprint (:func:`advkit.models.fingerprint`), the data it was fitted on.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "shape": list(v.shape), **(metadata or {})}
     try:
         header = json.dumps(meta)
     except TypeError as err:
         raise ValueError(f"metadata must be JSON-serialisable ({err})") from err
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"perturbation": v.detach().cpu().contiguous()}, tmp,
+    with atomic_path(path) as tmp:
+        save_file({"perturbation": v.detach().cpu().contiguous()}, str(tmp),
                   metadata={"advkit": header})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
