@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,25 @@ def test_train_writes_a_checkpoint_and_installs_it_under_the_zoo_name(trained, m
     assert installed.read_bytes() == checkpoint.read_bytes()
     assert [h["epoch"] for h in trained["history"]] == [1]
     assert models.read_metadata(installed)["config"]["train_limit"] == 1000
+
+
+def test_training_again_over_a_damaged_checkpoint_installs_the_good_model(trained, model_dir,
+                                                                          tmp_path):
+    installed = Path(trained["installed"])
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained["out"], run_dir)
+    checkpoint = run_dir / "model.safetensors"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    result = runner.invoke(app, ["train", "--arch", "small_cnn", "--epochs", "1",
+                                 "--train-limit", "1000", "--out", str(run_dir), "--no-card"],
+                           env={"ADVKIT_MODEL_DIR": str(model_dir)})
+    assert result.exit_code == 0, result.output
+    assert "writing it again" in result.output
+    # The checkpoint was rebuilt from the run's state: the same weights, installed intact.
+    assert models.load_checkpoint(installed).advkit_metadata["fingerprint"] == \
+        models.read_metadata(trained["checkpoint"])["fingerprint"]
+    assert models.fingerprint(models.load_checkpoint(installed)) == \
+        models.fingerprint(models.load_checkpoint(trained["checkpoint"]))
 
 
 def test_attack_on_the_installed_zoo_model_reports_consistent_numbers(trained):

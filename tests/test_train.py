@@ -143,6 +143,26 @@ def test_resuming_a_finished_run_trains_nothing_and_returns_its_model(reference,
     assert same_weights(again.model, reference.model)
 
 
+def test_a_damaged_checkpoint_of_a_finished_run_is_written_again_from_the_state(reference,
+                                                                                tmp_path):
+    shutil.copytree(reference.checkpoint.parent, tmp_path, dirs_exist_ok=True)
+    damaged = tmp_path / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    again = run(CONFIG, tmp_path)
+    assert same_weights(again.model, reference.model)
+    restored = models.load_checkpoint(again.checkpoint)
+    assert same_weights(restored, reference.model)
+    assert restored.advkit_metadata["metrics"]["clean_accuracy"] == reference.history[-1]["val_acc"]
+
+
+def test_a_damaged_state_file_is_refused_with_a_clear_message(reference, tmp_path):
+    shutil.copytree(reference.checkpoint.parent, tmp_path, dirs_exist_ok=True)
+    state = tmp_path / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"state.pt is damaged .*resume=False"):
+        run(CONFIG, tmp_path)
+
+
 def test_resuming_with_another_config_is_refused_naming_the_difference(reference, tmp_path):
     shutil.copy(reference.checkpoint.parent / "state.pt", tmp_path / "state.pt")
     with pytest.raises(ValueError, match=r"another configuration \(lr: 0.001 -> 0.002\)") as err:

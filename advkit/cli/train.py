@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Annotated
 
+import safetensors.torch
+import torch
 import typer
 
 from advkit._files import atomic_write
@@ -96,7 +98,12 @@ def train_cmd(
         raise fail(str(err)) from err
     # A defended model is installed beside the standard one: small_cnn-mnist-trades.
     installed = trained_path(f"{arch}-{dataset}" + ("" if defense == "standard" else f"-{defense}"))
-    atomic_write(installed, result.checkpoint.read_bytes())
+    data = result.checkpoint.read_bytes()
+    if not _holds_weights(data, result.model):
+        # Never put a file that does not hold the trained weights over an installed model.
+        raise fail(f"{result.checkpoint} does not hold the trained weights; {installed} was "
+                   "left as it was")
+    atomic_write(installed, data)
     summary = {"checkpoint": str(result.checkpoint), "installed": str(installed),
                "history": result.history, "seconds": result.seconds}
     if card:
@@ -116,6 +123,18 @@ def train_cmd(
                       f"eps={ev['eps']:g}: clean {ev['clean_accuracy']:.1%}, robust "
                       f"{ev['robust_accuracy']:.1%}" + ("" if ev["reliable"] else
                                                         ", UNRELIABLE: a check failed") + ")")
+
+
+def _holds_weights(data: bytes, model: torch.nn.Module) -> bool:
+    """Whether checkpoint bytes hold exactly ``model``'s tensors (checked on the very bytes
+    that get installed)."""
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception:  # safetensors raises several types for damaged bytes
+        return False
+    state = model.state_dict()
+    return set(tensors) == set(state) and all(
+        torch.equal(tensors[k], v.detach().cpu()) for k, v in state.items())
 
 
 def _model_card(result, installed: Path, dataset: str, norm: str, eps: float, suite: str,

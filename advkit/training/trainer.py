@@ -139,7 +139,11 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
     start_epoch, elapsed, stopped = 0, 0.0, ""
     state_path = out_dir / "state.pt"
     if resume and state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=True)
+        try:
+            state = torch.load(state_path, map_location=device, weights_only=True)
+        except Exception as err:  # torch raises several types for a truncated or foreign file
+            raise ValueError(f"{state_path} is damaged and cannot be resumed from ({err}); "
+                             "pass resume=False (CLI: --no-resume) to start over") from err
         saved = _with_defaults(json.loads(state["config"]))
         if saved != record:
             raise ValueError(f"{out_dir} holds a run with another configuration "
@@ -227,7 +231,30 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
             }, tmp)
         world.barrier()
     model.eval()
+    if world.main and history and not _holds(ckpt, model):
+        # The state file is the run's record; a checkpoint that does not hold its weights
+        # (truncated, overwritten) is written again from it rather than trusted.
+        log(f"{ckpt} does not hold the run's weights; writing it again from {state_path.name}")
+        last = history[-1]
+        metrics = {"clean_accuracy": last["val_acc"], "val_samples": int(x_val.shape[0]),
+                   **{k: v for k, v in last.items()
+                      if k not in ("epoch", "loss", "train_acc", "val_acc", "seconds")},
+                   "torch_threads": torch.get_num_threads()}
+        checkpoint.save(model, ckpt, architecture=config.arch, arch_kwargs=kwargs,
+                        dataset=config.dataset, recipe=config.recipe, config=record,
+                        metrics=metrics, history=history, seconds=elapsed,
+                        **({"stopped": stopped} if stopped else {}))
     return TrainResult(model=model, checkpoint=ckpt, history=history, seconds=elapsed)
+
+
+def _holds(path: Path, model: nn.Module) -> bool:
+    """Whether the checkpoint at ``path`` reads back as ``model``'s weights."""
+    try:
+        # load_checkpoint checks the file's weights against its own recorded fingerprint.
+        stored = checkpoint.load_checkpoint(path).advkit_metadata.get("fingerprint")
+    except (ValueError, OSError, KeyError):
+        return False
+    return stored == checkpoint.fingerprint(model)
 
 
 def split(settings: dict[str, Any]) -> tuple[dict[str, Any], ThreatModel, dict[str, Any]]:
