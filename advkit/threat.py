@@ -85,7 +85,8 @@ class ThreatModel:
         if self.norm == "linf" and math.isfinite(eps) and eps > hi - lo:
             raise ValueError(
                 f"eps={eps} is larger than the box allows for linf (at most {hi - lo}): "
-                "every image in the box would be allowed; use eps=float('inf') for no cap"
+                f"every image in the box would be allowed; use eps <= {hi - lo} (a budgeted "
+                "attack needs a finite eps), or eps=float('inf') with a minimal-norm attack"
             )
         object.__setattr__(self, "eps", eps)
         object.__setattr__(self, "bounds", (lo, hi))
@@ -108,7 +109,8 @@ class ThreatModel:
         if self.eps > limit * (1 + 1e-6):
             raise ValueError(
                 f"eps={self.eps} is larger than the box allows for {self.norm} on images of "
-                f"{x[0].numel()} values (at most {limit:.4g}); use eps=float('inf') for no cap"
+                f"{x[0].numel()} values (at most {limit:.4g}); use eps <= {limit:.4g} (a budgeted "
+                "attack needs a finite eps), or eps=float('inf') with a minimal-norm attack"
             )
 
     def norms(self, delta: Tensor) -> Tensor:

@@ -209,6 +209,34 @@ def test_bad_input_is_refused_with_exit_code_2_and_a_reason(args, expected):
     check_refused(invoke(*args, "--json"), *expected)
 
 
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--model", "nosuchmod:factory"], ["cannot import 'nosuchmod'"]),
+    (["--model", "os:nosuch"], ["os has no callable 'nosuch'"]),
+    (["--device", "foo"], ["unknown device 'foo'"]),
+    (["--device", "cuda:7"], ["no such CUDA device", "--device cpu"]),
+    (["--eps", "2"], ["use eps <= 1.0"]),
+    (["--save", "/proc/advkit-no-such-dir/x.npz"], ["cannot write the output file"]),
+], ids=["missing-module", "missing-factory", "unknown-device", "absent-gpu", "eps-hint",
+        "unwritable-save"])
+def test_mistakes_found_by_a_new_user_are_an_error_line_not_a_traceback(args, expected):
+    check_refused(invoke("attack", "--attack", "pgd", "--limit", "5", *args, "--json"),
+                  *expected)
+
+
+def test_an_unwritable_save_path_fails_before_the_attack_runs(monkeypatch):
+    from advkit.cli import attack as attack_cli
+    ran: list[object] = []
+    monkeypatch.setattr(attack_cli, "run_attack", lambda *a, **k: ran.append(a))
+    check_refused(invoke("attack", "--attack", "fgsm", "--limit", "5", "--save",
+                         "/proc/advkit-no-such-dir/x.npz"), "cannot write")
+    assert ran == []
+
+
+def test_train_refuses_an_unwritable_run_folder_before_training():
+    check_refused(invoke("train", "--epochs", "1", "--out", "/proc/advkit-no-such-dir"),
+                  "cannot write the run folder")
+
+
 @pytest.mark.parametrize("command", ["attack", "evaluate"])
 def test_a_missing_model_file_is_refused_naming_it(command, tmp_path):
     missing = tmp_path / "missing.safetensors"

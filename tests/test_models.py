@@ -394,6 +394,40 @@ def test_malicious_factory_weights_are_refused_without_trust_and_run_nothing(mal
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("trust", [False, True])
+def test_a_truncated_torch_file_is_called_damaged_not_untrusted(factory_spec, tmp_path, trust):
+    path = tmp_path / "weights.pt"
+    torch.save(models.load(factory_spec).state_dict(), path)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(ValueError, match="truncated or damaged") as info:
+        models.load(factory_spec, weights=path, trust=trust)
+    assert "--trust" not in str(info.value)  # trusting a broken file would not help
+
+
+def test_a_damaged_safetensors_file_is_named(tmp_path):
+    path = models.save(seeded("small_cnn"), tmp_path / "m.safetensors", architecture="small_cnn")
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match="m.safetensors"):
+        models.load_checkpoint(path)
+
+
+def test_bad_json_metadata_names_the_file(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path), metadata={"advkit": "{not json"})
+    with pytest.raises(ValueError, match=r"bad.safetensors: its advkit metadata is not valid"):
+        models.read_metadata(path)
+
+
+def test_a_checkpoint_without_a_fingerprint_warns_that_its_weights_are_unchecked(tmp_path):
+    model = seeded("small_cnn")
+    path = tmp_path / "old.safetensors"
+    meta = {"format": "advkit-checkpoint/1", "architecture": "small_cnn", "arch_kwargs": {}}
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={"advkit": json.dumps(meta)})
+    with pytest.warns(UserWarning, match="records no fingerprint"):
+        models.load_checkpoint(path)
+
+
 def test_a_pickled_whole_module_is_refused_without_trust(tmp_path):
     path = tmp_path / "whole.pt"
     torch.save(TinyNet(), path)

@@ -12,7 +12,7 @@ import sys
 import typer
 
 from advkit.cli import attack, attacks_list, demo, evaluate, report, runs, train, universal
-from advkit.cli._common import console
+from advkit.cli._common import console, guard
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="advkit: attack, defend, certify and report adversarial robustness.")
@@ -24,6 +24,11 @@ app.command("demo")(demo.demo)
 app.add_typer(universal.universal_app, name="universal")
 app.add_typer(runs.runs_app, name="runs")
 app.command("report")(report.report)
+
+# Every command, sub-commands included: a user's mistake is an `error:` line, not a traceback.
+for _group in [app, *(g.typer_instance for g in app.registered_groups)]:
+    for _info in _group.registered_commands:
+        _info.callback = guard(_info.callback)
 
 
 def main() -> None:

@@ -3,8 +3,12 @@ JSON output, device choice, model and data loading, and the provenance of a resu
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import sqlite3
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -67,11 +71,54 @@ def print_rows(rows: list[dict], title: str, keys: list[str] | None = None) -> N
 
 
 def resolve_device(name: str) -> str:
-    """``name``, with ``auto`` read as cuda where a GPU is present and cpu otherwise."""
+    """``name``, with ``auto`` read as cuda where a GPU is present and cpu otherwise; a
+    device torch does not know, or a GPU this machine lacks, is an error now."""
     import torch
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise fail(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto") from err
+    if device.type == "cuda" and (not torch.cuda.is_available() or (
+            device.index is not None and device.index >= torch.cuda.device_count())):
+        raise fail(f"--device {name}: this machine has no such CUDA device; use --device cpu "
+                   "(or auto)")
+    if device.type not in ("cpu", "cuda"):
+        raise fail(f"--device {name}: advkit runs on cpu or cuda")
     return name
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Fail now, before any long work, if ``path`` cannot be written (its folder is made
+    if missing): a bad output path must not cost a finished attack or training run."""
+    folder = path if what.endswith("folder") else path.parent
+    try:
+        if path.is_dir() and not what.endswith("folder"):
+            raise IsADirectoryError(f"{path} is a directory")
+        folder.mkdir(parents=True, exist_ok=True)
+        # A real file, not os.access: access() says yes to root on a read-only mount.
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".advkit-probe-"):
+            pass
+    except OSError as err:
+        raise fail(f"cannot write the {what} {path}: {err.strerror or err}") from err
+
+
+#: What a command's user can cause and fix: reported as one ``error:`` line with status 2.
+#: Anything else is a bug in advkit and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError,
+                                                 sqlite3.DatabaseError)
+
+
+def guard(command: Callable[..., object]) -> Callable[..., object]:
+    """``command`` with the errors its user can fix turned into ``error:`` lines (exit 2)."""
+    @functools.wraps(command)
+    def run(*args: object, **kwargs: object) -> object:
+        try:
+            return command(*args, **kwargs)
+        except USER_ERRORS as err:
+            raise fail(str(err) or type(err).__name__) from err
+    return run
 
 
 def load_model_and_data(model: str, dataset: str, split: str, limit: int | None, trust: bool,

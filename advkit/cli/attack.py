@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from advkit._files import atomic_path
 from advkit.cli._build import build_attack
 from advkit.cli._common import (
     TABLE_KEYS,
@@ -15,6 +16,7 @@ from advkit.cli._common import (
     JsonOpt,
     ModelOpt,
     TrustOpt,
+    check_writable,
     fail,
     load_model_and_data,
     print_json,
@@ -53,6 +55,9 @@ def attack(
     import numpy as np
     import torch
 
+    if save is not None:
+        save = save if save.suffix == ".npz" else save.with_name(save.name + ".npz")
+        check_writable(save, "output file")  # before the attack, not after it
     try:
         atk = build_attack(attack_name, norm, eps, steps=steps, step_size=step_size,
                            restarts=restarts, n_queries=n_queries, loss=loss, seed=seed)
@@ -69,8 +74,9 @@ def attack(
         raise fail(str(err)) from err
     row = table_rows([result], clean)[0]
     if save is not None:
-        np.savez_compressed(save, x_adv=result.x_adv.numpy(), y=result.labels.numpy(),
-                            success=result.success.numpy(), norms=result.norms.numpy())
+        with atomic_path(save) as tmp, open(tmp, "wb") as handle:
+            np.savez_compressed(handle, x_adv=result.x_adv.numpy(), y=result.labels.numpy(),
+                                success=result.success.numpy(), norms=result.norms.numpy())
         row["saved"] = str(save)
     if as_json:
         print_json({**provenance(net, model, dataset, split, len(x), device),

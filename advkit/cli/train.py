@@ -15,6 +15,7 @@ from advkit.card import card_path
 from advkit.cli._common import (
     DeviceOpt,
     JsonOpt,
+    check_writable,
     console,
     fail,
     out,
@@ -90,6 +91,8 @@ def train_cmd(
         arch, dataset = settings["arch"], settings["dataset"]
         norm, eps = settings["norm"], settings["eps"]
         run_dir = out_dir or model_dir() / "runs" / f"{arch}-{dataset}-{defense}-seed{seed}"
+        check_writable(run_dir, "run folder")
+        check_writable(model_dir(), "installed-model folder")
         if preset:
             log(f"preset {preset}: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
         result = train_defense(defense, settings, run_dir, resume=resume,

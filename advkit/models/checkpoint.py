@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if raw is None:
         raise ValueError(f"{path} is a safetensors file without advkit metadata; load it with "
                          "advkit.models.load('package.module:factory', weights=path)")
-    return json.loads(raw)
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: its advkit metadata is not valid JSON ({err})") from err
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
@@ -76,7 +80,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     meta = read_metadata(path)
     model = zoo.create(meta["architecture"], **meta.get("arch_kwargs", {}))
     load_weights(model, path, map_location)
-    if "fingerprint" in meta and fingerprint(model) != meta["fingerprint"]:
+    if "fingerprint" not in meta:
+        warnings.warn(f"{path} records no fingerprint: its weights cannot be checked against "
+                      "damage; save it again with advkit.models.save", stacklevel=2)
+    elif fingerprint(model) != meta["fingerprint"]:
         raise ValueError(f"{path}: the weights do not match the fingerprint in the metadata "
                          "(the file was altered or damaged)")
     model.advkit_metadata = meta
@@ -95,7 +102,11 @@ def load_weights(model: nn.Module, path: str | Path,
         raise FileNotFoundError(f"no weights file at {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        state = load_file(str(path), device=str(map_location))
+        try:
+            state = load_file(str(path), device=str(map_location))
+        except Exception as err:  # safetensors raises its own types for damaged files
+            raise ValueError(f"{path} is not a readable safetensors file; it may be truncated "
+                             f"or damaged ({err})") from err
     else:
         state = _torch_load(path, map_location, trust)
         if isinstance(state, dict) and "state_dict" in state:
@@ -113,11 +124,14 @@ def load_weights(model: nn.Module, path: str | Path,
 def _torch_load(path: Path, map_location: str | torch.device, trust: bool) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=not trust)
-    except Exception as err:
-        if trust:
-            raise
-        raise ValueError(
-            f"refused to load {path}: it holds Python objects beyond tensors, and unpickling "
-            "them could run arbitrary code. If you made this file yourself or trust its "
-            "author, pass trust=True (CLI: --trust)."
-        ) from err
+    except Exception as err:  # torch raises several types for damaged and refused files
+        # Only the weights-only unpickler's refusal means "Python objects inside"; anything
+        # else is a damaged or foreign file, and trusting it would not help.
+        if not trust and "Weights only load failed" in str(err):
+            raise ValueError(
+                f"refused to load {path}: it holds Python objects beyond tensors, and "
+                "unpickling them could run arbitrary code. If you made this file yourself or "
+                "trust its author, pass trust=True (CLI: --trust).") from err
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} is not a readable torch file; it may be truncated or "
+                         f"damaged ({reason})") from err

@@ -121,7 +121,8 @@ def _load_factory(spec: str, weights: str | Path | None, trust: bool,
         raise ImportError(f"cannot import {module_name!r} for {spec!r}: {err}") from err
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise AttributeError(f"{module_name} has no callable {attr!r}")
+        raise ValueError(f"{module_name} has no callable {attr!r} (for {spec!r}); name a "
+                         "function or class that builds the model: package.module:factory")
     model = factory()
     if not isinstance(model, nn.Module):
         raise TypeError(f"{spec}() returned {type(model).__name__}, not an nn.Module")
