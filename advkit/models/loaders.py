@@ -144,8 +144,13 @@ def load_onnx(path: str | Path) -> nn.Module:
     except ImportError as err:
         raise ImportError("ONNX models need the onnx package: pip install onnx") from err
     onnx2torch = _import_onnx2torch()
-    graph = onnx.load(str(path))
-    return onnx2torch.convert(graph).eval()
+    try:
+        graph = onnx.load(str(path))
+        onnx.checker.check_model(graph)
+        return onnx2torch.convert(graph).eval()
+    except Exception as err:  # protobuf, onnx and onnx2torch raise their own types
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} is not an ONNX model advkit can read: {reason}") from err
 
 
 def _import_onnx2torch() -> types.ModuleType:
