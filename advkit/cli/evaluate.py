@@ -144,7 +144,8 @@ def evaluate_suite(*, model: str, suite: str, norm: str, eps: float, dataset: st
     from advkit.threat import ThreatModel
 
     if resume is not None:
-        with Store(store) as db:
+        # Read-only: a missing store is refused, not created empty.
+        with Store(store, read_only=True) as db:
             config = db.run(resume)["config"]
         if not config.get("model") or not config.get("data"):
             raise ValueError(f"run {resume} was made from Python, not the command line: resume "

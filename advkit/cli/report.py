@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from advkit.cli._common import JsonOpt, StoreOpt, fail
+from advkit.cli._common import JsonOpt, StoreOpt, console, fail
 from advkit.evaluation import DEFAULT_STORE
 
 
@@ -26,7 +26,11 @@ def report(run: Annotated[int, typer.Argument(help="run id (see `advkit runs`)")
         html, js = write_run_report(store, run, out)
     except ValueError as err:
         raise fail(str(err)) from err
+    # An unfinished run's report opens with a warning; the terminal gets the same words.
+    banner = json.loads(js.read_text())["banner"]
     if as_json:
-        print(json.dumps({"html": str(html), "json": str(js)}))
+        print(json.dumps({"html": str(html), "json": str(js), "banner": banner}))
     else:
+        if banner:
+            console.print(f"[bold red]warning:[/] {banner}")
         print(f"report: {html}")

@@ -68,9 +68,20 @@ class EvaluationReport:
             runs stored before every attack counted per sample, where it holds the
             chunk's average) and whether it is robust.
         per_class: clean and robust accuracy per true class.
-        checks: the masking checks; ``reliable`` is False when any of them failed.
+        checks: the masking checks; ``reliable`` is False when any of them failed, and
+            for a run that has not finished.
         curves: robust accuracy versus eps (name -> points).
         chunks_run: chunks this call computed (0 when everything was already stored).
+        status: ``done``; or, for a run read back before it finished, ``running`` (a live
+            process is working on it) or ``unfinished`` (it stopped: killed, failed,
+            interrupted; ``--resume`` continues it).
+        unknown: images the run has not settled yet (no clean prediction, or a stage still
+            to attack them): counted neither robust nor broken (``status`` "unknown" in
+            ``per_sample``).
+        robust_accuracy_bounds: (at least, at most): where the finished run's robust
+            accuracy will lie (every unknown image broken, or none). While any image is
+            unknown, ``robust_accuracy`` is None (likewise ``clean_accuracy`` before the
+            clean pass is complete); the model's robust accuracy is at most the upper bound.
     """
 
     run_id: int
@@ -79,8 +90,8 @@ class EvaluationReport:
     kind: str
     threat: ThreatModel
     n: int
-    clean_accuracy: float
-    robust_accuracy: float
+    clean_accuracy: float | None
+    robust_accuracy: float | None
     stages: list[dict]
     per_sample: list[dict]
     per_class: list[dict]
@@ -90,16 +101,26 @@ class EvaluationReport:
     chunks_run: int = 0
     config: dict = field(default_factory=dict)
     environment: dict = field(default_factory=dict)
+    status: str = "done"
+    unknown: int = 0
+    robust_accuracy_bounds: tuple[float, float] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "done"
 
     @property
     def reliable(self) -> bool:
-        return not any(c.status == "fail" for c in self.checks)
+        # Unfinished: not every attack has run, nor perhaps the checks; nothing vouches yet.
+        return self.finished and not any(c.status == "fail" for c in self.checks)
 
     def summary(self) -> dict:
-        return {"run": self.run_id, "suite": self.suite, "norm": self.threat.norm,
-                "eps": self.threat.eps, "n": self.n, "clean_accuracy": self.clean_accuracy,
-                "robust_accuracy": self.robust_accuracy, "reliable": self.reliable,
-                "seconds": self.seconds}
+        bounds = self.robust_accuracy_bounds or (self.robust_accuracy, self.robust_accuracy)
+        return {"run": self.run_id, "status": self.status, "suite": self.suite,
+                "norm": self.threat.norm, "eps": self.threat.eps, "n": self.n,
+                "clean_accuracy": self.clean_accuracy, "robust_accuracy": self.robust_accuracy,
+                "robust_accuracy_bounds": list(bounds), "unknown": self.unknown,
+                "reliable": self.reliable, "seconds": self.seconds}
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -214,6 +235,7 @@ def _probe(model: nn.Module, x: Tensor, y: Tensor, device: torch.device) -> None
 def _open_run(db: Store, resume: int | None, config: dict, device) -> int:
     if resume is None:
         return db.create_run(config, describe(device))
+    db.claim(resume)  # before reading what is done: a second resume is refused, not raced
     stored = db.run(resume)["config"]
     for key in ("suite", "threat", "seed", "batch_size", "n", "data_digest", "model_fingerprint"):
         if stored[key] != config[key]:
@@ -375,72 +397,105 @@ class _Engine:
 
 
 def read_report(db: Store, run_id: int, finish: bool = False) -> EvaluationReport:
-    """The :class:`EvaluationReport` of a stored run (``finish``: mark it done)."""
+    """The :class:`EvaluationReport` of a stored run (``finish``: mark it done).
+
+    A run that has not finished reads back as such: ``status`` says so, images no stage
+    has settled yet are ``unknown`` (never robust), robust accuracy is given as bounds,
+    and the run is not reliable.
+    """
     run = db.run(run_id)
     config = run["config"]
     suite = Suite.from_dict(config["suite"])
     threat = ThreatModel(config["threat"]["norm"], config["threat"]["eps"],
                          tuple(config["threat"]["bounds"]))
     rows = db.per_sample_rows(run_id)
-    n = len(rows)
-    if n < config["n"]:
-        raise ValueError(f"run {run_id} is unfinished ({n} of {config['n']} samples have a clean "
-                         "prediction); continue it with --resume")
-    clean = sum(r["clean_pred"] == r["label"] for r in rows) / n
-    robust = sum(r["robust"] for r in rows) / n
+    n = max(len(rows), 1)
+    unknown = sum(r["status"] == "unknown" for r in rows)
+    robust_known = sum(r["status"] == "robust" for r in rows)
+    bounds = (robust_known / n, (robust_known + unknown) / n)
+    robust = bounds[0] if unknown == 0 else None
+    labelled = [r for r in rows if r["label"] is not None]
+    clean = (sum(r["clean_pred"] == r["label"] for r in labelled) / n
+             if len(labelled) == len(rows) else None)
+    if finish and unknown:
+        raise RuntimeError(f"run {run_id}: {unknown} images unsettled after every stage ran; "
+                           "this is a bug in advkit, please report it")
+    status = "done" if finish else db.state(run_id)
+    if status == "done" and unknown:   # a store marked done by mistake: say what it holds
+        status = "unfinished"
+    attacked: dict[int, set[int]] = {}
+    for stage, o in db.outcomes(run_id):
+        attacked.setdefault(stage, set()).add(o.idx)
     chunk_rows = db.chunks(run_id)
     stages = []
     names = [s.name for s in suite.stages]
     for i, spec in enumerate(suite.stages, start=1):
         parts = [c for c in chunk_rows if c.stage == i]
         upto = {"clean", *names[:i]}
-        if suite.kind == "minimal":
-            alive = sum(1 for r in rows if not (r["broken_by"] in upto and r["norm"] is not None
-                                                and r["norm"] <= threat.eps * (1 + 1e-9)))
-        else:
-            alive = sum(1 for r in rows if r["broken_by"] not in upto)
+        alive = settled = 0
+        for r in labelled:
+            if suite.kind == "minimal":
+                broken = (r["broken_by"] in upto and r["norm"] is not None
+                          and r["norm"] <= threat.eps * (1 + 1e-9))
+            else:
+                broken = r["broken_by"] in upto
+            standing = not broken and all(r["idx"] in attacked.get(s, ()) for s in
+                                          range(1, i + 1))
+            alive += standing
+            settled += broken or standing
         seconds = sum(c.seconds for c in parts)
         stages.append({
             "stage": spec.name, "attack": spec.attack_class.__name__,
             "attacked": sum(c.n for c in parts),
             "broken": sum(1 for r in rows if r["broken_by"] == spec.name),
-            "robust_acc_after": alive / n, "seconds": seconds,
+            # None until every image's fate after this stage is known
+            "robust_acc_after": alive / n if settled == len(rows) else None,
+            "seconds": seconds,
             "forward_passes": sum(c.forward for c in parts),
             "backward_passes": sum(c.backward for c in parts),
         })
-    classes = sorted({r["label"] for r in rows})
+    classes = sorted({r["label"] for r in labelled})
     per_class = []
     for c in classes:
-        members = [r for r in rows if r["label"] == c]
+        members = [r for r in labelled if r["label"] == c]
+        open_ = sum(r["status"] == "unknown" for r in members)
         per_class.append({"class": c, "n": len(members),
                           "clean_acc": sum(r["clean_pred"] == c for r in members) / len(members),
-                          "robust_acc": sum(r["robust"] for r in members) / len(members)})
+                          "robust_acc": (None if open_ else
+                                         sum(r["status"] == "robust" for r in members)
+                                         / len(members)),
+                          "unknown": open_})
     checks = [checks_lib.Check(**c) for c in db.checks(run_id)]
     report = EvaluationReport(
-        run_id=run_id, store=str(db.path), suite=suite.name, kind=suite.kind, threat=threat, n=n,
-        clean_accuracy=clean, robust_accuracy=robust, stages=stages, per_sample=rows,
-        per_class=per_class, checks=checks, curves=_curves(rows, suite, threat, clean, robust,
-                                                            checks),
+        run_id=run_id, store=str(db.path), suite=suite.name, kind=suite.kind, threat=threat,
+        n=len(rows), clean_accuracy=clean, robust_accuracy=robust, stages=stages,
+        per_sample=rows, per_class=per_class, checks=checks,
+        curves=_curves(rows, suite, threat, clean, bounds[1], checks, status == "done"),
         seconds=sum(c.seconds for c in chunk_rows), config=config,
-        environment=run["environment"])
+        environment=run["environment"], status=status, unknown=unknown,
+        robust_accuracy_bounds=bounds)
     if finish and run["status"] != "done":
         db.finish_run(run_id, report.summary())
     return report
 
 
-def _curves(rows: Sequence[dict], suite: Suite, threat: ThreatModel, clean: float,
-            robust: float, checks: Sequence[checks_lib.Check]) -> dict:
+def _curves(rows: Sequence[dict], suite: Suite, threat: ThreatModel, clean: float | None,
+            robust: float, checks: Sequence[checks_lib.Check], finished: bool = True) -> dict:
+    """``robust``: the robust accuracy, or its upper bound for an unfinished run, whose
+    curve (unknown images counted as standing) is an upper bound too, and named so."""
     curves: dict[str, list[tuple[float, float]]] = {}
-    n = len(rows)
+    n = max(len(rows), 1)
+    tail = "" if finished else ", unfinished: an upper bound"
     if suite.kind == "minimal":
         norms = sorted(r["norm"] for r in rows if r["broken_by"] and r["norm"] is not None)
         top = max([threat.eps if threat.bounded else 0.0] + norms[-1:]) or 1.0
         grid = [top * i / 24 for i in range(25)]
-        curves[f"{suite.name} suite (smallest norm per image)"] = [
+        curves[f"{suite.name} suite (smallest norm per image{tail})"] = [
             (e, sum(1 for r in rows if not (r["broken_by"] and r["norm"] is not None
                                             and r["norm"] <= e)) / n) for e in grid]
-    else:
-        curves[f"{suite.name} suite"] = [(0.0, clean), (threat.eps, robust)]
+    elif clean is not None:
+        name = f"{suite.name} suite" + (f" ({tail[2:]})" if tail else "")
+        curves[name] = [(0.0, clean), (threat.eps, robust)]
     for c in checks:
         if c.name == "eps_monotone" and "points" in c.details:
             # The unbounded point (the whole box) lives in the checks table: on the plot it

@@ -15,13 +15,34 @@ def _class_name(names: list[str] | None, index: int) -> str:
     return names[index] if names and 0 <= index < len(names) else str(index)
 
 
+def unfinished_message(report, holder: int | None = None) -> str:
+    """What an unfinished run's numbers mean, in words (the report's banner)."""
+    run, store = report.run_id, report.store
+    if holder is not None:
+        head = f"UNFINISHED: process {holder} is still working on run {run}."
+    else:
+        head = (f"UNFINISHED: run {run} stopped before the end (killed, failed or interrupted); "
+                f"continue it with `advkit evaluate --resume {run} --store {store}`.")
+    if report.unknown == 0:
+        return (f"{head} Every attack has run (robust accuracy {report.robust_accuracy:.1%}), "
+                "but the masking checks have not finished: nothing vouches for the number yet.")
+    low, high = report.robust_accuracy_bounds
+    clean = ("" if report.clean_accuracy is not None else
+             " The clean pass itself is incomplete, so clean accuracy is not known either.")
+    return (f"{head} {report.unknown} of {report.n} images have not yet faced every attack: "
+            "they count as unknown, never as robust. Robust accuracy lies between "
+            f"{low:.1%} (every unknown image broken) and {high:.1%} (none broken): it is at "
+            f"most {high:.1%}.{clean}")
+
+
 def write_run_report(store: str | Path, run_id: int, out: str | Path) -> tuple[Path, Path]:
     """Write ``out`` (HTML) and its JSON twin beside it (``.json``); return both paths."""
     from advkit.evaluation import Store, read_report
 
-    with Store(store) as db:
+    with Store(store, read_only=True) as db:
         report = read_report(db, run_id)
         images = db.images(run_id)
+        holder = db.holder(run_id)
     names = None
     dataset = report.config.get("data", {}).get("dataset")
     if dataset:
@@ -32,31 +53,42 @@ def write_run_report(store: str | Path, run_id: int, out: str | Path) -> tuple[P
             names = None
     status = {c.name: c.status for c in report.checks}
     notes = []
-    if not report.reliable:
-        failed = [c for c in report.checks if c.status == "fail"]
+    failed = [c for c in report.checks if c.status == "fail"]
+    if failed:
         notes.append("UNRELIABLE: " + "; ".join(f"check '{c.name}' failed: {c.message}"
                                                 for c in failed))
-    if not report.checks:
+    checks_off = not report.config.get("checks", True)
+    if checks_off:
         notes.append("The masking checks were not run (--no-checks): nothing vouches for these "
                      "numbers.")
+    elif not report.finished:
+        notes.append("The masking checks run after every attack has; this run has not got "
+                     f"there ({len(report.checks)} checks stored), so nothing vouches for these "
+                     "numbers yet.")
     notes.append("Robust accuracy is the per-sample worst case over every stage; success is "
                  "re-checked with a fresh forward pass after every attack.")
-    summary = [{
-        "run": report.run_id, "suite": report.suite, "norm": report.threat.norm,
-        "eps": report.threat.eps, "images": report.n, "clean_acc": report.clean_accuracy,
-        "robust_acc": report.robust_accuracy,
-        "reliable": "yes" if report.reliable else "NO (see checks)",
-        "seconds": report.seconds,
-    }]
+    summary = {
+        "run": report.run_id, "status": report.status, "suite": report.suite,
+        "norm": report.threat.norm, "eps": report.threat.eps, "images": report.n,
+        "clean_acc": report.clean_accuracy, "robust_acc": report.robust_accuracy,
+    }
+    if not report.finished:
+        low, high = report.robust_accuracy_bounds
+        summary.update(robust_acc_at_least=low, robust_acc_at_most=high, unknown=report.unknown)
+    summary.update(reliable="yes" if report.reliable else
+                   "NO (see checks)" if failed else "NO (unfinished)", seconds=report.seconds)
     stages = [{"stage": s["stage"], "attack": s["attack"], "attacked": s["attacked"],
                "broken": s["broken"], "robust_acc": s["robust_acc_after"],
                "seconds": s["seconds"], "forward_passes": s["forward_passes"],
                "backward_passes": s["backward_passes"]} for s in report.stages]
     checks = [{"check": c.name, "status": c.status.upper(), "explanation": c.message}
-              for c in report.checks] or [{"check": "-", "status": "not run",
-                                           "explanation": "checks were switched off"}]
+              for c in report.checks] or [{
+                  "check": "-", "status": "not run",
+                  "explanation": "checks were switched off" if checks_off else
+                  "not run yet: the run is unfinished"}]
     per_class = [{"class": _class_name(names, c["class"]), "images": c["n"],
-                  "clean_acc": c["clean_acc"], "robust_acc": c["robust_acc"]}
+                  "clean_acc": c["clean_acc"], "robust_acc": c["robust_acc"],
+                  **({} if report.finished else {"unknown": c["unknown"]})}
                  for c in report.per_class]
     rows = {r["idx"]: r for r in report.per_sample}
     gallery = []
@@ -79,9 +111,11 @@ def write_run_report(store: str | Path, run_id: int, out: str | Path) -> tuple[P
                                                                status.items()) or "none"}
     title = (f"advkit evaluation run {report.run_id}: {report.suite} suite, "
              f"{report.threat.norm} eps={report.threat.eps:g}"
-             + ("" if report.reliable else " [UNRELIABLE]"))
-    args = {"title": title, "summary": summary, "curves": report.curves, "gallery": gallery,
-            "environment": environment, "notes": notes}
+             + (" [UNFINISHED]" if not report.finished else
+                "" if report.reliable else " [UNRELIABLE]"))
+    args = {"title": title, "summary": [summary], "curves": report.curves, "gallery": gallery,
+            "environment": environment, "notes": notes,
+            "banner": None if report.finished else unfinished_message(report, holder)}
     out = Path(out)
     tables = [("Stages", stages), ("Checks", checks), ("Per class", per_class)]
     card_file = report.config.get("model", {}).get("card")

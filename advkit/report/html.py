@@ -110,7 +110,7 @@ def write_html_report(path: str | Path, *, title: str, summary: Sequence[Mapping
                       gallery: Sequence[GalleryItem], environment: Mapping[str, object],
                       notes: Sequence[str] = (),
                       tables: Sequence[tuple[str, Sequence[Mapping[str, object]]]] = (),
-                      ) -> Path:
+                      banner: str | None = None) -> Path:
     """Write a self-contained HTML robustness report.
 
     Args:
@@ -130,6 +130,8 @@ def write_html_report(path: str | Path, *, title: str, summary: Sequence[Mapping
             gradient masking).
         tables: further sections after the summary, each ``(heading, rows)`` with
             rows shaped like ``summary``'s (e.g. per stage, checks, per class).
+        banner: a warning that changes how everything below must be read (e.g. "this
+            run is unfinished"), shown above all else in red.
 
     Returns:
         ``Path(path)``.
@@ -137,7 +139,7 @@ def write_html_report(path: str | Path, *, title: str, summary: Sequence[Mapping
     Raises:
         ValueError: if any input is malformed; nothing is written then.
     """
-    fields = _validate(title, summary, curves, gallery, environment, notes)
+    fields = _validate(title, summary, curves, gallery, environment, notes, banner)
     columns, rows = _table(fields["columns"], fields["summary"])
     sections = []
     for heading, table_rows in tables:
@@ -147,6 +149,7 @@ def write_html_report(path: str | Path, *, title: str, summary: Sequence[Mapping
         sections.append((heading, *_table(keys, checked)))
     html = _template().render(
         title=fields["title"],
+        banner=banner,
         notes=fields["notes"],
         columns=columns,
         rows=rows,
@@ -175,7 +178,7 @@ def write_json_report(path: str | Path, *, title: str, summary: Sequence[Mapping
                       gallery: Sequence[GalleryItem], environment: Mapping[str, object],
                       notes: Sequence[str] = (),
                       tables: Sequence[tuple[str, Sequence[Mapping[str, object]]]] = (),
-                      ) -> Path:
+                      banner: str | None = None) -> Path:
     """Write the machine-readable twin of :func:`write_html_report`.
 
     Takes the same arguments and validates them the same way. The gallery is
@@ -185,11 +188,12 @@ def write_json_report(path: str | Path, *, title: str, summary: Sequence[Mapping
     Returns:
         ``Path(path)``.
     """
-    fields = _validate(title, summary, curves, gallery, environment, notes)
+    fields = _validate(title, summary, curves, gallery, environment, notes, banner)
     document = {
         "format": JSON_FORMAT,
         "version": JSON_VERSION,
         "title": fields["title"],
+        "banner": banner,
         "notes": fields["notes"],
         "summary": fields["summary"],
         "curves": {name: [list(point) for point in points]
@@ -232,10 +236,12 @@ def _is_fraction_key(key: str) -> bool:
 
 
 def _validate(title: object, summary: object, curves: object, gallery: object,
-              environment: object, notes: object) -> dict[str, object]:
+              environment: object, notes: object, banner: object = None) -> dict[str, object]:
     """Check every input, returning normalised copies; raise ValueError naming the bad part."""
     if not isinstance(title, str) or not title.strip():
         raise ValueError(f"title must be a non-empty string (got {title!r})")
+    if banner is not None and (not isinstance(banner, str) or not banner.strip()):
+        raise ValueError(f"banner must be a non-empty string or None (got {banner!r})")
     if isinstance(notes, str) or not all(isinstance(note, str) for note in notes):
         raise ValueError(f"notes must be a list of strings (got {notes!r})")
     if isinstance(gallery, GalleryItem) or not all(isinstance(i, GalleryItem) for i in gallery):
