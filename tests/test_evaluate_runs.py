@@ -114,8 +114,9 @@ def test_torchrun_two_processes_match_one(checkpoint, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-          "--master_port", str(port), *_evaluate_args(store=two, **args)[1:]])
+    done = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                 "127.0.0.1", "--master_port", str(port), *_evaluate_args(store=two, **args)[1:]])
+    json.loads(done.stdout)  # one summary (rank 0's), not one per process
     assert _export(two) == _export(one)
     with sqlite3.connect(two) as db:   # one merged run, not one per process
         assert db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1
@@ -186,3 +187,16 @@ def test_cli_errors(tmp_path, checkpoint):
     assert result.exit_code == 2 and "no run 3" in result.output
     result = runner.invoke(app, ["evaluate", "--resume", "3", "--store", str(store)])
     assert result.exit_code == 2 and "no run 3" in result.output
+    # --resume takes the run's own settings: given ones are refused, not silently ignored
+    result = runner.invoke(app, ["evaluate", "--resume", "3", "--store", str(store), "--eps",
+                                 "0.5", "--limit", "7"], env={"COLUMNS": "250"})
+    assert result.exit_code == 2 and "drop --eps, --limit" in result.output
+
+
+def test_the_api_does_not_create_a_store_to_resume_from(mnist_model, mnist_test, tmp_path):
+    x, y = mnist_test
+    missing = tmp_path / "missing.sqlite"
+    with pytest.raises(FileNotFoundError, match="no store at"):
+        advkit.evaluate(mnist_model, x[:4], y[:4], advkit.ThreatModel("linf", 0.1), "fast",
+                        store=missing, resume=1, progress=False)
+    assert not missing.exists()

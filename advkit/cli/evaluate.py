@@ -37,8 +37,13 @@ from advkit.cli._common import (
 )
 from advkit.evaluation import DEFAULT_STORE, accuracy, curve_rows, curves, run_attack, table_rows
 
+#: What a suite run records and ``--resume`` takes from the run instead of the command line.
+_RUN_SETTINGS = ("model", "attack_names", "norm", "eps", "seed", "dataset", "limit",
+                 "batch_size", "suite", "checks", "check_samples")
+
 
 def evaluate(
+    ctx: typer.Context,
     model: ModelOpt = "small_cnn",
     attack_names: Annotated[list[str], typer.Option("--attack", "-a", help="repeatable")] = None,
     norm: Annotated[str, typer.Option(help="linf, l2 or l1")] = "linf",
@@ -69,6 +74,15 @@ def evaluate(
 ) -> None:
     """Clean and robust accuracy of a model under attacks at one or more eps, or under an
     attack suite (--suite) recorded in a resumable store."""
+    if resume is not None:
+        given = [name for name in _RUN_SETTINGS
+                 # typer's ParameterSource lives in a private module; its member name does not
+                 if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"]
+        if given:
+            options = ", ".join("--" + ("attack" if n == "attack_names" else n.replace("_", "-"))
+                                for n in given)
+            raise fail(f"--resume {resume} continues the run with the settings it was started "
+                       f"with; drop {options} (or start a new run without --resume)")
     if suite is not None or resume is not None:
         if attack_names:
             raise fail("use either --attack (single attacks) or --suite (a suite), not both")
@@ -113,6 +127,8 @@ def _evaluate_suite(*, as_json: bool, device: str, **options: object) -> None:
                                  log=(lambda _: None) if as_json else console.print, **options)
     except (ValueError, FileNotFoundError, TypeError) as err:
         raise fail(str(err)) from err
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun every process has the report; one prints it
     if as_json:
         print_json(summary)
     else:

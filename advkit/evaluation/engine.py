@@ -200,6 +200,8 @@ def evaluate(
         "model": describe_model or {}, "data": describe_data or {},
     }
     owned = not isinstance(store, Store)
+    if resume is not None and owned and (store is None or not Path(store).exists()):
+        raise FileNotFoundError(f"cannot resume run {resume}: no store at {store}")
     db = None
     if world.rank == 0:
         db = store if isinstance(store, Store) else Store(store if store is not None
