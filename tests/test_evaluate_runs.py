@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from browser import run_chromium
 from conftest import TEST_CACHE
 from typer.testing import CliRunner
@@ -191,6 +192,30 @@ def test_cli_errors(tmp_path, checkpoint):
     result = runner.invoke(app, ["evaluate", "--resume", "3", "--store", str(store), "--eps",
                                  "0.5", "--limit", "7"], env={"COLUMNS": "250"})
     assert result.exit_code == 2 and "drop --eps, --limit" in result.output
+
+
+def test_a_model_that_does_not_fit_the_data_leaves_no_run_behind(tmp_path):
+    store = tmp_path / "s.sqlite"
+    wrong = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)).eval()
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"cannot take these images \(shape \(1, 28, 28\)\)"):
+        advkit.evaluate(wrong, x, y, advkit.ThreatModel("linf", 0.1), "fast", store=store,
+                        progress=False)
+    assert not store.exists()
+
+
+def test_unwritable_report_and_export_paths_are_an_error_line(tmp_path):
+    store = tmp_path / "s.sqlite"
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+    advkit.evaluate(model, torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]),
+                    advkit.ThreatModel("linf", 0.1), "fgsm", store=store, checks=False,
+                    progress=False)
+    runner = CliRunner()
+    for args in (["report", "1", "--out", "/proc/advkit-no-such-dir/r.html"],
+                 ["runs", "export", "1", "--out", "/proc/advkit-no-such-dir/r.csv"]):
+        result = runner.invoke(app, [*args, "--store", str(store)], env={"COLUMNS": "250"})
+        assert result.exit_code == 2, result.output
+        assert result.stderr.startswith("error:") and "Traceback" not in result.output
 
 
 def test_the_api_does_not_create_a_store_to_resume_from(mnist_model, mnist_test, tmp_path):

@@ -229,7 +229,11 @@ def _probe(model: nn.Module, x: Tensor, y: Tensor, device: torch.device) -> None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # eval_mode warns once, around the run itself
         with eval_mode(model), torch.no_grad():
-            logits = model(x[:1].to(device))
+            try:
+                logits = model(x[:1].to(device))
+            except RuntimeError as err:  # shapes or dtypes the model cannot take
+                raise ValueError(f"the model cannot take these images (shape "
+                                 f"{tuple(x.shape[1:])}): {err}") from err
     check_logits(logits, y[:1].to(device), None)
     check_label_range(logits.shape[1], y)
 
