@@ -430,3 +430,49 @@ def test_second_resume_of_a_run_is_refused_while_the_first_works_on_it(killed, w
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-3000:]
     assert _export(store) == _export(whole)   # the first finished as if alone
+
+
+# --- advkit train under kill -9 ------------------------------------------------------------
+
+def _train(out: Path) -> list[str]:
+    return [sys.executable, "-m", "advkit", "train", "--arch", "small_cnn", "--epochs", "3",
+            "--train-limit", "600", "--batch-size", "100", "--no-card", "--out", str(out),
+            "--json"]
+
+
+@pytest.fixture(scope="module")
+def trained_whole(tmp_path_factory) -> dict:
+    """An uninterrupted `advkit train` (its JSON summary), models installed in a folder of
+    this module's."""
+    models = tmp_path_factory.mktemp("models")
+    out = tmp_path_factory.mktemp("whole-train") / "run"
+    done = subprocess.run(_train(out), env={**_env(), "ADVKIT_MODEL_DIR": str(models)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"out": out, "models": models}
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_train_killed_at_a_random_point_resumes_to_the_uninterrupted_weights(
+        trained_whole, tmp_path, seed):
+    from advkit import models
+    out, installed = tmp_path / "run", tmp_path / "models"
+    env = {**_env(), "ADVKIT_MODEL_DIR": str(installed)}
+    victim = subprocess.Popen(_train(out), env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    # A seeded point after the first epoch's state is on disk, before the run ends.
+    deadline = time.time() + 120
+    while not (out / "state.pt").exists() and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.01)
+    time.sleep(random.Random(seed).uniform(0.0, 0.5))
+    if victim.poll() is not None:
+        pytest.skip("the run finished before the kill point (a faster machine)")
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    done = subprocess.run(_train(out), env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    whole = models.load_checkpoint(trained_whole["out"] / "model.safetensors")
+    again = models.load_checkpoint(out / "model.safetensors")
+    assert models.fingerprint(again) == models.fingerprint(whole)
+    assert models.fingerprint(models.load_checkpoint(installed / "small_cnn-mnist.safetensors")
+                              ) == models.fingerprint(whole)
