@@ -235,8 +235,11 @@ def test_apgd_ce_is_at_least_as_strong_as_pgd_with_the_same_steps(mnist_model, m
     threat = ThreatModel("linf", eps)
     pgd = PGD(threat, steps=100)(mnist_model, x, y)
     apgd = APGD(threat, steps=100)(mnist_model, x, y)
-    assert apgd.robust_accuracy <= pgd.robust_accuracy
-    if eps == 0.15:  # neither is 0 here: the comparison has room to fail
+    # At 0.15, PGD minus APGD-CE over the 7 retrainings (conftest) x attack seeds 0-2:
+    # +1.0 to +6.7 points (mean 4.0, sd 1.4); one point of slack covers the closest of them
+    # tying, and a broken APGD-CE would leave ~99% robust. At 0.3 both leave 0%.
+    assert apgd.robust_accuracy <= pgd.robust_accuracy + 0.01
+    if eps == 0.15:  # neither is 0 here: the comparison has room to fail (APGD-CE: 6-13%)
         assert apgd.robust_accuracy > 0.02 and pgd.robust_accuracy > 0.02
     assert (apgd.norms <= eps + 1e-6).all()
 
@@ -244,13 +247,23 @@ def test_apgd_ce_is_at_least_as_strong_as_pgd_with_the_same_steps(mnist_model, m
 def test_apgd_dlr_breaks_the_mnist_cnn_at_linf_03(mnist_model, mnist300):
     x, y = mnist300
     result = APGD(ThreatModel("linf", 0.3), steps=100, loss="dlr")(mnist_model, x, y)
-    assert result.robust_accuracy <= 0.01
+    assert result.robust_accuracy <= 0.01  # 0% on each of the 7 retrainings (conftest)
 
 
-def test_apgdt_is_at_least_as_strong_as_apgd_ce_at_linf_01(mnist_model, mnist_test):
+def test_apgdt_is_as_strong_as_apgd_ce_at_linf_01_within_three_points(mnist_model, mnist_test):
+    """Nothing makes APGD-T beat APGD-CE on a given 100 images: at Linf 0.1 on the test
+    model the two break almost the same images, so which leaves one more robust is a coin
+    flip (a fresh clone saw APGD-T 64% against APGD-CE 63%). Over the 7 retrainings
+    (conftest) x attack seeds 0-2, APGD-CE left 52-67% robust, APGD-T 52-66%, APGD-T minus
+    APGD-CE -1 to +1 point: three points of slack is three times the widest gap, and a
+    broken APGD-T would leave the clean ~99%. What APGD-T does guarantee: its first
+    target's run is the same run whatever n_target_classes (same seed, same samples, same
+    draws), so more target classes never lose a sample (3 targets broke 0-5 more than 1)."""
     x, y = mnist_test[0][:100], mnist_test[1][:100]
     threat = ThreatModel("linf", 0.1)
     ce = APGD(threat, steps=100)(mnist_model, x, y)
+    one = APGDT(threat, steps=100, n_target_classes=1)(mnist_model, x, y)
     t = APGDT(threat, steps=100, n_target_classes=3)(mnist_model, x, y)
-    assert 0 < t.robust_accuracy <= ce.robust_accuracy
+    assert 0 < t.robust_accuracy <= ce.robust_accuracy + 0.03
+    assert (t.success | ~one.success).all()
     assert torch.equal(t.success, t.predictions != y)
