@@ -195,6 +195,8 @@ def test_ead_is_sparser_than_cw_l2_on_mnist(mnist_model, mnist_test):
     ead = EAD(ThreatModel("l1", INF), **config)(mnist_model, x, y)
     cw = CarliniWagnerL2(ThreatModel("l2", INF), **config)(mnist_model, x, y)
     both = ead.success & cw.success
+    # Over the 7 retrainings (conftest): EAD broke 100%, its median L1 0.62-0.71 of C&W's,
+    # and it left 2.8-3.1 times as many pixels untouched.
     assert ead.success.float().mean() >= 0.98
     d_ead, d_cw = (ead.x_adv - x).flatten(1), (cw.x_adv - x).flatten(1)
     assert d_ead.abs().sum(1)[both].median() < d_cw.abs().sum(1)[both].median()
@@ -222,10 +224,13 @@ def test_one_run_from_the_estimated_c_is_as_good_as_the_papers_search(abort_runs
     """Shrinking alone, the result hardly depends on c once a run has succeeded: the
     default search (c from the linearised model, stop at the first success) matches the
     paper's nine runs for a fraction of the passes. Measured on the test model: median L1
-    10.45 against 10.27, mean 10.88 against 11.07, 21% of the gradient passes."""
+    10.45 against 10.27, mean 10.88 against 11.07, 21% of the gradient passes. Over the 7
+    retrainings (conftest) the mean is the steady figure, 0.976-0.990 of the paper's; the
+    median of 50 norms moves more, 0.91-1.05 of the paper's (1.046 would have broken the
+    1.03 bound it had), and the passes were 21-22%."""
     default, paper = abort_runs["default"], abort_runs[True, True]
-    assert default.norms.median() <= 1.03 * paper.norms.median()
     assert default.norms.mean() <= 1.01 * paper.norms.mean()
+    assert default.norms.median() <= 1.10 * paper.norms.median()
     assert default.backward_passes < 0.5 * paper.backward_passes
 
 
@@ -233,9 +238,10 @@ def test_shrinking_alone_once_adversarial_finds_smaller_l1(abort_runs):
     """Under the L1 decision rule, an adversarial iterate takes the shrinkage step alone
     (as ART's EAD does) instead of also the L2 term's proportional pull towards x, so it
     sheds whole coordinates rather than shortening all of them. Measured on the test model:
-    median L1 10.27 against 12.17 (16% smaller; 11.94 for the pull without abort)."""
-    assert (abort_runs[True, True].norms.median()
-            <= 0.92 * abort_runs[False, True].norms.median())
+    median L1 10.27 against 12.17 (16% smaller; 11.94 for the pull without abort). Over the
+    7 retrainings (conftest) the ratio of the medians ranged 0.79-0.90, too close to the
+    0.92 bound it had; the ratio of the means, 0.81-0.85, is the steadier figure."""
+    assert abort_runs[True, True].norms.mean() <= 0.9 * abort_runs[False, True].norms.mean()
 
 
 def test_the_defaults_are_the_papers_for_the_elastic_net_rule():
@@ -253,7 +259,8 @@ def test_the_per_image_early_abort_stays_at_the_no_abort_median(abort_runs):
     in a row needed once a run has succeeded (the rule C&W L2 shares, tested there), 2.0%
     (12.17). Shrinking alone, the loss stops measuring progress once adversarial, so a run
     that has succeeded watches its best L1 instead: the same median as without abort
-    (10.27), for 56% of the gradient passes."""
+    (10.27), for 56% of the gradient passes. Over the 7 retrainings (conftest): the same
+    median each time, for 55-56% of the passes."""
     aborted, full = abort_runs[True, True], abort_runs[True, False]
     assert aborted.backward_passes < 0.6 * full.backward_passes
     assert aborted.norms.median() <= 1.01 * full.norms.median()
