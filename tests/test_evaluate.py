@@ -279,7 +279,7 @@ def test_minimal_suite_gives_a_monotone_curve_and_accuracy_at_eps(mnist_model, d
             assert r["norm"] == min(found[r["idx"]])
     expected = sum(r["broken_by"] is None or r["norm"] > 1.5 for r in report.per_sample) / 60
     assert report.robust_accuracy == pytest.approx(expected)
-    assert 0 < report.robust_accuracy < report.clean_accuracy
+    assert 0 < report.robust_accuracy < report.clean_accuracy  # 47-60% < 100% (7 retrainings)
 
 
 # --- checks --------------------------------------------------------------------------------------
@@ -296,10 +296,18 @@ def test_masked_model_is_flagged_and_a_margin_attack_recovers_the_true_figure(mn
     assert status["gradients"] == "fail" and status["unbounded"] == "fail"
     assert not fast.reliable
     honest = advkit.evaluate(mnist_model, x, y, LINF, ce, progress=False, checks=False)
-    assert fast.robust_accuracy > honest.robust_accuracy + 0.2   # the masked figure is inflated
+    # the masked figure is inflated: 99-100% against 54-69% over the 7 retrainings (conftest)
+    assert fast.robust_accuracy > honest.robust_accuracy + 0.2
     dlr = Suite("dlr", (Stage("apgd-dlr", "apgd", {"steps": 20, "loss": "dlr"}),))
     recovered = advkit.evaluate(masked, x, y, LINF, dlr, progress=False, checks=False)
-    assert recovered.robust_accuracy <= honest.robust_accuracy + 0.03
+    # The DLR loss ignores the logits' scale, so on the masked model it sees what it sees on
+    # the honest one: per sample the same verdicts on each of the 7 retrainings x run seeds
+    # 0-2 (one image of slack for float rounding).
+    plain = advkit.evaluate(mnist_model, x, y, LINF, dlr, progress=False, checks=False)
+    assert recovered.robust_accuracy == pytest.approx(plain.robust_accuracy, abs=0.01)
+    # APGD-DLR against APGD-CE on the honest model is two attacks compared, no guarantee:
+    # -1 to +6 points over the same runs (the bound of 3 this test had broke on one model).
+    assert recovered.robust_accuracy <= honest.robust_accuracy + 0.1
 
 
 def test_randomised_model_is_flagged_unless_the_suite_uses_eot(mnist_model, data):
