@@ -56,6 +56,8 @@ def standard(tmp_path_factory):
     (TRADES(THREAT, steps=5), 2),
     # MART learns slower: after 2 epochs it gained exactly 20.0% with one torch thread
     (MART(THREAT, steps=5), 3)], ids=["pgd", "fgsm_rs", "trades", "mart"])
+# Gains over training seeds 0-3 (seed 0 also with 2 threads; measured at 6dc894d): PGD
+# 0.30-0.37, FGSM-RS 0.32-0.33, TRADES 0.42-0.48, MART (3 epochs) 0.41-0.48.
 def test_adversarial_recipes_beat_standard_training_under_pgd(recipe, epochs, standard, heldout,
                                                               tmp_path_factory):
     result = fit(tmp_path_factory, recipe, epochs=epochs)
@@ -70,6 +72,9 @@ def test_distillation_masks_gradients_and_a_margin_attack_sees_through_it(
     teacher = fit(tmp_path_factory, TemperatureTraining(50.0), lr=5e-3).model
     student = fit(tmp_path_factory, Distillation(teacher, 50.0), lr=5e-3).model
     x, y = heldout
+    # Over training seeds 0-3 (seed 0 also with 2 threads): student accuracy 0.81-0.83,
+    # zero gradients on 44-55% of the images, PGD-CE 0.46-0.52 above the standard model's
+    # robust accuracy and 0.48-0.53 above PGD-margin's; the gradients check failed each time.
     assert accuracy(student, x, y) >= 0.75
     # The mechanism: at T = 1 the softmax saturates in float32 and input gradients of the
     # cross-entropy are exactly zero on many images.
@@ -92,10 +97,14 @@ def test_distillation_masks_gradients_and_a_margin_attack_sees_through_it(
 
 def test_noise_augmentation_makes_the_model_accurate_on_noisy_inputs(standard, heldout,
                                                                      tmp_path_factory):
+    """Trained with sigma 0.5, tested at sigma 1.0, where the standard model falls apart.
+    At the training sigma the gain depends on how noise-tolerant the standard model happens
+    to be: 0.08-0.24 over training seeds 0-5 (two below the bound of 0.1 this test had); at
+    sigma 1.0 it is 0.26-0.40 (augmented 0.65-0.70, standard 0.27-0.39)."""
     noisy_model = fit(tmp_path_factory, GaussianAugmentation(0.5)).model
     x, y = heldout
-    noisy = x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
-    assert accuracy(noisy_model, noisy, y) >= accuracy(standard, noisy, y) + 0.1
+    noisy = x + 1.0 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    assert accuracy(noisy_model, noisy, y) >= accuracy(standard, noisy, y) + 0.15
 
 
 def test_lipschitz_layers_have_unit_spectral_norm_after_training(tmp_path_factory):
