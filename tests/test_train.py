@@ -73,7 +73,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
 
 
 def test_a_short_run_learns_far_above_chance(reference):
-    assert reference.history[-1]["val_acc"] > 0.4
+    assert reference.history[-1]["val_acc"] > 0.4  # 0.58-0.68 over seeds 0-13 (1 or 2 threads)
 
 
 def test_the_history_has_one_entry_per_epoch(reference):
@@ -186,7 +186,9 @@ def test_a_run_recorded_before_a_config_field_existed_still_resumes(reference, t
 def test_bf16_mixed_precision_trains_fp32_weights_as_well_as_fp32(reference, tmp_path):
     mixed = run(replace(CONFIG, precision="bf16"), tmp_path)
     assert all(p.dtype == torch.float32 for p in mixed.model.parameters())
-    assert mixed.history[-1]["val_acc"] >= reference.history[-1]["val_acc"] - 0.05
+    # bf16 minus fp32 over seeds 0-13 (seeds 0-5 also with 2 threads): -4.0 to +2.2 points,
+    # within 1 point on 12 of 14; a bf16 run that failed to learn would sit near 10%.
+    assert mixed.history[-1]["val_acc"] >= reference.history[-1]["val_acc"] - 0.08
     assert models.read_metadata(mixed.checkpoint)["config"]["precision"] == "bf16"
 
 
