@@ -288,6 +288,7 @@ def mnist_cw_l2(mnist_model, mnist_slice):
 
 
 def test_cw_l2_breaks_99_percent_of_mnist_with_a_median_l2_below_2(mnist_cw_l2):
+    # 100% with a median of 1.61-1.75 over the 7 retrainings (conftest)
     assert mnist_cw_l2.success_rate >= 0.99
     assert mnist_cw_l2.summary()["median_norm"] < 2.0
 
@@ -297,7 +298,8 @@ def test_cw_l2_finds_a_smaller_median_l2_than_deepfool_on_mnist(mnist_model, mni
     steps, overshoot 0.02) on the first 100 test images. On 100 images C&W's median is 10%
     below DeepFool's (1.61 vs 1.78; 1.60 vs 1.77 on 200), so the comparison stands well
     outside the spread of a median over 100 images, and C&W's ~100 gradient passes per image
-    keep the test to a few seconds."""
+    keep the test to a few seconds. Over the 7 retrainings (conftest) C&W's median was
+    5.6-11% below DeepFool's, and both broke every image."""
     x, y = mnist_slice
     cw = CarliniWagnerL2(ThreatModel("l2", INF))(mnist_model, x, y)
     deepfool = DeepFool(ThreatModel("l2", INF))(mnist_model, x, y)
@@ -313,6 +315,7 @@ def test_cw_l2_needs_less_than_the_smallest_fgsm_step_that_works(mnist_model, mn
     for eps in reversed([0.5 * k for k in range(1, 17)]):
         hit = FGSM(ThreatModel("l2", eps))(mnist_model, x, y).success
         fgsm_min = torch.where(hit, torch.full_like(fgsm_min, eps), fgsm_min)
+    # 0.64-0.70 of it over the 7 retrainings (conftest)
     assert mnist_cw_l2.norms.median() < 0.8 * fgsm_min.median()
 
 
@@ -322,6 +325,7 @@ def test_cw_linf_finds_smaller_linf_norms_than_cw_l2(mnist_model, mnist_slice, m
         mnist_model, x, y)
     l2_linf = (mnist_cw_l2.x_adv[:12] - x).flatten(1).abs().amax(1)
     both = linf.success & mnist_cw_l2.success[:12]
+    # 100% and 0.35-0.43 of the L2 attack's Linf over the 7 retrainings (conftest)
     assert linf.success.float().mean() >= 0.95
     assert linf.norms[both].mean() < 0.8 * l2_linf[both].mean()
 
@@ -344,7 +348,7 @@ def test_cw_l2_with_kappa_on_mnist_gives_the_margin_at_a_larger_norm(mnist_model
     assert strong.success.all()
     assert (margins(mnist_model, strong.x_adv, y) >= kappa - 1e-3).all()
     weak = mnist_cw_l2.norms[:20]
-    assert strong.norms.median() > weak.median()
+    assert strong.norms.median() > weak.median()  # 2.28-2.79 vs 1.55-1.81 (7 retrainings)
 
 
 def test_the_per_image_early_abort_keeps_the_papers_search_as_good_as_no_abort(mnist_model,
@@ -353,7 +357,8 @@ def test_the_per_image_early_abort_keeps_the_papers_search_as_good_as_no_abort(m
     test images, with and without early abort. A run that has succeeded needs three stalled
     checks in a row to stop: with one (the authors' rule applied per image) the mean L2 on
     the test model was 0.28% above the no-abort run's (1.5889 vs 1.5845, measured), with
-    three 0.00% (1.5845), for 21% fewer gradient passes."""
+    three 0.00% (1.5845), for 21% fewer gradient passes. Over the 7 retrainings (conftest):
+    0.000-0.006% above, for 78.5-80% of the passes."""
     x, y = mnist_test
     x, y = x[:50], y[:50]
     paper = {"initial_const": 1e-3, "search_tolerance": 0.0}

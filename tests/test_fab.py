@@ -277,9 +277,10 @@ def test_fab_finds_smaller_l2_perturbations_than_deepfool_on_mnist(mnist_model, 
     threat = ThreatModel("l2", NO_CAP)
     fab = FAB(threat, steps=10)(mnist_model, x, y)
     deepfool = DeepFool(threat)(mnist_model, x, y)
-    assert fab.success_rate >= 0.99 and deepfool.success_rate >= 0.99
+    assert fab.success_rate >= 0.99 and deepfool.success_rate >= 0.99  # 100% (7 retrainings)
     fab_median = fab.norms[fab.success].median().item()
     deepfool_median = deepfool.norms[deepfool.success].median().item()
+    # FAB's median was 0.89-0.92 of DeepFool's over the 7 retrainings (conftest)
     assert fab_median <= deepfool_median
     accuracies = [acc for _, acc in fab.curve([0.0, 0.5, 1.0, 1.5, 2.0, 3.0])]
     assert accuracies == sorted(accuracies, reverse=True)
@@ -289,7 +290,9 @@ def test_fab_t_reaches_its_targets_on_mnist(mnist_model, mnist_slice):
     x, y = mnist_slice
     targets = (y + 1) % 10
     result = FAB(ThreatModel("l2", NO_CAP), steps=50)(mnist_model, x, y, targets)
-    assert result.success_rate >= 0.95
+    # 96-100% over the 7 retrainings (conftest): 96% sat one image above the 0.95 bound
+    # this test had
+    assert result.success_rate >= 0.9
     assert torch.equal(result.predictions[result.success], targets[result.success])
 
 

@@ -62,7 +62,7 @@ def test_the_layer_distance_to_the_guide_drops_substantially_on_mnist(mnist_run)
     print(f"FeatureAdversary Linf 0.3, layer 9 on 20 MNIST images: distance ratio median "
           f"{ratio.median():.2f} (max {ratio.max():.2f}), guide class reached "
           f"{result.success_rate:.0%}, {result.seconds:.1f} s")
-    assert ratio.median() < 0.5
+    assert ratio.median() < 0.5  # 0.35-0.39 over the 7 retrainings (conftest)
     assert (ratio <= 1).all()
 
 

@@ -40,6 +40,7 @@ def test_several_distinct_successful_adversarials_per_mnist_image(mnist_model, m
     print(f"HotCold L2 on 20 MNIST images: {ok.sum(1).float().mean():.1f} of 9 targets reached "
           f"per image, median smallest L2 {result.norms[result.success].median():.2f}, "
           f"{result.seconds:.1f} s")
+    # 5.9-6.65 targets per image, every image at least 2, over the 7 retrainings (conftest)
     assert ok.sum(1).float().mean() >= 4
     assert (ok.sum(1) >= 2).float().mean() >= 0.9
     for i in range(x.shape[0]):

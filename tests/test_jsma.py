@@ -143,7 +143,7 @@ def test_reaches_most_targets_on_mnist_within_gamma(mnist_increase, mnist_slice)
     print(f"JSMA theta=+1 gamma=0.1 on 50 MNIST images: {result.success_rate:.0%} reach their "
           f"target, mean L0 {result.extras['l0'][result.success].float().mean():.1f} pixels, "
           f"{result.seconds:.1f} s")
-    assert result.success_rate >= 0.9
+    assert result.success_rate >= 0.9  # 96-100% over the 7 retrainings (conftest)
     assert (changed_features(result, x) <= math.floor(0.1 * 784)).all()
     assert torch.equal(result.predictions[result.success], t[result.success])
 
@@ -160,14 +160,16 @@ def test_the_decrease_variant_only_lowers_pixels_and_reaches_targets(mnist_model
     print(f"JSMA theta=-1 gamma=0.1 on 20 MNIST images: {result.success_rate:.0%}")
     assert (result.x_adv <= x).all() and result.x_adv.min() >= 0
     assert (changed_features(result, x) <= math.floor(0.1 * 784)).all()
-    assert result.success_rate >= 0.4
+    assert result.success_rate >= 0.4  # 90-100% over the 7 retrainings (conftest)
 
 
-def test_the_logit_saliency_map_also_reaches_most_targets(mnist_model, mnist_slice):
+def test_the_logit_saliency_map_also_reaches_many_targets(mnist_model, mnist_slice):
     x, y, t = (v[:20] for v in mnist_slice)
     result = JSMA(NO_CAP, gamma=0.1, scores="logits")(mnist_model, x, y, t)
     print(f"JSMA-Z (logits) theta=+1 gamma=0.1 on 20 MNIST images: {result.success_rate:.0%}")
-    assert result.success_rate >= 0.5
+    # 65-95% over the 7 retrainings (conftest), a wide spread on 20 images: the bound of 50%
+    # it had sat three images below the lowest
+    assert result.success_rate >= 0.4
     assert (changed_features(result, x) <= math.floor(0.1 * 784)).all()
     assert result.backward_passes > 0 and result.backward_passes % 2 == 0  # two per Jacobian
 

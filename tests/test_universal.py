@@ -53,6 +53,7 @@ def test_heldout_fooling_rate_beats_a_random_sign_perturbation_of_the_same_norm(
     print(f"UAP Linf {MNIST_EPS} on MNIST: fooling rate {fit_rate:.1%} on the 500 fitting "
           f"images, {heldout:.1%} on 1000 held-out images; best of 3 random sign "
           f"perturbations {chance:.1%}")
+    # held out 32-60% against chance 4.5-11% over the 7 retrainings (conftest)
     assert heldout > chance + 0.1
     assert heldout > 0.2
 
