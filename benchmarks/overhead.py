@@ -16,20 +16,24 @@ alike), on one batch of MNIST test images and the trained small_cnn:
 
 Every item runs once per repeat, in an order rotated between repeats; the table shows
 medians over repeats, and each ratio is the median of per-repeat ratios (each attack
-divided by the reference timed in the same repeat). Run::
+divided by the reference timed in the same repeat). The tables are printed and written
+into their section of ``benchmarks/RESULTS.md`` (``--out``; the rest of the file is kept).
+Run::
 
     python benchmarks/overhead.py [--limit 500] [--steps 10] [--repeats 7] [--threads 2]
                                   [--baseline bf2f20f] [--peers] [--device cpu]
-                                  [--clock wall|process]
+                                  [--clock wall|process] [--out benchmarks/RESULTS.md]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -45,8 +49,15 @@ from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from attacks import _device_name, _source_state  # noqa: E402
+from evaluate import markers, write_section  # noqa: E402
 
 import advkit  # noqa: E402  (after the path set-up, so the checkout's advkit is used)
+
+#: The name of this script's section of RESULTS.md (one section: a rerun replaces it).
+SECTION = "small_cnn"
 
 
 def load_baseline(rev: str, into: Path) -> ModuleType:
@@ -95,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock", choices=("wall", "process"), default="wall",
                         help="wall time, or this process's CPU time (steadier on a loaded "
                              "machine with --threads 1; with more threads it counts them all)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS.md",
+                        help="the results file whose overhead section is rewritten")
     args = parser.parse_args(argv)
+    command = sys.argv[1:] if argv is None else argv
+    source = _source_state()  # at the start: the code the run imported
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -160,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             items[name][0]()
             sync()
             times[name].append(clock() - t0)
-    load_end = os.getloadavg()[0]
+    load_end, elapsed = os.getloadavg()[0], time.perf_counter() - started
 
     fb = [t / k for t in times["fwd+bwd at x"]]
     fb_adv = [t / k for t in times["fwd+bwd at a random start"]]
@@ -174,46 +189,58 @@ def main(argv: list[str] | None = None) -> int:
         """Fastest against fastest: load from other processes only ever adds time."""
         return min(times[name]) / ((items[name][1] or 1) * min(ref))
 
-    print(f"command: python benchmarks/overhead.py {' '.join(argv or sys.argv[1:])}")
-    print(f"device: {device} ({platform.processor() or platform.machine()}), torch "
-          f"{torch.__version__}, {args.threads} threads, {args.clock} clock, "
-          f"{x.shape[0]} MNIST test images, "
-          f"small_cnn; {args.repeats} interleaved repeats in {time.perf_counter() - started:.0f} s;"
-          f" 1-min load average {load_start:.2f} at the start, {load_end:.2f} at the end")
-    print()
-    print("Units: k = steps for BIM and PGD, 1 for FGSM, the forward pass and the projections; "
-          "the references are loops of k passes.")
-    print()
-    print("| item | fastest ms | median ms | fastest / (units x fastest fwd+bwd at x) | "
-          "median ratio, same repeat | same, at a random start |")
-    print("|---|---:|---:|---:|---:|---:|")
+    begin, end = markers(SECTION, "overhead.py")
+    lines = [
+        begin,
+        "## Overhead: what advkit costs beyond the model's own passes (`benchmarks/overhead.py`)",
+        "",
+        f"- command: `{shlex.join(['python', 'benchmarks/overhead.py', *command])}`",
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- device: {_device_name(device)}; torch threads {args.threads}, {args.clock} clock",
+        f"- python {platform.python_version()}, torch {torch.__version__}, advkit "
+        f"{advkit.__version__}, source {source}",
+        f"- {x.shape[0]} MNIST test images in one batch, small_cnn, early exit off; "
+        f"{args.repeats} interleaved repeats in {elapsed:.0f} s; 1-minute "
+        f"load average {load_start:.2f} at the start, {load_end:.2f} at the end",
+        "",
+        "Units: k = steps for BIM and PGD, 1 for FGSM, the forward pass and the projections; "
+        "the references are loops of k passes.",
+        "",
+        "| item | fastest ms | median ms | fastest / (units x fastest fwd+bwd at x) | "
+        "median ratio, same repeat | same, at a random start |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for name in names:
         digits = 3 if items[name][1] else 4
         fastest, median = min(times[name]) * 1e3, statistics.median(times[name]) * 1e3
-        print(f"| {name} | {fastest:.2f} | {median:.2f} | {ratio_min(name, fb):.{digits}f} "
-              f"| {ratio(name, fb):.{digits}f} | {ratio(name, fb_adv):.{digits}f} |")
+        lines.append(f"| {name} | {fastest:.2f} | {median:.2f} | "
+                     f"{ratio_min(name, fb):.{digits}f} | {ratio(name, fb):.{digits}f} | "
+                     f"{ratio(name, fb_adv):.{digits}f} |")
     if len(versions) > 1:
-        print()
-        print("| attack | baseline / current: fastest / fastest | median of per-repeat ratios |")
-        print("|---|---:|---:|")
+        lines += ["", "| attack | baseline / current: fastest / fastest | "
+                  "median of per-repeat ratios |", "|---|---:|---:|"]
         (cur, _), (base, _) = list(versions.items())[:2]
         for name in attacks_of(advkit, k):
             b, c = times[f"{base}: {name}"], times[f"{cur}: {name}"]
-            print(f"| {name} | {min(b) / min(c):.3f} "
-                  f"| {statistics.median(p / q for p, q in zip(b, c, strict=True)):.3f} |")
+            lines.append(f"| {name} | {min(b) / min(c):.3f} "
+                         f"| {statistics.median(p / q for p, q in zip(b, c, strict=True)):.3f} |")
         for norm, eps in (("linf", 0.3), ("l2", 1.5)):
             item = f"projection {norm} {eps}"
             b, c = times[f"{base}: {item}"], times[f"{cur}: {item}"]
-            print(f"| projection {norm} {eps} | {min(b) / min(c):.2f} "
-                  f"| {statistics.median(p / q for p, q in zip(b, c, strict=True)):.2f} |")
+            lines.append(f"| projection {norm} {eps} | {min(b) / min(c):.2f} "
+                         f"| {statistics.median(p / q for p, q in zip(b, c, strict=True)):.2f} |")
     if args.peers:
-        print()
-        print("| attack | advkit / torchattacks: fastest / fastest | median of per-repeat ratios |")
-        print("|---|---:|---:|")
+        lines += ["", "| attack | advkit / torchattacks: fastest / fastest | "
+                  "median of per-repeat ratios |", "|---|---:|---:|"]
         for name in peer_attacks(model, k):
             a, b = times[f"advkit: {name}"], times[f"torchattacks: {name}"]
-            print(f"| {name} | {min(a) / min(b):.3f} "
-                  f"| {statistics.median(p / q for p, q in zip(a, b, strict=True)):.3f} |")
+            lines.append(f"| {name} | {min(a) / min(b):.3f} "
+                         f"| {statistics.median(p / q for p, q in zip(a, b, strict=True)):.3f} |")
+    lines.append(end)
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    write_section(args.out, SECTION, text, "overhead.py")
+    print(f"wrote the overhead section of {args.out}")
     tmp.cleanup()
     return 0
 
