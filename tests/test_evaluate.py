@@ -170,8 +170,11 @@ def quick_run(mnist_model, data):
     """One run of the quick suite, its report and its store, shared by several tests."""
     x, y = data
     store = Store(":memory:")
+    # 100 check samples, not 30: two APGD-CE seeds disagree on about 1% of a healthy model's
+    # images (0-5 of 200) and the restarts check warns above 5%, on 30 images at 2 of them
+    # (it warned on one of the 7 retrainings, conftest); of 100 they disagreed on 0-3.
     report = advkit.evaluate(mnist_model, x[:120], y[:120], LINF, quick_suite(), batch_size=50,
-                             progress=False, check_samples=30, store=store)
+                             progress=False, check_samples=100, store=store)
     return report, store
 
 
@@ -188,7 +191,7 @@ def test_per_sample_worst_case_and_each_stage_only_attacks_survivors(quick_run):
         assert stage["attacked"] == standing
         standing -= stage["broken"]
     assert standing == round(report.robust_accuracy * n)
-    assert 0.3 < report.robust_accuracy < 0.9  # eps 0.1 breaks some, not all
+    assert 0.3 < report.robust_accuracy < 0.9  # eps 0.1 breaks some, not all: 55-66% left
     # the first stage found most; the per-sample record says which and with what norm
     assert report.stages[0]["broken"] > 0
     for r in rows:
@@ -320,6 +323,7 @@ def test_randomised_model_is_flagged_unless_the_suite_uses_eot(mnist_model, data
     rand = Suite("rand", (Stage("apgd-eot", "apgd", {"steps": 5}, eot=4),))
     report = advkit.evaluate(noisy, x[:30], y[:30], LINF, rand, progress=False,
                              check_samples=10)
+    # fail without EOT, pass with it, on each of the 7 retrainings (conftest)
     assert {c.name: c.status for c in report.checks}["randomness"] == "pass"
     assert report.stages[0]["forward_passes"] % 4 == 0   # EOT draws are counted
 
