@@ -1,6 +1,25 @@
-"""Inference-time defenses: input transforms, detectors and protected pipelines
-(transform -> classify -> detect), coming.
+"""Inference-time defenses: input transforms (:mod:`advkit.defenses.transforms`); detectors
+and protected pipelines (transform -> classify -> detect), coming.
+
+Every transform declares in ``adaptive`` how an adaptive attack gets through it, and
+:func:`bpda` builds the module such an attack differentiates.
 
 Training-time defenses (adversarial training, TRADES, MART, distillation, noise
 augmentation) are recipes of the trainer: see :mod:`advkit.training`.
 """
+
+from advkit.defenses.transforms import (
+    JPEG,
+    Adaptive,
+    BitDepth,
+    MedianSmoothing,
+    TotalVariation,
+    Transform,
+    bpda,
+    total_variation,
+)
+
+__all__ = [
+    "JPEG", "Adaptive", "BitDepth", "MedianSmoothing", "TotalVariation", "Transform",
+    "bpda", "total_variation",
+]

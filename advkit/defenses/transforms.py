@@ -1,0 +1,333 @@
+"""Input reconstruction: transforms that try to wash an adversarial perturbation out of an
+image before the classifier sees it.
+
+Every transform is an ``nn.Module`` from images in [0, 1], shape (N, C, H, W), to images in
+[0, 1] of the same shape, and declares in ``adaptive`` how an adaptive attack gets through it
+(Athalye et al. 2018, "Obfuscated gradients give a false sense of security",
+https://arxiv.org/abs/1802.00420). None of these transforms is a defense against such an
+attack: they only break attacks that need the transform's own gradients, which is why each
+names its way through. :func:`bpda` builds the module an attack differentiates instead.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+__all__ = [
+    "JPEG", "Adaptive", "BitDepth", "MedianSmoothing", "TotalVariation", "Transform",
+    "bpda", "total_variation",
+]
+
+AdaptiveKind = Literal["differentiable", "bpda", "eot"]
+
+
+@dataclass(frozen=True)
+class Adaptive:
+    """How an adaptive attack gets through a transform.
+
+    kind:
+        ``"differentiable"``: attack the transform as it is; its gradients are honest.
+        ``"bpda"``: the forward pass is the transform, the backward pass is a differentiable
+        approximation of it (Backward Pass Differentiable Approximation, Athalye et al. 2018).
+        ``"eot"``: the transform is random; average gradients over its randomness
+        (Expectation over Transformation), through ``approximation`` if that is given.
+    approximation:
+        The approximation's name for ``"bpda"`` (``"identity"``: the transform is close to
+        x -> x, so its Jacobian is taken to be the identity); for ``"eot"`` the BPDA
+        approximation used inside each draw, or None; always None for ``"differentiable"``.
+    """
+
+    kind: AdaptiveKind
+    approximation: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("differentiable", "bpda", "eot"):
+            raise ValueError(f"Adaptive kind must be 'differentiable', 'bpda' or 'eot' "
+                             f"(got {self.kind!r})")
+        if self.kind == "bpda" and not self.approximation:
+            raise ValueError("Adaptive('bpda') needs the approximation's name, "
+                             "e.g. Adaptive('bpda', 'identity')")
+        if self.kind == "differentiable" and self.approximation is not None:
+            raise ValueError(f"a differentiable transform needs no approximation "
+                             f"(got {self.approximation!r}); drop it")
+
+    def __str__(self) -> str:
+        return self.kind if self.approximation is None else f"{self.kind}:{self.approximation}"
+
+
+def _check_images(x: Tensor, name: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} takes a torch.Tensor (got {type(x).__name__})")
+    if x.dim() != 4:
+        raise ValueError(f"{name} takes images of shape (N, C, H, W) (got {tuple(x.shape)}); "
+                         "add a batch dimension with x.unsqueeze(0) for a single image")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} takes floating-point images in [0, 1] (got {x.dtype}); "
+                        "for uint8 images use x.float() / 255")
+    if x.numel() == 0:
+        return
+    x_min, x_max = (v.item() for v in torch.aminmax(x.detach()))
+    if not (math.isfinite(x_min) and math.isfinite(x_max)):
+        raise ValueError(f"{name}: the images contain "
+                         f"{int((~torch.isfinite(x)).sum())} NaN or inf values")
+    if x_min < 0 or x_max > 1:
+        raise ValueError(f"{name} takes images in [0, 1] (got min {x_min:.4g}, max "
+                         f"{x_max:.4g}); scale images to [0, 1] and put normalisation "
+                         "inside the model (advkit.models.Normalize)")
+
+
+class Transform(nn.Module):
+    """An input transform: images in [0, 1], (N, C, H, W), to images in [0, 1] of the same
+    shape. Subclasses implement ``_transform`` and declare ``adaptive``; a BPDA transform
+    whose approximation is not the identity also overrides ``approximation``.
+    """
+
+    adaptive: ClassVar[Adaptive]
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_images(x, type(self).__name__)
+        return self._transform(x)
+
+    def _transform(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def approximation(self, x: Tensor) -> Tensor:
+        """The differentiable stand-in that BPDA differentiates (the identity by default)."""
+        return x
+
+    def for_attack(self) -> nn.Module:
+        """The module an adaptive attack differentiates: see :func:`bpda`."""
+        return bpda(self)
+
+
+class _BackwardThrough(torch.autograd.Function):
+    """Forward: the transform. Backward: the vector-Jacobian product of the approximation
+    at the same input (the identity's is the incoming gradient itself)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, transform: Transform) -> Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x)
+        ctx.transform = transform
+        with torch.no_grad():
+            return transform(x)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:  # noqa: ANN001
+        transform: Transform = ctx.transform
+        if transform.adaptive.approximation == "identity":
+            return grad_output, None
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(transform.approximation(x), x, grad_output)
+        return grad, None
+
+
+class _BPDA(nn.Module):
+    def __init__(self, transform: Transform) -> None:
+        super().__init__()
+        self.transform = transform
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _BackwardThrough.apply(x, self.transform)
+
+    def extra_repr(self) -> str:
+        return f"backward={self.transform.adaptive.approximation}"
+
+
+def bpda(transform: Transform) -> nn.Module:
+    """The module an adaptive attack differentiates in place of ``transform``.
+
+    For a ``"bpda"`` transform: a module whose forward pass is the transform and whose
+    backward pass is its declared approximation (Athalye et al. 2018, section 4.1), so an
+    attack optimises against what the classifier really sees while still getting useful
+    gradients. A ``"differentiable"`` transform is returned as it is. An ``"eot"`` transform
+    is returned as a BPDA module too (when it names an approximation): each call is one draw,
+    and the attack averages gradients over draws.
+    """
+    if not isinstance(transform, Transform):
+        raise TypeError(f"bpda takes an advkit.defenses Transform "
+                        f"(got {type(transform).__name__})")
+    if transform.adaptive.kind == "differentiable":
+        return transform
+    if transform.adaptive.approximation is None:
+        raise ValueError(f"{type(transform).__name__} declares {transform.adaptive} with no "
+                         "approximation: differentiate it directly inside EOT instead")
+    return _BPDA(transform)
+
+
+def _check_int(value: object, name: str, low: int, high: int, fix: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}] (got {value!r}); {fix}")
+    return value
+
+
+class BitDepth(Transform):
+    """Bit-depth reduction: each pixel rounded to the nearest of 2**bits evenly spaced levels
+    in [0, 1] (Xu et al. 2018, "Feature squeezing", https://arxiv.org/abs/1704.01155).
+
+    bits: bits per channel, 1 to 8 (1 on MNIST is Xu et al.'s binarisation).
+    """
+
+    adaptive = Adaptive("bpda", "identity")
+
+    def __init__(self, bits: int = 4) -> None:
+        super().__init__()
+        self.bits = _check_int(bits, "bits", 1, 8, "e.g. BitDepth(bits=4)")
+
+    def _transform(self, x: Tensor) -> Tensor:
+        levels = 2 ** self.bits - 1
+        return torch.round(x * levels) / levels
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+class MedianSmoothing(Transform):
+    """Median filter: each pixel replaced by the median of the size x size window around it,
+    per channel, with reflect padding at the border (Xu et al. 2018's local smoothing).
+
+    size: the window's side, an odd number from 1 (the identity) to 15.
+    """
+
+    adaptive = Adaptive("bpda", "identity")
+
+    def __init__(self, size: int = 3) -> None:
+        super().__init__()
+        self.size = _check_int(size, "size", 1, 15, "use an odd window, e.g. size=3")
+        if size % 2 == 0:
+            # An even window has no centre pixel and its median is not one of the values.
+            raise ValueError(f"size must be odd (got {size}); e.g. size=3")
+
+    def _transform(self, x: Tensor) -> Tensor:
+        pad = self.size // 2
+        if pad == 0:
+            return x.clone()
+        if pad >= min(x.shape[-2:]):
+            raise ValueError(f"MedianSmoothing(size={self.size}) needs images larger than "
+                             f"{pad} pixels a side for reflect padding (got "
+                             f"{tuple(x.shape[-2:])}); use a smaller size")
+        padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        windows = padded.unfold(2, self.size, 1).unfold(3, self.size, 1)  # N, C, H, W, k, k
+        return windows.flatten(-2).median(dim=-1).values
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}"
+
+
+class JPEG(Transform):
+    """JPEG compression: each image encoded and decoded by Pillow's (libjpeg's) codec at
+    ``quality`` (Dziugaite et al. 2016, https://arxiv.org/abs/1608.00853; Guo et al. 2018,
+    https://arxiv.org/abs/1711.00117). Grayscale (C = 1) and RGB (C = 3) images only.
+
+    The round trip runs on the CPU through uint8 (pixels rounded to multiples of 1/255) and
+    the result returns to the input's device and dtype. It has no gradient: attack it
+    through :func:`bpda` (the identity).
+
+    quality: Pillow's JPEG quality, 1 (smallest file) to 100.
+    """
+
+    adaptive = Adaptive("bpda", "identity")
+
+    def __init__(self, quality: int = 75) -> None:
+        super().__init__()
+        self.quality = _check_int(quality, "quality", 1, 100, "e.g. JPEG(quality=75)")
+
+    def _transform(self, x: Tensor) -> Tensor:
+        channels = x.shape[1]
+        if channels not in (1, 3):
+            raise ValueError(f"JPEG takes grayscale (C = 1) or RGB (C = 3) images "
+                             f"(got C = {channels})")
+        pixels = (x.detach() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        out = np.stack([self._round_trip(image) for image in pixels])
+        result = torch.from_numpy(out).reshape(pixels.shape).permute(0, 3, 1, 2)
+        return (result.to(x.dtype) / 255).to(x.device)
+
+    def _round_trip(self, image: np.ndarray) -> np.ndarray:
+        grayscale = image.shape[-1] == 1
+        pil = Image.fromarray(image[..., 0] if grayscale else image, "L" if grayscale else "RGB")
+        buffer = io.BytesIO()
+        pil.save(buffer, format="JPEG", quality=self.quality)
+        buffer.seek(0)
+        with Image.open(buffer) as decoded:
+            return np.asarray(decoded.convert("L" if grayscale else "RGB"))
+
+    def extra_repr(self) -> str:
+        return f"quality={self.quality}"
+
+
+def _gradient(z: Tensor) -> tuple[Tensor, Tensor]:
+    # Forward differences, zero across the last row and column (Chambolle 2004, eq. 2.1).
+    dy = F.pad(z[..., 1:, :] - z[..., :-1, :], (0, 0, 0, 1))
+    dx = F.pad(z[..., :, 1:] - z[..., :, :-1], (0, 1, 0, 0))
+    return dy, dx
+
+
+def _divergence(py: Tensor, px: Tensor) -> Tensor:
+    # Minus the adjoint of _gradient (Chambolle 2004, before eq. 2.2), so <grad z, p> = -<z, div p>.
+    div_y = torch.cat([py[..., :1, :], py[..., 1:-1, :] - py[..., :-2, :], -py[..., -2:-1, :]],
+                      dim=-2)
+    div_x = torch.cat([px[..., :1], px[..., 1:-1] - px[..., :-2], -px[..., -2:-1]], dim=-1)
+    return div_y + div_x
+
+
+def total_variation(x: Tensor) -> Tensor:
+    """Isotropic total variation per image: the sum over pixels and channels of
+    sqrt(dy**2 + dx**2) with forward differences. Returns shape (N,)."""
+    dy, dx = _gradient(x)
+    return torch.sqrt(dy ** 2 + dx ** 2).flatten(1).sum(dim=1)
+
+
+class TotalVariation(Transform):
+    """Total-variation minimisation: z = argmin ||z - x||**2 / 2 + weight * TV(z) per image
+    and channel (Rudin, Osher & Fatemi 1992), approximated by ``steps`` iterations of
+    Chambolle's projection algorithm (Chambolle 2004, "An algorithm for total variation
+    minimization and applications", eq. 3.11), then clipped to [0, 1]. Guo et al. 2018
+    (https://arxiv.org/abs/1711.00117) proposed it as a defense; Athalye et al. 2018 broke it
+    with BPDA through the identity, as declared here. Deterministic: Guo et al.'s random
+    pixel dropout is not included.
+
+    weight: lambda, the strength of the TV term in pixel units (0 returns x unchanged).
+    steps: iterations of the dual update; each costs a few element-wise passes.
+    tau: the dual step; Chambolle proves convergence for tau <= 1/8.
+    """
+
+    adaptive = Adaptive("bpda", "identity")
+
+    def __init__(self, weight: float = 0.1, steps: int = 20, tau: float = 0.125) -> None:
+        super().__init__()
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"weight must be a finite number >= 0 (got {weight!r}); "
+                             "e.g. weight=0.1")
+        if not (isinstance(tau, (int, float)) and 0 < tau <= 0.125):
+            raise ValueError(f"tau must be in (0, 1/8], where Chambolle's algorithm "
+                             f"converges (got {tau!r})")
+        self.weight = float(weight)
+        self.steps = _check_int(steps, "steps", 1, 10_000, "e.g. steps=20")
+        self.tau = float(tau)
+
+    def _transform(self, x: Tensor) -> Tensor:
+        if self.weight == 0:
+            return x.clone()
+        # Dual variable p, one 2-vector per pixel; the primal solution is x - weight * div p.
+        py = torch.zeros_like(x)
+        px = torch.zeros_like(x)
+        for _ in range(self.steps):
+            gy, gx = _gradient(_divergence(py, px) - x / self.weight)
+            norm = 1 + self.tau * torch.sqrt(gy ** 2 + gx ** 2)
+            py = (py + self.tau * gy) / norm
+            px = (px + self.tau * gx) / norm
+        return (x - self.weight * _divergence(py, px)).clamp(0, 1)
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}, steps={self.steps}, tau={self.tau}"
+

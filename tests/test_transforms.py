@@ -1,0 +1,206 @@
+"""Input reconstruction transforms: what each computes, that each keeps a real model's clean
+accuracy, and that BPDA differentiates them through their declared approximation."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from advkit.defenses import (
+    JPEG,
+    Adaptive,
+    BitDepth,
+    MedianSmoothing,
+    TotalVariation,
+    Transform,
+    bpda,
+    total_variation,
+)
+
+TRANSFORMS = [BitDepth(bits=4), MedianSmoothing(size=3), JPEG(quality=75), TotalVariation()]
+IDS = [type(t).__name__ for t in TRANSFORMS]
+
+
+def _images(channels: int = 1, n: int = 4, size: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=IDS)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_output_is_an_image_in_unit_range_of_the_same_shape(transform: Transform,
+                                                             channels: int) -> None:
+    x = _images(channels)
+    out = transform(x)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=IDS)
+def test_every_transform_declares_its_adaptive_attack(transform: Transform) -> None:
+    assert isinstance(transform.adaptive, Adaptive)
+    assert str(transform.adaptive) == "bpda:identity"
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4, 8])
+def test_bit_depth_rounds_to_multiples_of_one_level_and_is_idempotent(bits: int) -> None:
+    levels = 2 ** bits - 1
+    out = BitDepth(bits)(_images())
+    assert torch.allclose(out * levels, (out * levels).round(), atol=1e-5)
+    assert torch.equal(BitDepth(bits)(out), out)
+
+
+def test_bit_depth_rounds_to_the_nearest_level() -> None:
+    x = torch.tensor([0.0, 0.2, 0.49, 0.51, 0.8, 1.0]).view(1, 1, 1, 6)
+    assert BitDepth(1)(x).flatten().tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_median_smoothing_removes_isolated_salt_and_pepper_pixels_exactly() -> None:
+    clean = torch.full((2, 3, 12, 12), 0.5)
+    noisy = clean.clone()
+    noisy[0, 0, 3, 4] = 1.0  # salt
+    noisy[1, 2, 7, 9] = 0.0  # pepper
+    noisy[0, 1, 0, 0] = 1.0  # in a corner, where reflect padding matters
+    assert torch.equal(MedianSmoothing(3)(noisy), clean)
+
+
+def test_median_smoothing_of_size_one_is_the_identity() -> None:
+    x = _images()
+    assert torch.equal(MedianSmoothing(1)(x), x)
+
+
+def test_jpeg_changes_the_image() -> None:
+    x = _images(3)
+    assert (JPEG(75)(x) - x).abs().max() > 0.05
+
+
+def test_jpeg_at_quality_100_is_close_to_the_input() -> None:
+    # A smooth image (noise loses more). Measured: grayscale within 1.5/255 everywhere; RGB
+    # within 0.71/255 on average but 8/255 at worst, as Pillow halves the chroma resolution.
+    ramp = torch.linspace(0, 1, 32)
+    x = torch.stack([ramp.view(1, -1) * ramp.view(-1, 1), ramp.view(1, -1).expand(32, 32),
+                     ramp.view(-1, 1).expand(32, 32)]).unsqueeze(0)
+    gray, rgb = (JPEG(100)(image) - image for image in (x[:, :1], x))
+    assert gray.abs().max() <= 2 / 255
+    assert rgb.abs().mean() <= 1 / 255 and rgb.abs().max() <= 10 / 255
+
+
+@pytest.mark.parametrize("channels,mode", [(1, "L"), (3, "RGB")])
+def test_jpeg_is_pillows_round_trip(channels: int, mode: str) -> None:
+    x = (_images(channels, n=2) * 255).round() / 255
+    pixels = (x[1] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(
+        buffer, format="JPEG", quality=60)
+    expected = np.asarray(Image.open(io.BytesIO(buffer.getvalue()))).reshape(pixels.shape)
+    expected = torch.from_numpy(expected.copy()).permute(2, 0, 1).float() / 255
+    assert torch.equal(JPEG(60)(x)[1], expected)
+
+
+def test_total_variation_minimisation_reduces_total_variation() -> None:
+    x = _images(3)
+    assert (total_variation(TotalVariation(weight=0.1)(x)) < 0.7 * total_variation(x)).all()
+
+
+def test_total_variation_minimisation_lowers_its_objective_with_more_steps() -> None:
+    x = _images(3)
+
+    def objective(z: torch.Tensor) -> torch.Tensor:
+        return ((z - x) ** 2).flatten(1).sum(1) / 2 + 0.1 * total_variation(z)
+
+    few, many = (objective(TotalVariation(0.1, steps=s)(x)) for s in (2, 50))
+    assert (many <= few).all() and (few < objective(x)).all()
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=IDS)
+def test_bpda_forward_is_the_transform(transform: Transform) -> None:
+    x = _images()
+    assert torch.equal(bpda(transform)(x), transform(x))
+    assert torch.equal(transform.for_attack()(x), transform(x))
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=IDS)
+def test_bpda_gradient_is_the_identitys(transform: Transform) -> None:
+    x = _images().requires_grad_(True)
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    (grad,) = torch.autograd.grad((w * bpda(transform)(x)).sum(), x)
+    assert torch.equal(grad, w)
+
+
+def test_bpda_differentiates_a_declared_approximation() -> None:
+    class Squash(Transform):
+        adaptive = Adaptive("bpda", "halve")
+
+        def _transform(self, x: torch.Tensor) -> torch.Tensor:
+            return (x * 2).round() / 2
+
+        def approximation(self, x: torch.Tensor) -> torch.Tensor:
+            return x / 2
+
+    x = _images().requires_grad_(True)
+    (grad,) = torch.autograd.grad(bpda(Squash())(x).sum(), x)
+    assert torch.equal(grad, torch.full_like(x, 0.5))
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=IDS)
+def test_each_transform_keeps_clean_accuracy_on_the_mnist_model(
+        transform: Transform, mnist_model: torch.nn.Module,
+        mnist_test: tuple[torch.Tensor, torch.Tensor]) -> None:
+    # First 500 test images, one model (seed 0, 2 threads, at this commit): clean 98.8%;
+    # BitDepth(4) 98.8%, MedianSmoothing(3) 98.0%, JPEG(75) 99.0%, TotalVariation() 99.0%
+    # (BitDepth(1) 99.4%). The spread over retrainings is not measured: 3 points of margin.
+    x, y = mnist_test[0][:500], mnist_test[1][:500]
+    with torch.no_grad():
+        clean = (mnist_model(x).argmax(1) == y).float().mean().item()
+        kept = (mnist_model(transform(x)).argmax(1) == y).float().mean().item()
+    assert kept >= clean - 0.03
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=IDS)
+def test_images_outside_the_unit_range_are_refused_with_the_fix(transform: Transform) -> None:
+    x = _images()
+    x[0, 0, 0, 0] = -0.25
+    with pytest.raises(ValueError, match=r"in \[0, 1\] \(got min -0.25, .*Normalize"):
+        transform(x)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=IDS)
+def test_images_of_the_wrong_shape_are_refused_with_the_fix(transform: Transform) -> None:
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\) \(got \(1, 16, 16\)\).*unsqueeze"):
+        transform(_images()[0])
+
+
+def test_non_finite_and_integer_images_are_refused() -> None:
+    x = _images()
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="1 NaN or inf"):
+        BitDepth()(x)
+    with pytest.raises(TypeError, match=r"x.float\(\) / 255"):
+        BitDepth()(torch.zeros(1, 1, 4, 4, dtype=torch.uint8))
+
+
+def test_jpeg_refuses_images_that_are_neither_grayscale_nor_rgb() -> None:
+    with pytest.raises(ValueError, match=r"C = 2"):
+        JPEG()(_images(2))
+
+
+@pytest.mark.parametrize("build,message", [
+    (lambda: BitDepth(0), r"bits must be an integer in \[1, 8\] \(got 0\)"),
+    (lambda: MedianSmoothing(4), r"size must be odd \(got 4\)"),
+    (lambda: JPEG(101), r"quality must be an integer in \[1, 100\] \(got 101\)"),
+    (lambda: TotalVariation(weight=-1), r"weight must be a finite number >= 0 \(got -1\)"),
+    (lambda: TotalVariation(tau=0.5), r"tau must be in \(0, 1/8\]"),
+    (lambda: Adaptive("bpda"), r"needs the approximation's name"),
+    (lambda: Adaptive("magic"), r"got 'magic'"),
+])
+def test_bad_settings_are_refused_with_the_fix(build, message: str) -> None:  # noqa: ANN001
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_median_smoothing_refuses_images_too_small_for_reflect_padding() -> None:
+    with pytest.raises(ValueError, match="use a smaller size"):
+        MedianSmoothing(5)(_images(size=2))
