@@ -115,6 +115,27 @@ def test_total_variation_minimisation_lowers_its_objective_with_more_steps() -> 
     assert (many <= few).all() and (few < objective(x)).all()
 
 
+def test_total_variation_with_pixel_dropout_is_random_and_declares_eot() -> None:
+    x = _images(3)
+    transform = TotalVariation(keep=0.5)
+    torch.manual_seed(0)
+    first, second = transform(x), transform(x)
+    torch.manual_seed(0)
+    assert torch.equal(transform(x), first)
+    assert not torch.equal(first, second)
+    assert str(transform.adaptive) == "eot:identity"
+    assert first.min() >= 0 and first.max() <= 1
+
+
+def test_total_variation_fills_dropped_pixels_from_their_neighbours() -> None:
+    # A constant image: whatever is dropped, the minimiser is the constant, so the dropped
+    # pixels (which the solver starts at 0, unseen) must end at the constant too.
+    x = torch.full((2, 1, 12, 12), 0.5)
+    torch.manual_seed(0)
+    out = TotalVariation(weight=0.1, steps=100, keep=0.5)(x)
+    assert torch.allclose(out, x, atol=1e-3)
+
+
 @pytest.mark.parametrize("transform", TRANSFORMS, ids=IDS)
 def test_bpda_forward_is_the_transform(transform: Transform) -> None:
     x = _images()
@@ -192,7 +213,7 @@ def test_jpeg_refuses_images_that_are_neither_grayscale_nor_rgb() -> None:
     (lambda: MedianSmoothing(4), r"size must be odd \(got 4\)"),
     (lambda: JPEG(101), r"quality must be an integer in \[1, 100\] \(got 101\)"),
     (lambda: TotalVariation(weight=-1), r"weight must be a finite number >= 0 \(got -1\)"),
-    (lambda: TotalVariation(tau=0.5), r"tau must be in \(0, 1/8\]"),
+    (lambda: TotalVariation(keep=0), r"keep must be a probability in \(0, 1\] \(got 0\)"),
     (lambda: Adaptive("bpda"), r"needs the approximation's name"),
     (lambda: Adaptive("magic"), r"got 'magic'"),
 ])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -87,11 +87,12 @@ def _check_images(x: Tensor, name: str) -> None:
 
 class Transform(nn.Module):
     """An input transform: images in [0, 1], (N, C, H, W), to images in [0, 1] of the same
-    shape. Subclasses implement ``_transform`` and declare ``adaptive``; a BPDA transform
-    whose approximation is not the identity also overrides ``approximation``.
+    shape. Subclasses implement ``_transform`` and declare ``adaptive`` (a class attribute,
+    or a property where the settings decide it); a BPDA transform whose approximation is not
+    the identity also overrides ``approximation``.
     """
 
-    adaptive: ClassVar[Adaptive]
+    adaptive: Adaptive
 
     def forward(self, x: Tensor) -> Tensor:
         _check_images(x, type(self).__name__)
@@ -288,46 +289,66 @@ def total_variation(x: Tensor) -> Tensor:
 
 
 class TotalVariation(Transform):
-    """Total-variation minimisation: z = argmin ||z - x||**2 / 2 + weight * TV(z) per image
-    and channel (Rudin, Osher & Fatemi 1992), approximated by ``steps`` iterations of
-    Chambolle's projection algorithm (Chambolle 2004, "An algorithm for total variation
-    minimization and applications", eq. 3.11), then clipped to [0, 1]. Guo et al. 2018
-    (https://arxiv.org/abs/1711.00117) proposed it as a defense; Athalye et al. 2018 broke it
-    with BPDA through the identity, as declared here. Deterministic: Guo et al.'s random
-    pixel dropout is not included.
+    """Total-variation minimisation (Guo et al. 2018, "Countering adversarial images using
+    input transformations", https://arxiv.org/abs/1711.00117): per image and channel,
+
+        z = argmin_z  ||m * (z - x)||**2 / 2 + weight * TV(z),
+
+    with TV the isotropic total variation (Rudin, Osher & Fatemi 1992) and m a random mask
+    that keeps each pixel (all its channels) with probability ``keep``, so the solver fills the
+    dropped pixels from their neighbours. Solved approximately by ``steps`` iterations of
+    Chambolle & Pock's primal-dual algorithm (2011, "A first-order primal-dual algorithm for
+    convex problems", algorithm 1), then clipped to [0, 1].
+
+    With ``keep=1`` (the default) the transform is deterministic and declares BPDA through
+    the identity, as Athalye et al. 2018 broke it; with ``keep < 1`` (Guo et al. used 0.5) it
+    is random, draws its mask from torch's global generator (seed with torch.manual_seed) and
+    declares EOT with BPDA through the identity inside each draw.
 
     weight: lambda, the strength of the TV term in pixel units (0 returns x unchanged).
-    steps: iterations of the dual update; each costs a few element-wise passes.
-    tau: the dual step; Chambolle proves convergence for tau <= 1/8.
+    steps: primal-dual iterations; each costs a few element-wise passes.
+    keep: probability that a pixel takes part in the fidelity term, in (0, 1].
     """
 
-    adaptive = Adaptive("bpda", "identity")
-
-    def __init__(self, weight: float = 0.1, steps: int = 20, tau: float = 0.125) -> None:
+    def __init__(self, weight: float = 0.1, steps: int = 20, keep: float = 1.0) -> None:
         super().__init__()
         if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
             raise ValueError(f"weight must be a finite number >= 0 (got {weight!r}); "
                              "e.g. weight=0.1")
-        if not (isinstance(tau, (int, float)) and 0 < tau <= 0.125):
-            raise ValueError(f"tau must be in (0, 1/8], where Chambolle's algorithm "
-                             f"converges (got {tau!r})")
+        if not (isinstance(keep, (int, float)) and 0 < keep <= 1):
+            raise ValueError(f"keep must be a probability in (0, 1] (got {keep!r}); "
+                             "1 keeps every pixel, Guo et al. used 0.5")
         self.weight = float(weight)
         self.steps = _check_int(steps, "steps", 1, 10_000, "e.g. steps=20")
-        self.tau = float(tau)
+        self.keep = float(keep)
+
+    @property
+    def adaptive(self) -> Adaptive:  # type: ignore[override]
+        return Adaptive("bpda" if self.keep == 1 else "eot", "identity")
 
     def _transform(self, x: Tensor) -> Tensor:
         if self.weight == 0:
             return x.clone()
-        # Dual variable p, one 2-vector per pixel; the primal solution is x - weight * div p.
-        py = torch.zeros_like(x)
-        px = torch.zeros_like(x)
+        mask = torch.ones_like(x[:, :1])
+        if self.keep < 1:
+            mask = (torch.rand_like(mask) < self.keep).to(x.dtype)
+        # The step sizes satisfy tau * sigma * ||grad||**2 <= 1 (||grad||**2 <= 8), the
+        # algorithm's condition for convergence.
+        tau = sigma = 8 ** -0.5
+        # Start from the kept pixels only: the dropped ones must not leak into the result.
+        z = z_bar = x * mask
+        py, px = torch.zeros_like(x), torch.zeros_like(x)
         for _ in range(self.steps):
-            gy, gx = _gradient(_divergence(py, px) - x / self.weight)
-            norm = 1 + self.tau * torch.sqrt(gy ** 2 + gx ** 2)
-            py = (py + self.tau * gy) / norm
-            px = (px + self.tau * gx) / norm
-        return (x - self.weight * _divergence(py, px)).clamp(0, 1)
+            # Dual step: ascend, then project each 2-vector p onto the ball of radius weight
+            # (the conjugate of weight * TV is that ball's indicator).
+            gy, gx = _gradient(z_bar)
+            py, px = py + sigma * gy, px + sigma * gx
+            shrink = torch.clamp(torch.sqrt(py ** 2 + px ** 2) / self.weight, min=1)
+            py, px = py / shrink, px / shrink
+            # Primal step: the proximal map of the masked fidelity term, in closed form.
+            z_next = (z + tau * _divergence(py, px) + tau * mask * x) / (1 + tau * mask)
+            z, z_bar = z_next, 2 * z_next - z
+        return z.clamp(0, 1)
 
     def extra_repr(self) -> str:
-        return f"weight={self.weight}, steps={self.steps}, tau={self.tau}"
-
+        return f"weight={self.weight}, steps={self.steps}, keep={self.keep}"
