@@ -8,6 +8,7 @@ Training-time defenses (adversarial training, TRADES, MART, distillation, noise
 augmentation) are recipes of the trainer: see :mod:`advkit.training`.
 """
 
+from advkit.defenses.detectors import LID, Detector, FeatureSqueezing, Mahalanobis
 from advkit.defenses.transforms import (
     JPEG,
     Adaptive,
@@ -22,4 +23,5 @@ from advkit.defenses.transforms import (
 __all__ = [
     "JPEG", "Adaptive", "BitDepth", "MedianSmoothing", "TotalVariation", "Transform",
     "bpda", "total_variation",
+    "Detector", "FeatureSqueezing", "LID", "Mahalanobis",
 ]
