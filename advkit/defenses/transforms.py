@@ -115,16 +115,17 @@ class _BackwardThrough(torch.autograd.Function):
     at the same input (the identity's is the incoming gradient itself)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, transform: Transform) -> Tensor:  # noqa: ANN001
+    def forward(ctx, x: Tensor, transform: Transform) -> Tensor:
         ctx.save_for_backward(x)
         ctx.transform = transform
         with torch.no_grad():
             return transform(x)
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:  # noqa: ANN001
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:
         transform: Transform = ctx.transform
         if transform.adaptive.approximation == "identity":
+            # The identity's vector-Jacobian product is the vector: no second pass needed.
             return grad_output, None
         (x,) = ctx.saved_tensors
         with torch.enable_grad():
