@@ -101,3 +101,17 @@ def test_bad_parts_are_refused():
     with pytest.raises(ValueError, match="same shape"):
         protection_metrics(Protected(FirstPixel()), images([0.1], [0.1]), torch.tensor([0]),
                            images([0.1, 0.2], [0.1, 0.1]))
+
+
+def test_for_attack_keeps_the_forward_and_lets_gradients_through_bit_depth():
+    from advkit.defenses import BitDepth
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).eval()
+    pipe = Protected(model, transforms=[BitDepth(bits=2)])
+    x = torch.rand(6, 1, 2, 2, requires_grad=True)
+    (grad_masked,) = torch.autograd.grad(pipe(x).sum(), x)
+    assert not grad_masked.any()  # rounding has no gradient: the masking BPDA removes
+    adaptive = pipe.for_attack()
+    assert torch.equal(adaptive(x), pipe(x))
+    (grad,) = torch.autograd.grad(adaptive(x).sum(), x)
+    torch.testing.assert_close(grad, torch.autograd.grad(model(x).sum(), x)[0])

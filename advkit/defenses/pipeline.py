@@ -63,7 +63,7 @@ class Protected(nn.Module):
     def reconstruct(self, x: Tensor) -> Tensor:
         for t in self.transforms:
             x = t(x)
-            lo, hi = float(x.min()), float(x.max())
+            lo, hi = (v.item() for v in torch.aminmax(x.detach()))
             if lo < 0 or hi > 1:
                 raise ValueError(f"{type(t).__name__} returned values outside [0, 1] (min "
                                  f"{lo:.4g}, max {hi:.4g}); a transform maps images to images")
@@ -71,6 +71,13 @@ class Protected(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(self.reconstruct(x))
+
+    def for_attack(self) -> Protected:
+        """The pipeline as an adaptive attack must differentiate it: every transform replaced
+        by the module its ``adaptive`` declaration names (BPDA's backward pass through the
+        approximation; see :func:`advkit.defenses.bpda`). The forward pass is unchanged."""
+        return Protected(self.model, [t.for_attack() if hasattr(t, "for_attack") else t
+                                      for t in self.transforms], self.detectors)
 
     def fit(self, x_clean: Tensor, y_clean: Tensor | None = None, *, fpr: float = 0.05,
             **options: object) -> Protected:
