@@ -1,5 +1,6 @@
-"""Inference-time defenses: input transforms (:mod:`advkit.defenses.transforms`); detectors
-and protected pipelines (transform -> classify -> detect), coming.
+"""Inference-time defenses: input transforms (:mod:`advkit.defenses.transforms`), detectors
+(:mod:`advkit.defenses.detectors`) and protected pipelines that combine them with a model
+(:class:`Protected`: transform -> classify -> reject what a detector flags).
 
 Every transform declares in ``adaptive`` how an adaptive attack gets through it, and
 :func:`bpda` builds the module such an attack differentiates.
@@ -9,6 +10,7 @@ augmentation) are recipes of the trainer: see :mod:`advkit.training`.
 """
 
 from advkit.defenses.detectors import LID, Detector, FeatureSqueezing, Mahalanobis
+from advkit.defenses.pipeline import REJECT, Protected, ProtectionMetrics, protection_metrics
 from advkit.defenses.transforms import (
     JPEG,
     Adaptive,
@@ -24,4 +26,5 @@ __all__ = [
     "JPEG", "Adaptive", "BitDepth", "MedianSmoothing", "TotalVariation", "Transform",
     "bpda", "total_variation",
     "Detector", "FeatureSqueezing", "LID", "Mahalanobis",
+    "REJECT", "Protected", "ProtectionMetrics", "protection_metrics",
 ]
