@@ -117,6 +117,9 @@ class Detector(ABC):
                 raise ValueError(f"y_clean must be a tensor of {x_clean.shape[0]} labels, one "
                                  f"per image of x_clean (got "
                                  f"{getattr(y_clean, 'shape', type(y_clean).__name__)})")
+            if y_clean.is_floating_point() or y_clean.is_complex() or bool((y_clean < 0).any()):
+                raise ValueError("y_clean must hold class indices (integers >= 0)")
+            y_clean = y_clean.long().cpu()
         n = x_clean.shape[0]
         n_held = max(1, round(self.holdout * n)) if self.learns else n
         if self.learns and n - n_held < 2:
