@@ -180,3 +180,12 @@ def test_a_protected_pipeline_rejects_what_its_detector_flags(mnist_model, mnist
     pipeline = Protected(mnist_model, detectors=[detector]).fit(x_fit, y_fit, x_adv=adv_fit)
     x = torch.cat([clean_test, adv_test])
     assert torch.equal(pipeline.predict(x) == REJECT, detector.flag(x))
+
+
+def test_a_failed_fit_leaves_the_detector_unfitted(mnist_model, mnist_split):
+    x_fit, y_fit, adv_fit, clean_test, _ = mnist_split
+    detector = LID().fit(mnist_model, x_fit, x_adv=adv_fit)
+    with pytest.raises(ValueError, match="batch \\* references"):
+        detector.fit(mnist_model, x_fit[:300], x_adv=adv_fit)
+    with pytest.raises(RuntimeError, match="fit the detector first"):
+        detector.score(clean_test)

@@ -133,12 +133,18 @@ class Detector(ABC):
         generator = torch.Generator().manual_seed(self.seed)
         order = torch.randperm(n, generator=generator)
         held, rest = order[:n_held], order[n_held:] if self.learns else order
-        self.model = model
-        self.input_shape = tuple(x_clean.shape[1:])
-        with eval_mode(model):
-            y_rest = y_clean[rest] if y_clean is not None else None
-            self._fit(model, x_clean[rest], y_rest, x_adv)
-            scores = self.score(x_clean[held])
+        # A refit starts from scratch, and a fit that fails leaves the detector unfitted
+        # rather than half-fitted (score() refuses until a threshold is set).
+        self.threshold = self.fpr = self.held_out_fpr = None
+        self.model, self.input_shape = model, tuple(x_clean.shape[1:])
+        try:
+            with eval_mode(model):
+                y_rest = y_clean[rest] if y_clean is not None else None
+                self._fit(model, x_clean[rest], y_rest, x_adv)
+                scores = self._scores(x_clean[held])
+        except BaseException:
+            self.model = self.input_shape = None
+            raise
         # Threshold: the k-th largest held-out score with k = floor(fpr * n); the k scores
         # strictly above it are the false positives.
         k = math.floor(fpr * n_held + 1e-9)
@@ -150,9 +156,13 @@ class Detector(ABC):
 
     def score(self, x: Tensor) -> Tensor:
         """One score per image of ``x`` (N,), float32 on the CPU; higher = more suspicious."""
-        if self.model is None or self.input_shape is None:
+        if self.threshold is None:
             raise RuntimeError(f"{self.name} is not fitted: fit the detector first: "
                                "detector.fit(model, x_clean)")
+        return self._scores(x)
+
+    def _scores(self, x: Tensor) -> Tensor:
+        assert self.model is not None and self.input_shape is not None
         x = _check_images(x, "x")
         if tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"{self.name} was fitted on images of shape {self.input_shape} "
@@ -165,10 +175,8 @@ class Detector(ABC):
 
     def flag(self, x: Tensor) -> Tensor:
         """Boolean (N,): which images of ``x`` score above the threshold (detected)."""
-        scores = self.score(x)
-        if self.threshold is None:
-            raise RuntimeError(f"{self.name} is not fitted: fit the detector first: "
-                               "detector.fit(model, x_clean)")
+        scores = self.score(x)  # refuses an unfitted detector
+        assert self.threshold is not None
         return scores > self.threshold
 
     @abstractmethod
