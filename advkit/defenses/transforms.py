@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Literal
 
@@ -85,7 +86,7 @@ def _check_images(x: Tensor, name: str) -> None:
                          "inside the model (advkit.models.Normalize)")
 
 
-class Transform(nn.Module):
+class Transform(nn.Module, ABC):
     """An input transform: images in [0, 1], (N, C, H, W), to images in [0, 1] of the same
     shape. Subclasses implement ``_transform`` and declare ``adaptive`` (a class attribute,
     or a property where the settings decide it); a BPDA transform whose approximation is not
@@ -98,8 +99,9 @@ class Transform(nn.Module):
         _check_images(x, type(self).__name__)
         return self._transform(x)
 
+    @abstractmethod
     def _transform(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The transform itself, on inputs already checked."""
 
     def approximation(self, x: Tensor) -> Tensor:
         """The differentiable stand-in that BPDA differentiates (the identity by default)."""
