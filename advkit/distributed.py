@@ -36,6 +36,16 @@ class World:
             dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
         return cls(dist.get_rank(), dist.get_world_size())
 
+    @staticmethod
+    def leave() -> None:
+        """Wait for every process, then take the group down. A process that exits with the
+        group still up can abort in gloo's threads ("terminate called without an active
+        exception") when its peer has already gone: the command that owns the process
+        calls this before it exits."""
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     @property
     def on(self) -> bool:
         """More than one process."""

@@ -35,6 +35,7 @@ from advkit.cli._common import (
     provenance,
     resolve_device,
 )
+from advkit.distributed import World
 from advkit.evaluation import DEFAULT_STORE, accuracy, curve_rows, curves, run_attack, table_rows
 
 #: What a suite run records and ``--resume`` takes from the run instead of the command line.
@@ -127,6 +128,7 @@ def _evaluate_suite(*, as_json: bool, device: str, **options: object) -> None:
                                  log=(lambda _: None) if as_json else console.print, **options)
     except (ValueError, FileNotFoundError, TypeError) as err:
         raise fail(str(err)) from err
+    World.leave()  # under torchrun: both processes done before either exits
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun every process has the report; one prints it
     if as_json:
