@@ -47,17 +47,22 @@ def images(first: list[float], mean_fill: list[float]) -> Tensor:
 
 def test_metrics_equal_a_hand_count():
     pipe = Protected(FirstPixel(), detectors=[Bright(0.5)])
-    y = torch.tensor([0, 1, 0, 1])
-    # clean: 0 right; 1 right; 0 right but bright (rejected); 1 wrong (first pixel 0.2)
-    x = images([0.1, 0.9, 0.1, 0.2], [0.1, 0.1, 0.9, 0.1])
-    # adversarial: 0 flipped (accepted); 1 still right; bright (rejected); 1 flipped
-    x_adv = images([0.9, 0.8, 0.9, 0.1], [0.1, 0.1, 0.9, 0.1])
-    assert pipe.predict(x).tolist() == [0, 1, REJECT, 0]
-    assert pipe.predict(x_adv).tolist() == [1, 1, REJECT, 0]
+    y = torch.tensor([0, 1, 0, 1, 0])
+    # clean: 0 right; 1 right; 0 right but bright (rejected); 1 wrong (first pixel 0.2);
+    # 0 right
+    x = images([0.1, 0.9, 0.1, 0.2, 0.1], [0.1, 0.1, 0.9, 0.1, 0.1])
+    # adversarial: 0 flipped (accepted); 1 still right; bright (rejected, but its clean
+    # image was rejected too: not defended); 1 flipped from a wrong clean image; bright
+    # (rejected: detected)
+    x_adv = images([0.9, 0.8, 0.9, 0.1, 0.1], [0.1, 0.1, 0.9, 0.1, 0.9])
+    assert pipe.predict(x).tolist() == [0, 1, REJECT, 0, 0]
+    assert pipe.predict(x_adv).tolist() == [1, 1, REJECT, 0, REJECT]
     m = protection_metrics(pipe, x, y, x_adv)
-    assert (m.clean_accuracy, m.false_rejection) == (0.5, 0.25)
-    assert (m.detected, m.correct_accepted, m.robust_accuracy) == (0.25, 0.25, 0.5)
-    assert m.n == 4
+    # Shares of 5 samples: 3 right when clean, 1 rejected, 1 detected, 1 correct accepted.
+    assert (m.clean_accuracy, m.false_rejection) == pytest.approx((3 / 5, 1 / 5))
+    assert (m.detected, m.correct_accepted) == pytest.approx((1 / 5, 1 / 5))
+    assert m.robust_accuracy == pytest.approx(2 / 5)
+    assert m.n == 5
 
 
 def test_forward_is_the_classifier_on_the_reconstructed_input():
@@ -115,3 +120,24 @@ def test_for_attack_keeps_the_forward_and_lets_gradients_through_bit_depth():
     assert torch.equal(adaptive(x), pipe(x))
     (grad,) = torch.autograd.grad(adaptive(x).sum(), x)
     torch.testing.assert_close(grad, torch.autograd.grad(model(x).sum(), x)[0])
+
+
+def test_an_attack_never_counts_a_rejected_input_as_a_success():
+    # Class 1 needs the first pixel above 0.5; a detector rejects images whose first pixel
+    # exceeds 0.45: every way to flip a class-0 image is rejected.
+    class FirstPixelHigh:
+        def fit(self, *args, **kwargs):
+            return self
+
+        def flag(self, x: Tensor) -> Tensor:
+            return x.flatten(1)[:, 0] > 0.45
+
+    pipe = Protected(FirstPixel(), detectors=[FirstPixelHigh()])
+    x = images([0.2, 0.3], [0.0, 0.0])
+    y = torch.tensor([0, 0])
+    result = PGD(ThreatModel("linf", 0.5), steps=10)(pipe, x, y)
+    assert (result.x_adv.flatten(1)[:, 0] > 0.5).all()  # the classifier alone is fooled
+    assert result.predictions.tolist() == [REJECT, REJECT]
+    assert not result.success.any()
+    bare = PGD(ThreatModel("linf", 0.5), steps=10)(FirstPixel(), x, y)
+    assert bare.success.all()

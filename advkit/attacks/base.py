@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from advkit.models.access import (
     GRADIENTS,
     LABELS,
+    REJECT,
     SCORES,
     AccessError,
     ModelAccess,
@@ -310,7 +311,9 @@ class Attack(ABC):
             x_adv = x_adv.detach().clamp(*self.threat.bounds)
             predictions = oracle.labels(x_adv)
         norms = self.threat.norms(x_adv - x)
-        success = predictions == targets if targets is not None else predictions != y
+        # A rejected input (a pipeline's detector flagged it) is defended, never a success.
+        success = (predictions == targets if targets is not None
+                   else (predictions != y) & (predictions != REJECT))
         if self.kind == "minimal":
             norms = torch.where(success, norms, torch.full_like(norms, math.inf))
             if self.threat.bounded:

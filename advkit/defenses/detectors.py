@@ -168,10 +168,25 @@ class Detector(ABC):
             raise ValueError(f"{self.name} was fitted on images of shape {self.input_shape} "
                              f"but got images of shape {tuple(x.shape[1:])}")
         device = _device(self.model)
-        with eval_mode(self.model):
+        with eval_mode(self.model), torch.no_grad():
             parts = [self._score(x[i:i + self.batch_size].to(device))
                      for i in range(0, x.shape[0], self.batch_size)]
         return torch.cat(parts).detach().float().cpu()
+
+    def attack_score(self, x: Tensor) -> Tensor:
+        """The score as an adaptive attack differentiates it: (N,) on ``x``'s device, with
+        gradients flowing back to ``x`` (through each non-differentiable step's declared
+        approximation, BPDA). Minus :attr:`threshold`, it is the detector's margin: an
+        image is flagged where it is positive. The model must be in eval mode."""
+        if self.threshold is None:
+            raise RuntimeError(f"{self.name} is not fitted: fit the detector first: "
+                               "detector.fit(model, x_clean)")
+        x = _check_images(x, "x")
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"{self.name} was fitted on images of shape {self.input_shape} "
+                             f"but got images of shape {tuple(x.shape[1:])}")
+        with torch.enable_grad():
+            return self._score(x).float()
 
     def flag(self, x: Tensor) -> Tensor:
         """Boolean (N,): which images of ``x`` score above the threshold (detected)."""
@@ -185,7 +200,10 @@ class Detector(ABC):
 
     @abstractmethod
     def _score(self, x: Tensor) -> Tensor:
-        """Scores of one batch (already checked and on the model's device)."""
+        """Scores of one batch (already checked and on the model's device). It must be
+        differentiable in ``x`` (no ``torch.no_grad`` inside; a non-differentiable step
+        passes gradients through a stated approximation): :meth:`attack_score` is this
+        method with gradients, and :meth:`score` calls it without."""
 
 
 class FeatureSqueezing(Detector):
@@ -222,11 +240,13 @@ class FeatureSqueezing(Detector):
     def _fit(self, model: nn.Module, x: Tensor, y: Tensor | None, x_adv: Tensor | None) -> None:
         pass  # nothing to learn: only the threshold, which fit() sets
 
-    @torch.no_grad()
     def _score(self, x: Tensor) -> Tensor:
         assert self.model is not None
         p = F.softmax(self.model(x), dim=1)
-        squeezed = [self._bit_depth(x)]
+        # Rounding has no useful gradient: BPDA with the identity (the squeezed image's
+        # gradient is passed to x as is). The median filter is differentiable almost
+        # everywhere (the gradient goes to the pixel that is the median).
+        squeezed = [x + (self._bit_depth(x.detach()) - x).detach()]
         if self.median > 1:
             squeezed.append(_median_filter(x, self.median))
         distances = [(p - F.softmax(self.model(s), dim=1)).abs().sum(dim=1) for s in squeezed]
@@ -301,7 +321,7 @@ class Mahalanobis(Detector):
         self.covariance = covariance
         self._means: list[Tensor] = []
         self._precisions: list[Tensor] = []
-        self._ensemble: object | None = None
+        self._ensemble: _LogisticScore | None = None
         self._standardise: tuple[Tensor, Tensor] | None = None
 
     def _fit(self, model: nn.Module, x: Tensor, y: Tensor | None, x_adv: Tensor | None) -> None:
@@ -331,15 +351,15 @@ class Mahalanobis(Detector):
             adversarial = self._layer_scores(x_adv, device)
             inputs = torch.cat([clean, adversarial]).numpy()
             labels = np.r_[np.zeros(len(clean)), np.ones(len(adversarial))]
-            self._ensemble = make_pipeline(StandardScaler(), LogisticRegression()).fit(
-                inputs, labels)
+            self._ensemble = _LogisticScore.fit(inputs, labels)
         else:
             self._standardise = (clean.mean(dim=0), clean.std(dim=0).clamp_min(1e-12))
 
     def _layer_scores(self, x: Tensor, device: torch.device) -> Tensor:
         """(N, layers) per-layer scores, on the CPU, computed in batches."""
-        parts = [self._per_layer(x[i:i + self.batch_size].to(device)).cpu()
-                 for i in range(0, x.shape[0], self.batch_size)]
+        with torch.no_grad():
+            parts = [self._per_layer(x[i:i + self.batch_size].to(device)).cpu()
+                     for i in range(0, x.shape[0], self.batch_size)]
         return torch.cat(parts)
 
     def _distances(self, x: Tensor) -> list[Tensor]:
@@ -355,26 +375,26 @@ class Mahalanobis(Detector):
 
     def _per_layer(self, x: Tensor) -> Tensor:
         if self.noise == 0:
-            with torch.no_grad():
-                return torch.stack(self._distances(x), dim=1)
+            return torch.stack(self._distances(x), dim=1)
         scores = []
         for i in range(len(self.layers)):
             with torch.enable_grad():
                 xg = x.detach().clone().requires_grad_(True)
                 distance = self._distances(xg)[i]
                 (grad,) = torch.autograd.grad(distance.sum(), xg)
-            # A step down the distance is a step up the confidence M(x).
+            # A step down the distance is a step up the confidence M(x). The step's sign
+            # has no gradient: an adaptive attack differentiates the score at the moved
+            # image with the step held fixed.
             moved = (x - self.noise * grad.sign()).clamp(0, 1)
-            with torch.no_grad():
-                scores.append(self._distances(moved)[i])
+            scores.append(self._distances(moved)[i])
         return torch.stack(scores, dim=1)
 
     def _score(self, x: Tensor) -> Tensor:
-        per_layer = self._per_layer(x).cpu()
+        per_layer = self._per_layer(x)
         if self._ensemble is not None:
-            return torch.from_numpy(self._ensemble.decision_function(per_layer.numpy()))
+            return self._ensemble(per_layer)
         if self._standardise is not None:
-            mean, std = self._standardise
+            mean, std = (t.to(per_layer.device) for t in self._standardise)
             return ((per_layer - mean) / std).mean(dim=1)
         return per_layer[:, 0]
 
@@ -431,7 +451,7 @@ class LID(Detector):
         self.references = references
         self._layers: list[Layer | None] = []
         self._reference: list[Tensor] = []
-        self._classifier: object | None = None
+        self._classifier: _LogisticScore | None = None
 
     def _fit(self, model: nn.Module, x: Tensor, y: Tensor | None, x_adv: Tensor | None) -> None:
         assert x_adv is not None
@@ -452,16 +472,15 @@ class LID(Detector):
         adversarial = self._lids(x_adv, device)
         inputs = torch.cat([clean, adversarial]).double().numpy()
         labels = np.r_[np.zeros(len(clean)), np.ones(len(adversarial))]
-        self._classifier = make_pipeline(StandardScaler(), LogisticRegression()).fit(
-            inputs, labels)
+        self._classifier = _LogisticScore.fit(inputs, labels)
 
     def _lids(self, x: Tensor, device: torch.device) -> Tensor:
         """(N, layers) LID estimates, on the CPU."""
-        parts = [self._lid_batch(x[i:i + self.batch_size].to(device)).cpu()
-                 for i in range(0, x.shape[0], self.batch_size)]
+        with torch.no_grad():
+            parts = [self._lid_batch(x[i:i + self.batch_size].to(device)).cpu()
+                     for i in range(0, x.shape[0], self.batch_size)]
         return torch.cat(parts)
 
-    @torch.no_grad()
     def _lid_batch(self, x: Tensor) -> Tensor:
         assert self.model is not None
         out = []
@@ -479,8 +498,29 @@ class LID(Detector):
 
     def _score(self, x: Tensor) -> Tensor:
         assert self._classifier is not None
-        lids = self._lid_batch(x).cpu().double().numpy()
-        return torch.from_numpy(self._classifier.decision_function(lids))
+        return self._classifier(self._lid_batch(x))
+
+
+class _LogisticScore:
+    """A logistic regression on standardised features, fitted by scikit-learn and applied
+    in torch, so that an adaptive attack can differentiate the score. It is the
+    regression's decision function (log-odds of "adversarial")."""
+
+    def __init__(self, mean: Tensor, scale: Tensor, weight: Tensor, bias: float) -> None:
+        self.mean, self.scale, self.weight, self.bias = mean, scale, weight, bias
+
+    @classmethod
+    def fit(cls, inputs: np.ndarray, labels: np.ndarray) -> _LogisticScore:
+        fitted = make_pipeline(StandardScaler(), LogisticRegression()).fit(inputs, labels)
+        scaler, regression = fitted[0], fitted[-1]
+        as_tensor = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64)  # noqa: E731
+        return cls(as_tensor(scaler.mean_), as_tensor(scaler.scale_),
+                   as_tensor(regression.coef_[0]), float(regression.intercept_[0]))
+
+    def __call__(self, features: Tensor) -> Tensor:
+        device = features.device
+        z = (features.double() - self.mean.to(device)) / self.scale.to(device)
+        return z @ self.weight.to(device) + self.bias
 
 
 #: Stands for the model's output (the logits) in a list of layers.

@@ -15,8 +15,9 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-#: The label :meth:`Protected.predict` gives a rejected input.
-REJECT = -1
+from advkit.models.access import REJECT
+
+__all__ = ["REJECT", "Detector", "Protected", "ProtectionMetrics", "protection_metrics"]
 
 
 class Detector(Protocol):
@@ -59,6 +60,12 @@ class Protected(nn.Module):
         self.transforms = nn.ModuleList(transforms)
         self.detectors = list(detectors)
         self.train(model.training)  # the pipeline is in the mode of the model it protects
+
+    @property
+    def rejects_inputs(self) -> bool:
+        """True where there is a detector: attacks and the evaluation engine then read
+        :meth:`rejected` (a rejected adversarial example is a defended one)."""
+        return bool(self.detectors)
 
     def reconstruct(self, x: Tensor) -> Tensor:
         for t in self.transforms:
@@ -104,16 +111,21 @@ class Protected(nn.Module):
 
 @dataclass(frozen=True)
 class ProtectionMetrics:
-    """How a pipeline with a reject option fares; every figure is a share of the samples.
+    """How a pipeline with a reject option fares; every figure is a share of all samples.
+
+    A sample is defended when the pipeline gets its clean image right (accepted and
+    classified correctly) and its adversarial image is rejected or still classified
+    correctly; so robust accuracy never exceeds clean accuracy, as without a detector.
+    The evaluation engine (:func:`advkit.evaluate`) counts the same way.
 
     Attributes:
         clean_accuracy: clean inputs accepted and classified correctly (a rejected clean
             input counts as a loss).
         false_rejection: clean inputs rejected.
-        robust_accuracy: adversarial inputs defended: rejected, or accepted and classified
-            correctly. It is ``detected + correct_accepted``.
-        detected: adversarial inputs rejected.
-        correct_accepted: adversarial inputs accepted and still classified correctly.
+        robust_accuracy: defended samples: ``detected + correct_accepted``.
+        detected: samples right when clean whose adversarial input is rejected.
+        correct_accepted: samples right when clean whose adversarial input is accepted
+            and still classified correctly.
         n: the number of samples.
     """
 
@@ -136,10 +148,11 @@ def protection_metrics(pipeline: Protected, x: Tensor, y: Tensor, x_adv: Tensor,
         raise ValueError("no samples to score")
     clean, adv = pipeline.predict(x), pipeline.predict(x_adv)
     y = y.to(clean.device)
-    detected = (adv == REJECT).float().mean().item()
-    correct_accepted = (adv == y).float().mean().item()
+    right = clean == y
+    detected = (right & (adv == REJECT)).float().mean().item()
+    correct_accepted = (right & (adv == y)).float().mean().item()
     return ProtectionMetrics(
-        clean_accuracy=(clean == y).float().mean().item(),
+        clean_accuracy=right.float().mean().item(),
         false_rejection=(clean == REJECT).float().mean().item(),
         robust_accuracy=detected + correct_accepted, detected=detected,
         correct_accepted=correct_accepted, n=n)

@@ -33,6 +33,18 @@ _WHAT = {GRADIENTS: "gradient access (a white-box nn.Module)",
          LABELS: "label-only access (advkit.models.labels_only)"}
 
 
+#: The label a model that rejects inputs (a :class:`~advkit.defenses.Protected` pipeline
+#: with detectors) gives an input it rejects. A rejected adversarial example is a defended
+#: one: no attack counts it as a success.
+REJECT = -1
+
+
+def rejects(model: nn.Module) -> bool:
+    """Whether ``model`` may reject inputs: it says so with ``rejects_inputs`` and gives
+    ``rejected(x)`` (per image, a bool)."""
+    return getattr(model, "rejects_inputs", False) is True
+
+
 class AccessError(PermissionError):
     """An attack asked a model for more than its access level allows."""
 
@@ -87,6 +99,18 @@ class ModelAccess:
         self.queries += x.shape[0]
         with torch.no_grad():
             return self.model(x)
+
+    def labels(self, x: Tensor, scores: Tensor | None = None) -> Tensor:
+        """The model's labels for ``x`` (N,): the top score, or :data:`REJECT` where a model
+        that rejects inputs rejects it (``scores``: the scores at ``x`` if already known)."""
+        if scores is None:
+            scores = self.scores(x)
+        labels = scores.argmax(dim=1)
+        if rejects(self.model):
+            with torch.no_grad():
+                rejected = self.model.rejected(x).to(labels.device)
+            labels = torch.where(rejected, torch.full_like(labels, REJECT), labels)
+        return labels
 
     def __repr__(self) -> str:
         budget = f", budget={self.budget}" if self.budget is not None else ""
@@ -273,11 +297,12 @@ class Oracle:
         return self._checked(self.access.scores(x))
 
     def labels(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
-        """The labels the model predicts at ``x``, one query per image."""
+        """The labels the model predicts at ``x``, one query per image; :data:`REJECT`
+        where a model that rejects inputs (a pipeline with detectors) rejects it."""
         self._charge(x, rows, 1, 0)
         if self.level == LABELS:
-            return self.access.scores(x).argmax(dim=1)
-        return self._checked(self.access.scores(x)).argmax(dim=1)
+            return self.access.labels(x)
+        return self.access.labels(x, self._checked(self.access.scores(x)))
 
     def gradient(self, x: Tensor, objective: Callable[[Tensor], Tensor],
                  rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
