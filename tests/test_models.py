@@ -20,6 +20,7 @@ from torch import nn
 
 from advkit import models
 from advkit.models import ARCHITECTURES, Normalize, fingerprint
+from advkit.models.zoo import AUTOENCODERS, CLASSIFIERS
 
 #: Batch sizes for the forward check: the two CIFAR ResNets are slow on a CPU.
 BATCH = {"preact_resnet18": 2, "wrn_28_10": 1}
@@ -66,8 +67,8 @@ class WritesMarker:
 # ---------------------------------------------------------------- the zoo and Normalize
 
 
-@pytest.mark.parametrize("name", list(ARCHITECTURES))
-def test_every_zoo_architecture_maps_images_of_its_input_shape_to_logits(name):
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_every_zoo_classifier_maps_images_of_its_input_shape_to_logits(name):
     shape = ARCHITECTURES[name].input_shape
     n = BATCH.get(name, 3)
     model = models.create(name)
@@ -77,8 +78,8 @@ def test_every_zoo_architecture_maps_images_of_its_input_shape_to_logits(name):
     assert torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("name", list(ARCHITECTURES))
-def test_every_zoo_architecture_applies_normalize_first_to_the_raw_input(name):
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_every_zoo_classifier_applies_normalize_first_to_the_raw_input(name):
     kwargs = {"depth": 10, "widen": 1} if name == "wrn_28_10" else {}
     model = models.create(name, **kwargs)
     calls: list[tuple[nn.Module, torch.Tensor]] = []
@@ -91,6 +92,21 @@ def test_every_zoo_architecture_applies_normalize_first_to_the_raw_input(name):
     first, seen = calls[0]
     assert isinstance(first, Normalize)
     assert seen is x
+
+
+@pytest.mark.parametrize("name", AUTOENCODERS)
+def test_every_zoo_autoencoder_maps_images_to_images_of_the_same_shape_in_unit_range(name):
+    shape = ARCHITECTURES[name].input_shape
+    model = models.create(name)
+    with torch.no_grad():
+        out = model(images(shape, 3))
+    assert out.shape == (3, *shape)
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_the_zoo_is_classifiers_and_autoencoders():
+    assert sorted(CLASSIFIERS + AUTOENCODERS) == sorted(ARCHITECTURES)
+    assert "magnet_ae" in AUTOENCODERS and "small_cnn" in CLASSIFIERS
 
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))

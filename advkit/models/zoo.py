@@ -1,8 +1,9 @@
-"""The architecture zoo: classifiers that take [0, 1] images and return logits.
+"""The architecture zoo: classifiers that take [0, 1] images and return logits, and
+autoencoders that map [0, 1] images to [0, 1] images (input reconstruction defenses).
 
-Each factory returns a fresh, randomly initialised model whose first layer is a
-:class:`Normalize`. ``ARCHITECTURES`` maps names to factories; ``create(name)``
-builds one.
+Each factory returns a fresh, randomly initialised model; a classifier's first layer is a
+:class:`Normalize`. ``ARCHITECTURES`` maps names to factories (``kind`` says which of the
+two a model is); ``create(name)`` builds one.
 """
 
 from __future__ import annotations
@@ -143,13 +144,34 @@ class WideResNet(nn.Module):
         return self.fc(out)
 
 
+def magnet_ae(channels: int = 1, filters: int = 3) -> nn.Module:
+    """MagNet's MNIST autoencoder (Meng & Chen 2017, table 1, detector I and reformer):
+    conv 3x3xF sigmoid, average pooling 2x2, two conv 3x3xF sigmoid, upsampling 2x2, conv
+    3x3xF sigmoid, conv 3x3xC sigmoid, all "same" padded (F = ``filters``, 3 in the
+    paper). The final sigmoid keeps the output in [0, 1]. Height and width must be even.
+    """
+    return nn.Sequential(
+        nn.Conv2d(channels, filters, 3, padding=1), nn.Sigmoid(), nn.AvgPool2d(2),
+        nn.Conv2d(filters, filters, 3, padding=1), nn.Sigmoid(),
+        nn.Conv2d(filters, filters, 3, padding=1), nn.Sigmoid(),
+        nn.Upsample(scale_factor=2, mode="nearest"),
+        nn.Conv2d(filters, filters, 3, padding=1), nn.Sigmoid(),
+        nn.Conv2d(filters, channels, 3, padding=1), nn.Sigmoid(),
+    )
+
+
 @dataclass(frozen=True)
 class Architecture:
-    """A zoo entry: its factory, the input shape it expects, and what it is for."""
+    """A zoo entry: its factory, the input shape it expects, and what it is for.
+
+    ``kind`` is ``"classifier"`` (images -> logits; the factory takes ``num_classes``) or
+    ``"autoencoder"`` (images -> images of the same shape, in [0, 1]).
+    """
 
     factory: Callable[..., nn.Module]
     input_shape: tuple[int, int, int]
     description: str
+    kind: str = "classifier"
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -161,7 +183,14 @@ ARCHITECTURES: dict[str, Architecture] = {
     "mlp": Architecture(mlp, (1, 28, 28), "ReLU MLP 784-100-100-10 (for verification)"),
     "preact_resnet18": Architecture(PreActResNet18, (3, 32, 32), "PreAct ResNet-18 (CIFAR)"),
     "wrn_28_10": Architecture(WideResNet, (3, 32, 32), "WideResNet-28-10 (CIFAR)"),
+    "magnet_ae": Architecture(magnet_ae, (1, 28, 28),
+                              "MagNet's MNIST denoising autoencoder (images -> images)",
+                              kind="autoencoder"),
 }
+
+#: The zoo's classifiers and autoencoders, by name.
+CLASSIFIERS = [name for name, a in ARCHITECTURES.items() if a.kind == "classifier"]
+AUTOENCODERS = [name for name, a in ARCHITECTURES.items() if a.kind == "autoencoder"]
 
 
 def create(name: str, *, lipschitz: bool = False, **kwargs: object) -> nn.Module:

@@ -29,6 +29,10 @@ class Recipe:
     """
 
     name = "standard"
+    #: A reconstructing recipe trains an autoencoder (images -> images) instead of a
+    #: classifier: the trainer then reports the held-out reconstruction MSE instead of
+    #: accuracies, and :meth:`loss` returns the reconstruction in place of the logits.
+    reconstructs = False
 
     def params(self) -> dict[str, Any]:
         """The recipe's settings as JSON values."""

@@ -32,6 +32,7 @@ from advkit.evaluation.accuracy import accuracy
 from advkit.models import checkpoint, zoo
 from advkit.progress import progress_bar
 from advkit.threat import ThreatModel
+from advkit.training.denoising import reconstruction_mse
 from advkit.training.recipe import Recipe, StopTraining
 from advkit.training.registry import build_recipe
 
@@ -39,6 +40,9 @@ OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine", "step", "onecycle")
 #: fp32, or mixed precision: bf16 autocast (CPU or GPU), fp16 autocast with loss scaling (GPU).
 PRECISIONS = ("fp32", "bf16", "fp16")
+#: The held-out metric in the history (a classifier's accuracy, or a reconstructing
+#: recipe's mean squared error) and its name in the checkpoint's metrics.
+_HELD_OUT = {"val_acc": "clean_accuracy", "val_mse": "reconstruction_mse"}
 
 @dataclass
 class TrainConfig:
@@ -102,11 +106,22 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
     Returns the trained model (eval mode), the path of its advkit checkpoint
     (``out_dir/model.safetensors``) and the per-epoch history. With ``resume``, a run
     interrupted in ``out_dir`` continues after its last finished epoch.
+
+    A reconstructing recipe (``recipe.reconstructs``, e.g. ``denoising``) trains a zoo
+    autoencoder instead of a classifier; its history and metrics hold the held-out
+    reconstruction MSE (``val_mse``, ``reconstruction_mse``) in place of accuracies.
     """
     recipe = recipe or Recipe()
     if recipe.name != config.recipe:
         raise ValueError(f"config.recipe is {config.recipe!r} but the recipe is "
                          f"{recipe.name!r}; set TrainConfig(recipe={recipe.name!r})")
+    kind = zoo.ARCHITECTURES[config.arch].kind
+    if recipe.reconstructs != (kind == "autoencoder"):
+        wanted = zoo.AUTOENCODERS if recipe.reconstructs else zoo.CLASSIFIERS
+        raise ValueError(f"the {recipe.name} recipe trains "
+                         f"{'an autoencoder' if recipe.reconstructs else 'a classifier'} but "
+                         f"{config.arch} is the zoo's {kind} kind: use one of "
+                         f"{', '.join(wanted)} (CLI: --arch)")
     record = config_record(config, recipe)
     if config.precision == "fp16" and torch.device(device).type != "cuda":
         raise ValueError("fp16 mixed precision needs a CUDA device (it relies on loss "
@@ -121,8 +136,10 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
     x_train, y_train = datasets.load(config.dataset, "train", config.train_limit)
     x_val, y_val = datasets.load(config.dataset, "test", config.val_limit)
     channels = x_train.shape[1]
-    kwargs = {"num_classes": datasets.num_classes(config.dataset), "channels": channels,
-              "lipschitz": config.lipschitz, **config.arch_kwargs}
+    classes = {} if recipe.reconstructs else {"num_classes":
+                                              datasets.num_classes(config.dataset)}
+    kwargs = {**classes, "channels": channels, "lipschitz": config.lipschitz,
+              **config.arch_kwargs}
     torch.manual_seed(config.seed)
     model = zoo.create(config.arch, **kwargs).to(device)
     steps_per_epoch = -(-x_train.shape[0] // config.batch_size)
@@ -191,8 +208,11 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
                 scheduler.step()
                 seen += yb.shape[0]
                 loss_sum += loss.item() * yb.shape[0]
-                correct += int((logits.argmax(1) == yb).sum())
-                bar.advance(f"loss {loss_sum / seen:.4f}  acc {correct / seen:.2%}")
+                if recipe.reconstructs:  # the "logits" are the reconstruction
+                    bar.advance(f"loss {loss_sum / seen:.4f}")
+                else:
+                    correct += int((logits.argmax(1) == yb).sum())
+                    bar.advance(f"loss {loss_sum / seen:.4f}  acc {correct / seen:.2%}")
         seen, loss_sum, correct = world.sum(seen, loss_sum, correct)
         model.eval()
         if config.lipschitz:
@@ -202,16 +222,20 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
         except StopTraining as stop:
             stopped, extra = str(stop), {}
             log(stopped)
-        val_acc = accuracy(model, x_val, y_val, device=device)
+        if recipe.reconstructs:
+            val_mse = reconstruction_mse(model, x_val, device=device)
+            held_out, scores = {"val_mse": val_mse}, f"test mse {val_mse:.4g}"
+        else:
+            val_acc = accuracy(model, x_val, y_val, device=device)
+            held_out = {"train_acc": correct / seen, "val_acc": val_acc}
+            scores = f"train acc {correct / seen:.2%}, test acc {val_acc:.2%}"
         elapsed += time.perf_counter() - t0
-        history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": correct / seen,
-                        "val_acc": val_acc, **extra, "seconds": elapsed})
-        log(f"epoch {epoch + 1}/{config.epochs}: loss {loss_sum / seen:.4f}, "
-            f"train acc {correct / seen:.2%}, test acc {val_acc:.2%}"
+        history.append({"epoch": epoch + 1, "loss": loss_sum / seen, **held_out, **extra,
+                        "seconds": elapsed})
+        log(f"epoch {epoch + 1}/{config.epochs}: loss {loss_sum / seen:.4f}, {scores}"
             + "".join(f", {k.replace('_', ' ')} {v:.2%}" for k, v in extra.items())
             + f" ({elapsed:.0f} s)")
-        metrics = {"clean_accuracy": val_acc, "val_samples": int(x_val.shape[0]), **extra,
-                   "torch_threads": torch.get_num_threads()}
+        metrics = _metrics(history[-1], int(x_val.shape[0]))
         # One process records its RNG state as it is, several record theirs in rank order.
         rng = world.gather(torch.get_rng_state()) if world.on else torch.get_rng_state()
         if not world.main:
@@ -235,16 +259,22 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
         # The state file is the run's record; a checkpoint that does not hold its weights
         # (truncated, overwritten) is written again from it rather than trusted.
         log(f"{ckpt} does not hold the run's weights; writing it again from {state_path.name}")
-        last = history[-1]
-        metrics = {"clean_accuracy": last["val_acc"], "val_samples": int(x_val.shape[0]),
-                   **{k: v for k, v in last.items()
-                      if k not in ("epoch", "loss", "train_acc", "val_acc", "seconds")},
-                   "torch_threads": torch.get_num_threads()}
+        metrics = _metrics(history[-1], int(x_val.shape[0]))
         checkpoint.save(model, ckpt, architecture=config.arch, arch_kwargs=kwargs,
                         dataset=config.dataset, recipe=config.recipe, config=record,
                         metrics=metrics, history=history, seconds=elapsed,
                         **({"stopped": stopped} if stopped else {}))
     return TrainResult(model=model, checkpoint=ckpt, history=history, seconds=elapsed)
+
+
+def _metrics(last: dict[str, float], val_samples: int) -> dict[str, Any]:
+    """The checkpoint's metrics from an epoch's history row: its held-out metric (clean
+    accuracy, or reconstruction MSE), the number of held-out images, the recipe's extras."""
+    key = next(k for k in _HELD_OUT if k in last)
+    return {_HELD_OUT[key]: last[key], "val_samples": val_samples,
+            **{k: v for k, v in last.items()
+               if k not in ("epoch", "loss", "train_acc", key, "seconds")},
+            "torch_threads": torch.get_num_threads()}
 
 
 def _holds(path: Path, model: nn.Module) -> bool:
