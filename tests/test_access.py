@@ -34,6 +34,7 @@ CONFIGS = {
     "hotcold": ("l2", float("inf"), {"hot": 2}),
     "featureadversary": ("linf", 0.1, {"steps": 3, "layer": 1}),
     "universalperturbation": ("linf", 0.1, {"max_epochs": 1, "batch_size": 4}),
+    "orthogonalpgd": ("linf", 0.1, {"steps": 3}),
 }
 
 

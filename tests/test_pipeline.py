@@ -132,12 +132,12 @@ def test_an_attack_never_counts_a_rejected_input_as_a_success():
         def flag(self, x: Tensor) -> Tensor:
             return x.flatten(1)[:, 0] > 0.45
 
-    pipe = Protected(FirstPixel(), detectors=[FirstPixelHigh()])
+    pipe = Protected(FirstPixel().eval(), detectors=[FirstPixelHigh()])
     x = images([0.2, 0.3], [0.0, 0.0])
     y = torch.tensor([0, 0])
     result = PGD(ThreatModel("linf", 0.5), steps=10)(pipe, x, y)
     assert (result.x_adv.flatten(1)[:, 0] > 0.5).all()  # the classifier alone is fooled
     assert result.predictions.tolist() == [REJECT, REJECT]
     assert not result.success.any()
-    bare = PGD(ThreatModel("linf", 0.5), steps=10)(FirstPixel(), x, y)
+    bare = PGD(ThreatModel("linf", 0.5), steps=10)(FirstPixel().eval(), x, y)
     assert bare.success.all()

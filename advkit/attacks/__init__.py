@@ -16,6 +16,7 @@ from advkit.attacks.fgsm import FGSM
 from advkit.attacks.hot_cold import HotCold
 from advkit.attacks.jsma import JSMA
 from advkit.attacks.mifgsm import MIFGSM
+from advkit.attacks.orthogonal_pgd import OrthogonalPGD
 from advkit.attacks.pgd import PGD
 from advkit.attacks.square import Square
 from advkit.attacks.universal import UniversalPerturbation
@@ -23,7 +24,8 @@ from advkit.attacks.universal import UniversalPerturbation
 REGISTRY: dict[str, type[Attack]] = {
     cls.name.lower(): cls for cls in (FGSM, BIM, ILLC, PGD, MIFGSM, APGD, APGDT, Square,
                                       DeepFool, FAB, CarliniWagnerL2, CarliniWagnerLinf, EAD,
-                                      JSMA, HotCold, FeatureAdversary, UniversalPerturbation)
+                                      JSMA, HotCold, FeatureAdversary, UniversalPerturbation,
+                                      OrthogonalPGD)
 }
 
 
@@ -38,4 +40,4 @@ def get(name: str) -> type[Attack]:
 __all__ = ["Attack", "AttackResult", "Taxonomy", "REGISTRY", "get",
            "FGSM", "BIM", "ILLC", "PGD", "MIFGSM", "APGD", "APGDT", "Square", "JSMA", "HotCold",
            "FeatureAdversary", "UniversalPerturbation", "DeepFool", "FAB",
-           "CarliniWagnerL2", "CarliniWagnerLinf", "EAD"]
+           "CarliniWagnerL2", "CarliniWagnerLinf", "EAD", "OrthogonalPGD"]

@@ -231,6 +231,10 @@ class Attack(ABC):
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
     kind: ClassVar[str] = "budgeted"   # or "minimal"
     targeted_only: ClassVar[bool] = False
+    #: Whether the attack optimises against a pipeline's detectors too (an adaptive attack
+    #: on a reactive defense); the evaluation engine checks that a suite run on a
+    #: pipeline with detectors has one.
+    evades_detectors: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)

@@ -40,7 +40,7 @@ from advkit.evaluation import DEFAULT_STORE, accuracy, curve_rows, curves, run_a
 
 #: What a suite run records and ``--resume`` takes from the run instead of the command line.
 _RUN_SETTINGS = ("model", "attack_names", "norm", "eps", "seed", "dataset", "limit",
-                 "batch_size", "suite", "checks", "check_samples")
+                 "batch_size", "suite", "checks", "check_samples", "pipeline")
 
 
 def evaluate(
@@ -69,6 +69,10 @@ def evaluate(
         help="continue the interrupted suite run RUN (see `advkit runs`)")] = None,
     checks: Annotated[bool, typer.Option(help="suite runs: gradient-masking checks")] = True,
     check_samples: Annotated[int, typer.Option(help="images the checks attack")] = 100,
+    pipeline: Annotated[Path | None, typer.Option(
+        help="evaluate the model behind the transforms and detectors of this pipeline file "
+             "(.toml/.json; see advkit.defenses.spec): detectors are fitted on training "
+             "images first; use --suite adaptive")] = None,
     trust: TrustOpt = False,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
@@ -94,7 +98,7 @@ def evaluate(
                         eps=eps[0] if eps else 0.3, dataset=dataset, limit=limit,
                         batch_size=batch_size, seed=seed, store=store, resume=resume,
                         checks=checks, check_samples=check_samples, trust=trust,
-                        device=device, as_json=as_json)
+                        device=device, as_json=as_json, pipeline=pipeline)
         return
     attack_names = attack_names or ["pgd"]
     eps_list = eps or [0.3]
@@ -103,8 +107,18 @@ def evaluate(
                                 n_queries=n_queries, seed=seed)
         device = resolve_device(device)
         net, x, y = load_model_and_data(model, dataset, "test", limit, trust, device)
+        attacked = net
+        if pipeline is not None:
+            net = protect(net, pipeline, dataset, norm, eps_list[0], device,
+                          log=(lambda _: None) if as_json else console.print)
+            attacked = net.for_attack()  # BPDA through the transforms; same predictions
+            if net.rejects_inputs and not any(a.evades_detectors for a in attacks):
+                console.print("[bold yellow]warning:[/] no attack evades the pipeline's "
+                              "detectors (use --attack orthogonalpgd, or --suite adaptive): "
+                              "these robust accuracies are upper bounds that can be far too "
+                              "high")
         clean = accuracy(net, x, y, device=device)
-        results = [run_attack(a, net, x, y, batch_size=batch_size, progress=not as_json)
+        results = [run_attack(a, attacked, x, y, batch_size=batch_size, progress=not as_json)
                    for a in attacks]
     except (ValueError, FileNotFoundError, TypeError) as err:
         raise fail(str(err)) from err
@@ -152,9 +166,24 @@ def _write_report(path: Path, net, x, results, rows, curve_points, provenance, d
                       notes=["Success is re-checked with a fresh forward pass after every attack."])
 
 
+def protect(net, pipeline: Path | dict, dataset: str, norm: str, eps: float, device,
+            log) -> object:
+    """``net`` behind the pipeline of a file (or of a recorded spec), its detectors fitted
+    on the first training images of ``dataset``."""
+    from advkit import data
+    from advkit.defenses.spec import PipelineSpec, build_pipeline, load_spec
+
+    spec = PipelineSpec.from_dict(pipeline) if isinstance(pipeline, dict) else \
+        load_spec(pipeline)
+    x_fit, y_fit = data.load(dataset, split="train", limit=spec.fit_images)
+    return build_pipeline(spec, net, x_fit.to(device), y_fit.to(device), eps=eps, norm=norm,
+                          log=log)
+
+
 def evaluate_suite(*, model: str, suite: str, norm: str, eps: float, dataset: str, limit: int,
                    batch_size: int, seed: int, store: Path, resume: int | None, checks: bool,
-                   check_samples: int, trust: bool, device: str, quiet: bool, log) -> dict:
+                   check_samples: int, trust: bool, device: str, quiet: bool, log,
+                   pipeline: Path | None = None) -> dict:
     """Run (or resume) one suite evaluation; return its JSON summary."""
     from advkit import data, models
     from advkit.evaluation import Store
@@ -169,6 +198,7 @@ def evaluate_suite(*, model: str, suite: str, norm: str, eps: float, dataset: st
             raise ValueError(f"run {resume} was made from Python, not the command line: resume "
                              "it with advkit.evaluate(..., resume=RUN)")
         model, dataset = config["model"]["spec"], config["data"]["dataset"]
+        pipeline_spec = config["model"].get("pipeline")
         limit, split = config["data"]["limit"], config["data"]["split"]
         threat = ThreatModel(config["threat"]["norm"], config["threat"]["eps"],
                              tuple(config["threat"]["bounds"]))
@@ -177,11 +207,17 @@ def evaluate_suite(*, model: str, suite: str, norm: str, eps: float, dataset: st
         checks, check_samples = config["checks"], config["check_samples"]
     else:
         threat, split, suite_arg = ThreatModel(norm, eps), "test", suite
+        pipeline_spec = None
+        if pipeline is not None:
+            from advkit.defenses.spec import load_spec
+            pipeline_spec = load_spec(pipeline).to_dict()
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         import torch
         torch.cuda.set_device(device)
     net = models.load(model, trust=trust, map_location=device)
+    if pipeline_spec is not None:
+        net = protect(net, pipeline_spec, dataset, threat.norm, threat.eps, device, log)
     x, y = data.load(dataset, split=split, limit=limit)
     if isinstance(suite_arg, dict):
         from advkit.evaluation import Suite
@@ -189,7 +225,8 @@ def evaluate_suite(*, model: str, suite: str, norm: str, eps: float, dataset: st
     report = evaluate_model(net, x, y, threat, suite_arg, seed=seed, batch_size=batch_size,
                             store=store, resume=resume, checks=checks,
                             check_samples=check_samples, device=device, progress=not quiet,
-                            log=log, describe_model={"spec": model},
+                            log=log, describe_model={"spec": model, **(
+                                {"pipeline": pipeline_spec} if pipeline_spec else {})},
                             describe_data={"dataset": dataset, "split": split, "limit": limit})
     return {**report.summary(), "store": str(store), "chunks_run": report.chunks_run,
             "stages": report.stages, "checks": [c.to_dict() for c in report.checks]}
@@ -214,6 +251,13 @@ def print_report_tables(summary: dict) -> None:
     for c in summary["checks"]:
         checks.add_row(c["name"], f"[{colour[c['status']]}]{c['status']}[/]", c["message"])
     out.print(checks)
+    rejection = summary.get("rejection")
+    if rejection:
+        parts = [f"false rejection {rejection['false_rejection']:.1%} of clean images"]
+        if rejection["detected"] is not None:
+            parts.append(f"robust = detected {rejection['detected']:.1%} + correct and "
+                         f"accepted {rejection['correct_accepted']:.1%}")
+        out.print("pipeline: " + "; ".join(parts))
     out.print(f"robust accuracy {summary['robust_accuracy']:.1%}"
               + ("" if summary["reliable"] else " (UNRELIABLE)") + f" - stored as run "
               f"{summary['run']} in {summary['store']}")

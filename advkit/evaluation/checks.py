@@ -190,3 +190,42 @@ def eps_behaviour(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, s
         checks.append(Check("restarts", "pass", f"Two random restarts agree on "
                             f"{1 - disagree:.0%} of the images.", details))
     return checks
+
+
+def reactive_components(model: nn.Module) -> tuple[list, list]:
+    """The transforms and detectors of a protected pipeline (empty lists for a plain model)."""
+    return list(getattr(model, "transforms", ()) or ()), list(getattr(model, "detectors", ())
+                                                              or ())
+
+
+def adaptive_attacks(model: nn.Module, suite: Suite) -> Check | None:
+    """Does the suite attack a reactive defense the way an adaptive attacker would?
+
+    A pipeline's detectors need an attack that evades them while it misclassifies (a
+    stage whose attack ``evades_detectors``); a transform that is random needs expectation
+    over transformation (a stage with ``eot > 1``). Transforms are always differentiated
+    through their declared approximation (BPDA): the engine attacks ``for_attack()``.
+    None for a model with no reactive component (nothing to check).
+    """
+    transforms, detectors = reactive_components(model)
+    if not transforms and not detectors:
+        return None
+    missing = []
+    if detectors and not any(s.attack_class.evades_detectors for s in suite.stages):
+        names = ", ".join(type(d).__name__ for d in detectors)
+        missing.append(f"no stage evades the detectors ({names}): a non-adaptive attack "
+                       "is flagged, an attacker who knows the detector is not")
+    random = [type(t).__name__ for t in transforms
+              if getattr(getattr(t, "adaptive", None), "kind", None) == "eot"]
+    if random and max(s.eot for s in suite.stages) == 1:
+        missing.append(f"the transforms {', '.join(random)} are random and no stage uses "
+                       "expectation over transformation (eot > 1)")
+    if missing:
+        return Check("adaptive", "fail",
+                     "The suite is not adaptive to this pipeline: " + "; ".join(missing)
+                     + ". Its robust accuracy is an upper bound that can be far too high "
+                     "(Carlini & Wagner 2017; Athalye et al. 2018; Tramer et al. 2020). "
+                     "Evaluate with suite='adaptive'.", {"missing": missing})
+    return Check("adaptive", "pass", "Every reactive component of the pipeline meets an "
+                 "attack adapted to it (detector-aware stages, BPDA through the transforms"
+                 + (", EOT over random transforms" if random else "") + ").")

@@ -29,6 +29,7 @@ from advkit.environment import describe
 from advkit.evaluation import checks as checks_lib
 from advkit.evaluation.store import ChunkRecord, Outcome, Store
 from advkit.evaluation.suites import Suite, get_suite
+from advkit.models.access import REJECT, rejects
 from advkit.progress import progress_bar
 from advkit.threat import ThreatModel
 
@@ -44,6 +45,13 @@ class ExpectedLogits(nn.Module):
         self.model = model
         self.draws = draws
         self.train(model.training)
+
+    @property
+    def rejects_inputs(self) -> bool:
+        return rejects(self.model)
+
+    def rejected(self, x: Tensor) -> Tensor:
+        return self.model.rejected(x)
 
     def forward(self, x: Tensor) -> Tensor:
         total = self.model(x)
@@ -82,6 +90,13 @@ class EvaluationReport:
             accuracy will lie (every unknown image broken, or none). While any image is
             unknown, ``robust_accuracy`` is None (likewise ``clean_accuracy`` before the
             clean pass is complete); the model's robust accuracy is at most the upper bound.
+        rejection: for a pipeline with detectors (a model that rejects inputs), shares of
+            all samples: ``false_rejection`` (clean images rejected, counted as clean
+            errors), ``detected`` (robust samples whose last attack's adversarial image was
+            rejected) and ``correct_accepted`` (robust samples whose last adversarial image
+            was accepted and classified correctly); the two add up to the robust accuracy
+            (as in :func:`advkit.defenses.protection_metrics`). None for other models; the
+            two parts are None until the run is finished.
     """
 
     run_id: int
@@ -104,6 +119,7 @@ class EvaluationReport:
     status: str = "done"
     unknown: int = 0
     robust_accuracy_bounds: tuple[float, float] | None = None
+    rejection: dict | None = None
 
     @property
     def finished(self) -> bool:
@@ -120,7 +136,8 @@ class EvaluationReport:
                 "norm": self.threat.norm, "eps": self.threat.eps, "n": self.n,
                 "clean_accuracy": self.clean_accuracy, "robust_accuracy": self.robust_accuracy,
                 "robust_accuracy_bounds": list(bounds), "unknown": self.unknown,
-                "reliable": self.reliable, "seconds": self.seconds}
+                "reliable": self.reliable, "seconds": self.seconds,
+                **({"rejection": self.rejection} if self.rejection is not None else {})}
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -175,7 +192,7 @@ def evaluate(
     """
     start = time.perf_counter()
     log = log or (lambda _: None)
-    suite = get_suite(suite).for_norm(threat.norm)
+    suite = get_suite(suite, model).for_norm(threat.norm)
     suite.check(_stage_threat(threat, suite))  # bad option values: an error before any work
     x, y, _ = check_inputs(model, x, y, None, threat)
     if batch_size < 1:
@@ -189,6 +206,10 @@ def evaluate(
         device = param.device if param is not None else torch.device("cpu")
     device = torch.device(device)
     _probe(model, x, y, device)
+    adaptive = checks_lib.adaptive_attacks(model, suite)
+    if adaptive is not None and adaptive.status == "fail":
+        warnings.warn(adaptive.message, stacklevel=2)
+        log(f"warning: {adaptive.message}")
     world = World.join(device)
     from advkit.models import fingerprint
     config = {
@@ -199,6 +220,8 @@ def evaluate(
         "checks": checks, "check_samples": check_samples,
         "model": describe_model or {}, "data": describe_data or {},
     }
+    if rejects(model):
+        config["rejects"] = True  # clean and adversarial predictions may be REJECT
     owned = not isinstance(store, Store)
     if resume is not None and owned and (store is None or not Path(store).exists()):
         raise FileNotFoundError(f"cannot resume run {resume}: no store at {store}")
@@ -208,6 +231,10 @@ def evaluate(
                                                           else ":memory:")
     try:
         run_id = world.from_root(lambda: _open_run(db, resume, config, device))
+        if adaptive is not None and db is not None:
+            # Recorded before any attack: even an unfinished run says it is not adaptive.
+            db.set_check(run_id, adaptive.name, adaptive.status, adaptive.message,
+                         adaptive.details)
         engine = _Engine(model, x, y, threat, suite, config, db, run_id, world, device, progress,
                          log)
         with eval_mode(model):
@@ -319,13 +346,17 @@ class _Engine:
         if stage == 0:
             with torch.no_grad():
                 probs = self.model(xc).softmax(1)
-            conf, pred = probs.max(1)
+                conf, pred = probs.max(1)
+                if rejects(self.model):
+                    pred = torch.where(self.model.rejected(xc).to(pred.device),
+                                       torch.full_like(pred, REJECT), pred)
             rows = [(i, int(lbl), int(p), float(c)) for i, lbl, p, c in
                     zip(idx, yc.tolist(), pred.tolist(), conf.tolist(), strict=True)]
             return (ChunkRecord(0, chunk, len(idx), len(idx), 0, time.perf_counter() - t0), rows,
                     [])
         spec = self.suite.stages[stage - 1]
-        model = self.model if spec.eot == 1 else ExpectedLogits(self.model, spec.eot)
+        attacked = self._attacked()
+        model = attacked if spec.eot == 1 else ExpectedLogits(attacked, spec.eot)
         attack = spec.build(_stage_threat(self.threat, self.suite),
                             _chunk_seed(self.config["seed"], stage, chunk))
         result = attack(model, xc, yc)
@@ -354,6 +385,13 @@ class _Engine:
                              result.backward_passes * spec.eot, time.perf_counter() - t0)
         return record, outcomes, images
 
+    def _attacked(self) -> nn.Module:
+        """The model as attacks and checks differentiate it: a pipeline through its
+        transforms' declared approximations (BPDA); the forward pass, and so every
+        prediction, is unchanged."""
+        for_attack = getattr(self.model, "for_attack", None)
+        return for_attack() if callable(for_attack) else self.model
+
     def _commit(self, stage: int, rec) -> None:
         record, rows, images = rec
         if stage == 0:
@@ -380,7 +418,7 @@ class _Engine:
             return
         xs, ys = self.x[pick].to(self.device), self.y[pick].to(self.device)
         eot = max(s.eot for s in self.suite.stages)
-        model = self.model if eot == 1 else ExpectedLogits(self.model, eot)
+        model = self._attacked() if eot == 1 else ExpectedLogits(self._attacked(), eot)
         if "randomness" not in done:
             yield checks_lib.forward_randomness(self.model, xs, self.suite)
         if "logits" not in done:
@@ -430,8 +468,17 @@ def read_report(db: Store, run_id: int, finish: bool = False) -> EvaluationRepor
     if status == "done" and unknown:   # a store marked done by mistake: say what it holds
         status = "unfinished"
     attacked: dict[int, set[int]] = {}
+    last_prediction: dict[int, int] = {}  # outcomes come in stage order: the last stage's
     for stage, o in db.outcomes(run_id):
         attacked.setdefault(stage, set()).add(o.idx)
+        last_prediction[o.idx] = o.prediction
+    rejection = None
+    if config.get("rejects"):
+        standing = [r["idx"] for r in rows if r["status"] == "robust"]
+        detected = sum(last_prediction.get(i) == REJECT for i in standing)
+        rejection = {"false_rejection": sum(r["clean_pred"] == REJECT for r in labelled) / n,
+                     "detected": None if unknown else detected / n,
+                     "correct_accepted": None if unknown else (len(standing) - detected) / n}
     chunk_rows = db.chunks(run_id)
     stages = []
     names = [s.name for s in suite.stages]
@@ -479,7 +526,7 @@ def read_report(db: Store, run_id: int, finish: bool = False) -> EvaluationRepor
         curves=_curves(rows, suite, threat, clean, bounds[1], checks, status == "done"),
         seconds=sum(c.seconds for c in chunk_rows), config=config,
         environment=run["environment"], status=status, unknown=unknown,
-        robust_accuracy_bounds=bounds)
+        robust_accuracy_bounds=bounds, rejection=rejection)
     if finish and run["status"] != "done":
         db.finish_run(run_id, report.summary())
     return report

@@ -198,6 +198,44 @@ SUITES: dict[str, Suite] = {
 }
 
 
+#: Stages of the adaptive suite against a pipeline's detectors (Bryniarski et al. 2022's
+#: orthogonal and selective PGD, C&W 2017's combined loss). No one variant wins on every
+#: detector (measured on the MNIST test model: the combined loss on Mahalanobis, selective
+#: steps with a logit margin on feature squeezing and LID), so the suite runs them all and
+#: keeps each image's worst case.
+_DETECTOR_STAGES = (
+    Stage("opgd-combined", "orthogonalpgd", {"steps": 100, "mode": "combined"}),
+    Stage("opgd-orthogonal", "orthogonalpgd", {"steps": 100, "mode": "orthogonal"}),
+    Stage("opgd-selective-k5", "orthogonalpgd", {"steps": 100, "mode": "selective",
+                                                  "confidence": 5.0}),
+    Stage("opgd-orthogonal-k5", "orthogonalpgd", {"steps": 100, "mode": "orthogonal",
+                                                   "confidence": 5.0}),
+)
+#: Draws per gradient for a pipeline with random transforms (AutoAttack's rand version).
+ADAPTIVE_EOT = 20
+
+
+def adaptive_suite(model: object) -> Suite:
+    """The attacks a pipeline's declared components call for (``suite="adaptive"``).
+
+    Every stage attacks the pipeline through its transforms' declared approximations
+    (BPDA; the engine attacks ``model.for_attack()``), with expectation over
+    transformation (``eot`` draws) where a transform is random: APGD-CE and APGD-DLR,
+    then, where the pipeline has detectors, the detector-aware stages (orthogonal,
+    selective and combined-loss PGD). On a plain model it is APGD-CE and APGD-DLR.
+    """
+    transforms = list(getattr(model, "transforms", ()) or ())
+    detectors = list(getattr(model, "detectors", ()) or ())
+    random = any(getattr(getattr(t, "adaptive", None), "kind", None) == "eot"
+                 for t in transforms)
+    eot = ADAPTIVE_EOT if random else 1
+    stages = [Stage("apgd-ce", "apgd", {"steps": 100, "loss": "ce"}, eot=eot),
+              Stage("apgd-dlr", "apgd", {"steps": 100, "loss": "dlr"}, eot=eot)]
+    if detectors:
+        stages += [Stage(s.name, s.attack, dict(s.params), eot=eot) for s in _DETECTOR_STAGES]
+    return Suite("adaptive", tuple(stages))
+
+
 def parse_suite(spec: str) -> Suite:
     """A suite written inline: stages joined by ``+``, each ``attack`` or
     ``attack:option=value,option=value`` (values read as JSON where they parse, else as
@@ -223,12 +261,15 @@ def parse_suite(spec: str) -> Suite:
     return Suite("custom", tuple(stages))
 
 
-def get_suite(name_or_path: str | Path | Suite) -> Suite:
+def get_suite(name_or_path: str | Path | Suite, model: object = None) -> Suite:
     """A built-in suite by name, a suite file (.toml, .json, .yaml/.yml), or an inline
-    suite (see :func:`parse_suite`)."""
+    suite (see :func:`parse_suite`). ``"adaptive"`` is composed for ``model`` (see
+    :func:`adaptive_suite`)."""
     if isinstance(name_or_path, Suite):
         return name_or_path
     key = str(name_or_path)
+    if key == "adaptive":
+        return adaptive_suite(model)
     if key in SUITES:
         return SUITES[key]
     if not isinstance(name_or_path, Path) and ("+" in key or ":" in key or key.lower().replace(
@@ -236,7 +277,7 @@ def get_suite(name_or_path: str | Path | Suite) -> Suite:
         return parse_suite(key)
     path = Path(key)
     if not path.suffix:
-        raise ValueError(f"unknown suite {key!r}: use one of {', '.join(SUITES)}, a "
+        raise ValueError(f"unknown suite {key!r}: use one of {', '.join(SUITES)}, adaptive, a "
                          ".toml / .yaml / .json file, or attacks joined by + "
                          "(apgd:steps=50+square)")
     if not path.is_file():

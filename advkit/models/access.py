@@ -19,7 +19,7 @@ per-sample ``budget``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
@@ -317,6 +317,34 @@ class Oracle:
             logits = self._checked(self.access.module(x))
             (grad,) = torch.autograd.grad(objective(logits).sum(), x)
         return logits.detach(), grad
+
+    def gradients(self, x: Tensor,
+                  objectives: Callable[[Tensor, Tensor], Sequence[Tensor]],
+                  rows: Tensor | None = None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Logits at ``x`` and k per-sample objectives with their input gradients.
+
+        ``objectives(logits, x)`` returns k tensors (n,); each may read, besides the
+        logits, anything the model computes from ``x`` (a pipeline's detector scores: see
+        :meth:`advkit.defenses.detectors.Detector.attack_score`). Returns the logits, the
+        objectives' values and their gradients (zero where one does not depend on ``x``).
+        Costs one forward and k backward passes per image: the model, with whatever the
+        objectives run on the same input, is one query.
+        """
+        self._need(GRADIENTS, "gradients")
+        self.access.queries += x.shape[0]
+        xg = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self._checked(self.access.module(xg))
+            values = list(objectives(logits, xg))
+            self._charge(x, rows, 1, len(values))
+            grads = []
+            for j, value in enumerate(values):
+                grad = None
+                if value.requires_grad:
+                    (grad,) = torch.autograd.grad(value.sum(), xg, retain_graph=j < len(values) - 1,
+                                                  allow_unused=True)
+                grads.append(grad if grad is not None else torch.zeros_like(xg))
+        return logits.detach(), [v.detach() for v in values], grads
 
     def jacobian(self, x: Tensor, coefficients: Tensor | Callable[[Tensor], Tensor],
                  rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:

@@ -8,10 +8,13 @@ from pathlib import Path
 
 import torch
 
+from advkit.models.access import REJECT
 from advkit.report.html import GalleryItem, write_html_report, write_json_report
 
 
 def _class_name(names: list[str] | None, index: int) -> str:
+    if index == REJECT:
+        return "rejected"
     return names[index] if names and 0 <= index < len(names) else str(index)
 
 
@@ -75,6 +78,14 @@ def write_run_report(store: str | Path, run_id: int, out: str | Path) -> tuple[P
     if not report.finished:
         low, high = report.robust_accuracy_bounds
         summary.update(robust_acc_at_least=low, robust_acc_at_most=high, unknown=report.unknown)
+    if report.rejection is not None:
+        # A pipeline with detectors: robust accuracy splits into its two parts.
+        summary.update(false_rejection=report.rejection["false_rejection"],
+                       robust_detected=report.rejection["detected"],
+                       robust_correct_accepted=report.rejection["correct_accepted"])
+        notes.append("The model is a pipeline with detectors: a rejected clean image counts "
+                     "as a clean error; an adversarial image counts as defended if it is "
+                     "rejected (detected) or accepted and still classified correctly.")
     summary.update(reliable="yes" if report.reliable else
                    "NO (see checks)" if failed else "NO (unfinished)", seconds=report.seconds)
     stages = [{"stage": s["stage"], "attack": s["attack"], "attacked": s["attacked"],
