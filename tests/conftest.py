@@ -55,3 +55,43 @@ def mnist_test() -> tuple[torch.Tensor, torch.Tensor]:
     from advkit import data
 
     return data.load("mnist", split="test")
+
+
+@pytest.fixture(scope="session")
+def mnist_detection_split(mnist_model, mnist_test) -> tuple[torch.Tensor, ...]:
+    """What detectors fit on and are tested with (see ``detection.pgd_split``): clean fit
+    images and labels, PGD images to fit on, clean and PGD test images."""
+    from detection import one_thread, pgd_split
+
+    with one_thread():
+        return pgd_split(mnist_model, *mnist_test)
+
+
+#: The test autoencoder's training (MagNet's magnet_ae, the denoising recipe): every setting
+#: is named, so that a changed default elsewhere never resumes a cached run with another.
+AUTOENCODER = {"train_limit": 20000, "epochs": 3, "batch_size": 32, "lr": 0.03, "noise": 0.1,
+               "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def mnist_autoencoder_run():
+    """MagNet's autoencoder trained by the trainer on the first 20,000 MNIST training images
+    (about 17 s on one CPU thread), cached beside the test model: a finished run in its
+    folder is loaded, not repeated. Returns the trainer's TrainResult."""
+    import hashlib
+    import json
+
+    from detection import one_thread
+
+    from advkit.defenses.magnet import train_autoencoder
+
+    key = hashlib.sha256(json.dumps(AUTOENCODER, sort_keys=True).encode()).hexdigest()[:8]
+    with one_thread():
+        return train_autoencoder("mnist", TEST_CACHE / "runs" / f"magnet_ae-mnist-{key}",
+                                 **AUTOENCODER, progress=False, log=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def mnist_autoencoder(mnist_autoencoder_run) -> torch.nn.Module:
+    """The cached test autoencoder (magnet_ae on MNIST), in eval mode."""
+    return mnist_autoencoder_run.model

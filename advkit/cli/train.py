@@ -41,7 +41,9 @@ def train_cmd(
     seed: Annotated[int, typer.Option()] = 0,
     train_limit: Annotated[int | None, typer.Option(help="first N training images")] = None,
     defense: Annotated[str, typer.Option(
-        help="standard, pgd, fgsm_rs, trades, mart, distillation, noise")] = "standard",
+        help="standard, pgd, fgsm_rs, trades, mart, distillation, noise; or denoising: "
+             "MagNet's denoising autoencoder for advkit.defenses.magnet (its reformer and "
+             "detector); it defaults to --arch magnet_ae --lr 0.03 --batch-size 32")] = "standard",
     preset: Annotated[str | None, typer.Option(
         help="shipped recipe settings: mnist (Linf 0.3) or fashion-mnist (Linf 0.1); "
              "explicit options override them")] = None,
@@ -54,6 +56,8 @@ def train_cmd(
     lam: Annotated[float | None, typer.Option(help="MART lambda")] = None,
     temperature: Annotated[float | None, typer.Option(help="distillation T")] = None,
     sigma: Annotated[float | None, typer.Option(help="noise std")] = None,
+    noise: Annotated[float | None, typer.Option(
+        help="denoising: std of the noise added to training images [default: 0.1]")] = None,
     lipschitz: Annotated[bool | None, typer.Option(
         "--lipschitz/--no-lipschitz", help="spectrally normalised layers")] = None,
     precision: Annotated[str | None, typer.Option(
@@ -77,15 +81,16 @@ def train_cmd(
     `--preset mnist` (or fashion-mnist) trains the recipe measured in
     benchmarks/RESULTS.md: `advkit train --defense pgd --preset mnist`."""
     from advkit.models import model_dir, trained_path
-    from advkit.training import resolve, train_defense
+    from advkit.training import RECIPES, resolve, train_defense
     log = (lambda _: None) if as_json else console.print
+    reconstructs = defense in RECIPES and RECIPES[defense].reconstructs
     given = {"arch": arch, "dataset": dataset, "epochs": epochs, "batch_size": batch_size,
              "lr": lr, "optimizer": optimizer, "schedule": schedule,
              "weight_decay": weight_decay, "seed": seed, "train_limit": train_limit,
              "lipschitz": lipschitz, "precision": precision, "norm": norm, "eps": eps,
              "steps": attack_steps,
              "warmup_epochs": warmup_epochs, "beta": beta, "lam": lam,
-             "temperature": temperature, "sigma": sigma}
+             "temperature": temperature, "sigma": sigma, "noise": noise}
     try:
         settings = resolve(defense, preset, given)
         arch, dataset = settings["arch"], settings["dataset"]
@@ -109,7 +114,10 @@ def train_cmd(
     atomic_write(installed, data)
     summary = {"checkpoint": str(result.checkpoint), "installed": str(installed),
                "history": result.history, "seconds": result.seconds}
-    if card:
+    if card and reconstructs:
+        log("no model card: the card evaluates a classifier's robustness, and this model is "
+            "an autoencoder (advkit.defenses.magnet.Reformer / MagNetDetector take it)")
+    elif card:
         try:
             summary["card"] = _model_card(result, installed, dataset, norm, eps, card_suite,
                                           card_limit, store, resolve_device(device), as_json, log)
@@ -120,7 +128,7 @@ def train_cmd(
     else:
         print_rows(result.history, f"{arch} on {dataset}")
         out.print(f"checkpoint: {result.checkpoint}\ninstalled as: {installed}")
-        if card:
+        if "card" in summary:
             ev = summary["card"]["evaluation"]
             out.print(f"model card: {card_path(installed)} ({ev['suite']} suite, {ev['norm']} "
                       f"eps={ev['eps']:g}: clean {ev['clean_accuracy']:.1%}, robust "

@@ -15,6 +15,11 @@ from typing import Any
 #: Defaults of ``advkit train`` where neither a preset nor an option says otherwise.
 TRAIN_DEFAULTS: dict[str, Any] = {"arch": "small_cnn", "dataset": "mnist", "epochs": 3,
                                   "batch_size": 128, "lr": 1e-3, "norm": "linf", "eps": 0.3}
+#: Over :data:`TRAIN_DEFAULTS` for a recipe that trains an autoencoder (``denoising``):
+#: MagNet's autoencoder, with the high peak learning rate and small batches that get its
+#: sigmoid layers off their initial plateau (measured on all of MNIST, 3 epochs: held-out
+#: MSE 0.10, a blur, with the classifier defaults; 0.0012 with these).
+AUTOENCODER_DEFAULTS: dict[str, Any] = {"arch": "magnet_ae", "batch_size": 32, "lr": 0.03}
 
 
 @dataclass(frozen=True)
@@ -89,11 +94,17 @@ def get_preset(name: str) -> Preset:
 
 def resolve(defense: str, preset: str | None, given: dict[str, Any]) -> dict[str, Any]:
     """The settings of one training run: ``given`` (options set explicitly, None =
-    not set) over the preset's settings for ``defense`` over :data:`TRAIN_DEFAULTS`."""
+    not set) over the preset's settings for ``defense`` over :data:`TRAIN_DEFAULTS`
+    (and :data:`AUTOENCODER_DEFAULTS` for a recipe that trains an autoencoder)."""
+    from advkit.training.registry import RECIPES
+
+    defaults = dict(TRAIN_DEFAULTS)
+    if defense in RECIPES and RECIPES[defense].reconstructs:
+        defaults.update(AUTOENCODER_DEFAULTS)
     chosen = get_preset(preset).settings(defense) if preset else {}
     explicit = {k: v for k, v in given.items() if v is not None}
     if preset and "dataset" in explicit and explicit["dataset"].replace("_", "-") != \
             chosen["dataset"]:
         raise ValueError(f"the {preset} preset trains on {chosen['dataset']}, not "
                          f"{explicit['dataset']}: drop --dataset or the preset")
-    return {**TRAIN_DEFAULTS, **chosen, **explicit}
+    return {**defaults, **chosen, **explicit}
