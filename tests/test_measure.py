@@ -101,6 +101,24 @@ def test_no_fooling_image_leaves_auroc_and_tpr_undefined():
     assert row.implied_robust_accuracy_at_half_eps == 0.75  # right, accepted, unchanged
 
 
+class Grey(nn.Module):
+    """A toy reconstruction: every image becomes uniform grey 0.1 (class 0 for MeanClass)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.full_like(x, 0.1)
+
+
+def test_detection_counts_what_fools_the_base_model_not_the_transformed_pipeline():
+    pipe = Protected(MeanClass(), [Grey()], [PixelAbove()])
+    (row,) = measure_protection(pipe, X, Y, {"toy": X_ADV})
+    # The pipeline calls everything class 0: clean right on samples 0, 1 (2 and 3 are class
+    # 1; 3 is rejected too); their adversarial images stay class 0 whatever they are.
+    assert row.clean_accuracy == 0.5 and row.false_rejection == 0.25
+    assert row.detected == 0.25 and row.correct_accepted == 0.25
+    # The base model on the raw images: samples 0 and 1 are fooled, as without the transform.
+    assert row.fooled == 0.5 and row.tpr == 0.5 and row.auroc == pytest.approx(3 / 8)
+
+
 def test_several_detectors_combine_by_the_largest_margin():
     pipe = Protected(MeanClass(), detectors=[PixelAbove((0, 0), 0.5),
                                              PixelAbove((1, 1), 0.95)])

@@ -71,13 +71,15 @@ class ProtectionRow:
         n: samples.
         clean_accuracy, false_rejection, robust_accuracy, detected, correct_accepted: as in
             :class:`~advkit.defenses.ProtectionMetrics`.
-        fooled: share of samples right when clean whose adversarial image the pipeline's
-            classifier (transforms included, detectors ignored) gets wrong.
+        fooled: share of samples the base model (``pipeline.model`` on the raw image: no
+            transform, no detector) gets right when clean and wrong on their adversarial
+            image: the successful adversarial examples a detector is meant to catch, as
+            detection papers count them.
         auroc: for a pipeline with detectors, the ROC AUC of the detectors' combined score
             (the largest score minus threshold over the detectors) with the clean images as
             negatives and the fooling adversarial images as positives; NaN without
             detectors or without a fooling image.
-        tpr: the share of those fooling adversarial images that the pipeline rejects
+        tpr: the share of those fooling adversarial images that the detectors flag
             (true-positive rate at the thresholds fitted for the false-positive rate); NaN
             as for ``auroc``.
         implied_robust_accuracy_at_half_eps: Tramer's implied classifier at eps / 2: the
@@ -135,15 +137,14 @@ def measure_protection(pipeline: Protected, x: Tensor, y: Tensor,
                         f"(got {type(pipeline).__name__})")
     y = y.cpu()
     with torch.no_grad():
-        clean_pred = _predictions(pipeline, x)
-    right = clean_pred == y
+        right = _predictions(pipeline.model, x) == y
     clean_scores = detection_scores(pipeline, x) if pipeline.detectors else None
     ref = math.nan if reference is None else float(reference)
     rows = []
     for attack, x_adv in x_adv_by_attack.items():
         metrics = protection_metrics(pipeline, x, y, x_adv)
         with torch.no_grad():
-            fooling = right & (_predictions(pipeline, x_adv) != y)
+            fooling = right & (_predictions(pipeline.model, x_adv) != y)
         auroc = tpr = implied = math.nan
         if clean_scores is not None:
             implied = metrics.robust_accuracy
@@ -162,9 +163,9 @@ def measure_protection(pipeline: Protected, x: Tensor, y: Tensor,
     return rows
 
 
-def _predictions(pipeline: Protected, x: Tensor, batch_size: int = 500) -> Tensor:
-    """The labels of the pipeline's classifier (transforms applied, detectors ignored)."""
-    return torch.cat([pipeline(x[i:i + batch_size]).argmax(dim=1).cpu()
+def _predictions(model: nn.Module, x: Tensor, batch_size: int = 500) -> Tensor:
+    """The labels ``model`` predicts for ``x``, in batches, on the CPU."""
+    return torch.cat([model(x[i:i + batch_size]).argmax(dim=1).cpu()
                       for i in range(0, len(x), batch_size)])
 
 
