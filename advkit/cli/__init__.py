@@ -1,7 +1,7 @@
 """The ``advkit`` command: a thin shell over the Python API, one command per job.
 
-Each job has its module (``attacks_list``, ``attack``, ``evaluate``, ``train``, ``demo``,
-``report``, ``runs``, ``universal``); ``_common`` holds what they share. This module
+Each job has its module (``attacks_list``, ``attack``, ``evaluate``, ``train``, ``defend``,
+``demo``, ``report``, ``runs``, ``universal``); ``_common`` holds what they share. This module
 only mounts them, in the order ``advkit --help`` lists them.
 """
 
@@ -11,7 +11,17 @@ import sys
 
 import typer
 
-from advkit.cli import attack, attacks_list, demo, evaluate, report, runs, train, universal
+from advkit.cli import (
+    attack,
+    attacks_list,
+    defend,
+    demo,
+    evaluate,
+    report,
+    runs,
+    train,
+    universal,
+)
 from advkit.cli._common import console, guard
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -20,6 +30,7 @@ app.command("attacks")(attacks_list.list_attacks)
 app.command("attack")(attack.attack)
 app.command("evaluate")(evaluate.evaluate)
 app.command("train")(train.train_cmd)
+app.command("defend")(defend.defend)
 app.command("demo")(demo.demo)
 app.add_typer(universal.universal_app, name="universal")
 app.add_typer(runs.runs_app, name="runs")
