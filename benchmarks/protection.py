@@ -402,7 +402,10 @@ def section(args: argparse.Namespace, rows: list[dict], skipped: list[str], star
         f"- python {platform.python_version()}, {', '.join(versions)}; source {args.source}",
         f"- run time {time.perf_counter() - started:.0f} s (reused rows take none); 1-minute "
         f"load average {args.load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at the end",
-        f"- data: {preset.dataset} test[:{args.limit}]; detectors fit on train[:{args.fit}] "
+        f"- data: {preset.dataset} test[:{args.limit}]" + (
+            f" from ADVKIT_DATA_DIR={os.environ['ADVKIT_DATA_DIR']}"
+            if os.environ.get("ADVKIT_DATA_DIR") else "")
+        + f"; detectors fit on train[:{args.fit}] "
         f"clean and PGD-20 images of train[{args.fit}:{args.fit + args.fit_adv}], thresholds "
         f"at 5% FPR on a held-out fifth (all of them for detectors that learn nothing)",
         f"- threat: {preset.norm} eps {preset.eps}; Tramer's reference at eps/2 = "
