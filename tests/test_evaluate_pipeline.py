@@ -4,6 +4,8 @@ components, a non-adaptive suite is flagged, and rejections are counted as
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import Tensor
@@ -107,3 +109,18 @@ def test_an_attack_that_ignores_the_detector_gets_rejected_and_the_adaptive_one_
     assert naive.rejection["detected"] > 0.5
     assert adaptive.rejection["detected"] < 0.2
     assert adaptive.robust_accuracy < naive.robust_accuracy - 0.5
+
+
+def test_the_run_report_of_a_pipeline_splits_robust_accuracy(tmp_path):
+    from advkit.report.evaluation import write_run_report
+
+    pipe, x, y = pipeline_and_data()
+    store = tmp_path / "runs.db"
+    report = advkit.evaluate(pipe, x, y, LINF, "adaptive", checks=False, progress=False,
+                             store=store)
+    _, json_path = write_run_report(store, report.run_id, tmp_path / "report.html")
+    text = json_path.read_text()
+    facts = json.loads(text)
+    flat = json.dumps(facts)
+    assert "false_rejection_rate" in flat and "detected_rate" in flat
+    assert "rejected clean image counts as a clean error" in (tmp_path / "report.html").read_text()

@@ -86,6 +86,11 @@ class Protected(nn.Module):
         return Protected(self.model, [t.for_attack() if hasattr(t, "for_attack") else t
                                       for t in self.transforms], self.detectors)
 
+    def without_detectors(self) -> Protected:
+        """The reconstruct-and-classify path alone (same modules, no detectors): what the
+        gradient-masking checks probe, since they judge a classifier's gradients."""
+        return Protected(self.model, list(self.transforms))
+
     def fit(self, x_clean: Tensor, y_clean: Tensor | None = None, *, fpr: float = 0.05,
             **options: object) -> Protected:
         """Fit every detector on clean data, each with its threshold at ``fpr`` false

@@ -36,6 +36,8 @@ from torch import Tensor, nn
 
 from advkit.defenses import detectors as detectors_lib
 from advkit.defenses import transforms as transforms_lib
+from advkit.defenses.binary_detector import BinaryDetector
+from advkit.defenses.magnet import MagNetDetector, Reformer
 from advkit.defenses.pipeline import Protected
 
 #: Transform kinds: name -> factory taking the file's options.
@@ -44,12 +46,15 @@ TRANSFORMS: dict[str, Callable[..., nn.Module]] = {
     "median": transforms_lib.MedianSmoothing,
     "jpeg": transforms_lib.JPEG,
     "tvm": transforms_lib.TotalVariation,
+    "reformer": Reformer,   # autoencoder = "path/to/model.safetensors"
 }
 #: Detector kinds: name -> factory taking the file's options.
 DETECTORS: dict[str, Callable[..., Any]] = {
     "feature_squeezing": detectors_lib.FeatureSqueezing,
     "mahalanobis": detectors_lib.Mahalanobis,
     "lid": detectors_lib.LID,
+    "magnet": MagNetDetector,   # autoencoder = "path/to/model.safetensors"
+    "binary": BinaryDetector,
 }
 _TOP_KEYS = ("fpr", "fit_images", "fit_attack_steps", "seed", "transform", "detector")
 
@@ -169,18 +174,11 @@ def build_pipeline(spec: PipelineSpec, model: nn.Module, x_fit: Tensor, y_fit: T
 
 
 def _transforms() -> dict[str, Callable[..., Any]]:
-    return {**TRANSFORMS, **_optional({"reformer": "Reformer"})}
+    return TRANSFORMS
 
 
 def _detectors() -> dict[str, Callable[..., Any]]:
-    return {**DETECTORS, **_optional({"magnet": "MagNetDetector", "binary": "BinaryDetector"})}
-
-
-def _optional(names: dict[str, str]) -> dict[str, Callable[..., Any]]:
-    """Defenses that live in their own modules, where this version of advkit has them."""
-    import advkit.defenses as defenses
-    return {kind: getattr(defenses, cls) for kind, cls in names.items()
-            if hasattr(defenses, cls)}
+    return DETECTORS
 
 
 def _learns_from_adversarial(cls: Any, entry: dict) -> bool:
@@ -204,11 +202,9 @@ def _check_entry(what: str, i: int, entry: dict, kinds: dict[str, Callable[..., 
 
 
 def _make(what: str, i: int, entry: dict, kinds: dict[str, Callable[..., Any]]) -> Any:
+    # MagNet's ``autoencoder`` may be the path of its advkit checkpoint (safetensors: nothing
+    # is unpickled); magnet.load_autoencoder reads it.
     options = {k: v for k, v in entry.items() if k != "kind"}
-    if isinstance(options.get("autoencoder"), str):
-        # MagNet's autoencoder: an advkit checkpoint (safetensors; nothing is unpickled).
-        from advkit.models import load_checkpoint
-        options["autoencoder"] = load_checkpoint(options["autoencoder"])
     try:
         return kinds[entry["kind"]](**options)
     except (TypeError, ValueError) as err:

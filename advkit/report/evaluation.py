@@ -80,9 +80,9 @@ def write_run_report(store: str | Path, run_id: int, out: str | Path) -> tuple[P
         summary.update(robust_acc_at_least=low, robust_acc_at_most=high, unknown=report.unknown)
     if report.rejection is not None:
         # A pipeline with detectors: robust accuracy splits into its two parts.
-        summary.update(false_rejection=report.rejection["false_rejection"],
-                       robust_detected=report.rejection["detected"],
-                       robust_correct_accepted=report.rejection["correct_accepted"])
+        summary.update(false_rejection_rate=report.rejection["false_rejection"],
+                       detected_rate=report.rejection["detected"],
+                       correct_accepted_rate=report.rejection["correct_accepted"])
         notes.append("The model is a pipeline with detectors: a rejected clean image counts "
                      "as a clean error; an adversarial image counts as defended if it is "
                      "rejected (detected) or accepted and still classified correctly.")
