@@ -82,6 +82,7 @@ from advkit.defenses.measure import (  # noqa: E402
     measure_protection,
     oblivious_examples,
 )
+from advkit.evaluation.suites import ADAPTIVE_EOT, DETECTOR_STAGES  # noqa: E402
 from advkit.models import read_metadata  # noqa: E402
 from advkit.threat import ThreatModel  # noqa: E402
 from advkit.training import PRESETS, get_preset, resolve, train_defense  # noqa: E402
@@ -290,7 +291,11 @@ def measure_base(args: argparse.Namespace, base: str, log: Callable[[str], None]
             "fingerprint": fingerprint, "defense": d, "config": c, "attack": attack,
             "limit": args.limit, "fit": args.fit, "fit_adv": args.fit_adv, "seed": args.seed,
             "norm": preset.norm, "eps": preset.eps, "reference": reference, "measure": 2,
-            "n": SLOW.get(d, args.limit) if not args.slow else args.limit}
+            "n": SLOW.get(d, args.limit) if not args.slow else args.limit,
+            # An adaptive row is only as good as the suite that made it: a changed suite
+            # measures again.
+            **({"stages": [st.to_dict() for st in DETECTOR_STAGES], "eot": ADAPTIVE_EOT}
+               if attack.startswith("adaptive") else {})}
         attacks = [a for a in args.attacks
                    if not (a.startswith("adaptive") and defense in SLOW_ADAPTIVE
                            and not args.slow)]

@@ -204,7 +204,7 @@ SUITES: dict[str, Suite] = {
 #: combined weight on the binary detector, selective steps with a logit margin on feature
 #: squeezing and LID, larger steps where 100 small ones stall), so the suite runs them all,
 #: each on the images the earlier ones left, and keeps each image's worst case.
-_DETECTOR_STAGES = (
+DETECTOR_STAGES = (
     Stage("opgd-combined", "orthogonalpgd", {"steps": 100, "mode": "combined"}),
     Stage("opgd-combined-w10", "orthogonalpgd", {"steps": 100, "mode": "combined",
                                                   "weight": 10.0}),
@@ -237,7 +237,7 @@ def adaptive_suite(model: object) -> Suite:
     stages = [Stage("apgd-ce", "apgd", {"steps": 100, "loss": "ce"}, eot=eot),
               Stage("apgd-dlr", "apgd", {"steps": 100, "loss": "dlr"}, eot=eot)]
     if detectors:
-        stages += [Stage(s.name, s.attack, dict(s.params), eot=eot) for s in _DETECTOR_STAGES]
+        stages += [Stage(s.name, s.attack, dict(s.params), eot=eot) for s in DETECTOR_STAGES]
     return Suite("adaptive", tuple(stages))
 
 
