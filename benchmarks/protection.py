@@ -82,7 +82,11 @@ from advkit.defenses.measure import (  # noqa: E402
     measure_protection,
     oblivious_examples,
 )
-from advkit.evaluation.suites import ADAPTIVE_EOT, DETECTOR_STAGES  # noqa: E402
+from advkit.evaluation.suites import (  # noqa: E402
+    ADAPTIVE_EOT,
+    DETECTOR_STAGES,
+    SQUARE_QUERIES,
+)
 from advkit.models import read_metadata  # noqa: E402
 from advkit.threat import ThreatModel  # noqa: E402
 from advkit.training import PRESETS, get_preset, resolve, train_defense  # noqa: E402
@@ -96,7 +100,6 @@ ART = ("art-bitdepth", "art-median", "art-jpeg", "art-tvm")
 #: images it did not get past the pipeline: a check that BPDA's approximate gradients did
 #: not leave robustness that is only an artefact of the approximation.
 ATTACKS = (*OBLIVIOUS_ATTACKS, "adaptive", "adaptive+square")
-SQUARE_QUERIES = 1000
 #: Defenses too slow for the whole run, and the test images they are measured on instead
 #: (the first ones of --limit): ART's TotalVarMin solves an L-BFGS-B problem per image and
 #: call, 0.9 s per MNIST image on one busy CPU thread, so one pass over 200 images takes 3
@@ -294,8 +297,8 @@ def measure_base(args: argparse.Namespace, base: str, log: Callable[[str], None]
             "n": SLOW.get(d, args.limit) if not args.slow else args.limit,
             # An adaptive row is only as good as the suite that made it: a changed suite
             # measures again.
-            **({"stages": [st.to_dict() for st in DETECTOR_STAGES], "eot": ADAPTIVE_EOT}
-               if attack.startswith("adaptive") else {})}
+            **({"stages": [st.to_dict() for st in DETECTOR_STAGES], "eot": ADAPTIVE_EOT,
+                "square": SQUARE_QUERIES} if attack.startswith("adaptive") else {})}
         attacks = [a for a in args.attacks
                    if not (a.startswith("adaptive") and defense in SLOW_ADAPTIVE
                            and not args.slow)]

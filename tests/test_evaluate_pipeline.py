@@ -57,8 +57,11 @@ def test_the_adaptive_suite_reads_the_pipeline():
     assert {s.eot for s in guarded.stages} == {1}
     random = Protected(toy_cnn(), transforms=[TotalVariation(keep=0.5)])
     assert {s.eot for s in get_suite("adaptive", random).stages} == {20}
-    assert {s.eot for s in get_suite("adaptive", Protected(
-        toy_cnn(), transforms=[BitDepth(3)])).stages} == {1}
+    quantised = get_suite("adaptive", Protected(toy_cnn(), transforms=[BitDepth(3)]))
+    assert {s.eot for s in quantised.stages} == {1}
+    # Transforms get a gradient-free stage last (BPDA's gradients can understate them).
+    assert [s.name for s in quantised.stages] == ["apgd-ce", "apgd-dlr", "square"]
+    assert "square" not in [s.name for s in guarded.stages]
 
 
 def test_a_non_adaptive_suite_on_a_pipeline_is_flagged_and_unreliable(tmp_path):
