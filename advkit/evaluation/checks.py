@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advkit.attacks.apgd import APGD
-from advkit.evaluation.suites import Suite
+from advkit.evaluation.suites import Suite, reactive_parts
 from advkit.threat import ThreatModel
 
 STATUSES = ("pass", "warn", "fail", "skip")
@@ -192,12 +192,6 @@ def eps_behaviour(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, s
     return checks
 
 
-def reactive_components(model: nn.Module) -> tuple[list, list]:
-    """The transforms and detectors of a protected pipeline (empty lists for a plain model)."""
-    return list(getattr(model, "transforms", ()) or ()), list(getattr(model, "detectors", ())
-                                                              or ())
-
-
 def adaptive_attacks(model: nn.Module, suite: Suite) -> Check | None:
     """Does the suite attack a reactive defense the way an adaptive attacker would?
 
@@ -207,7 +201,7 @@ def adaptive_attacks(model: nn.Module, suite: Suite) -> Check | None:
     through their declared approximation (BPDA): the engine attacks ``for_attack()``.
     None for a model with no reactive component (nothing to check).
     """
-    transforms, detectors = reactive_components(model)
+    transforms, detectors, random_transforms = reactive_parts(model)
     if not transforms and not detectors:
         return None
     missing = []
@@ -215,8 +209,7 @@ def adaptive_attacks(model: nn.Module, suite: Suite) -> Check | None:
         names = ", ".join(type(d).__name__ for d in detectors)
         missing.append(f"no stage evades the detectors ({names}): a non-adaptive attack "
                        "is flagged, an attacker who knows the detector is not")
-    random = [type(t).__name__ for t in transforms
-              if getattr(getattr(t, "adaptive", None), "kind", None) == "eot"]
+    random = [type(t).__name__ for t in random_transforms]
     if random and max(s.eot for s in suite.stages) == 1:
         missing.append(f"the transforms {', '.join(random)} are random and no stage uses "
                        "expectation over transformation (eot > 1)")

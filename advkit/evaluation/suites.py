@@ -223,6 +223,16 @@ ADAPTIVE_EOT = 20
 SQUARE_QUERIES = 1000
 
 
+def reactive_parts(model: object) -> tuple[list, list, list]:
+    """A protected pipeline's transforms, detectors, and the transforms that are random
+    (declared ``adaptive.kind == "eot"``); empty lists for a plain model."""
+    transforms = list(getattr(model, "transforms", ()) or ())
+    detectors = list(getattr(model, "detectors", ()) or ())
+    random = [t for t in transforms
+              if getattr(getattr(t, "adaptive", None), "kind", None) == "eot"]
+    return transforms, detectors, random
+
+
 def adaptive_suite(model: object) -> Suite:
     """The attacks a pipeline's declared components call for (``suite="adaptive"``).
 
@@ -233,10 +243,7 @@ def adaptive_suite(model: object) -> Suite:
     selective and combined-loss PGD), and last, where it has transforms, Square (gradient
     free). On a plain model it is APGD-CE and APGD-DLR.
     """
-    transforms = list(getattr(model, "transforms", ()) or ())
-    detectors = list(getattr(model, "detectors", ()) or ())
-    random = any(getattr(getattr(t, "adaptive", None), "kind", None) == "eot"
-                 for t in transforms)
+    transforms, detectors, random = reactive_parts(model)
     eot = ADAPTIVE_EOT if random else 1
     stages = [Stage("apgd-ce", "apgd", {"steps": 100, "loss": "ce"}, eot=eot),
               Stage("apgd-dlr", "apgd", {"steps": 100, "loss": "dlr"}, eot=eot)]
