@@ -190,8 +190,12 @@ def goal_reached(logits: Tensor, labels: Tensor, targets: Tensor | None) -> Tens
 
 
 @contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run in eval mode and restore the modules' previous modes afterwards."""
+def eval_mode(model: nn.Module | None) -> Iterator[None]:
+    """Run in eval mode and restore the modules' previous modes afterwards (None: a black
+    box that is not a torch module, which has no mode to set)."""
+    if model is None:
+        yield
+        return
     modes = [(m, m.training) for m in model.modules()]
     if any(training for _, training in modes):
         warnings.warn(
@@ -289,18 +293,20 @@ class Attack(ABC):
         if self.kind == "budgeted":
             self.threat.check_eps_for(x)
         oracle = Oracle(access, x.shape[0], device=x.device, who=self.name)
+        # A black box may hide scores (-inf: outside its top k, or a probability of 0).
+        hidden = access.level != GRADIENTS
         with eval_mode(access.module):
             clean_logits: Tensor | None = None
             if not self._needs_clean_pass():
                 # Check the logits of the attack's own first pass (at x or at a random start)
                 # instead of paying for a clean forward pass; they run before any use.
-                oracle.check_first = lambda logits: check_logits(logits, y, targets,
-                                                                 where=FIRST_POINT)
+                oracle.check_first = lambda logits: check_logits(
+                    logits, y, targets, where=FIRST_POINT, hidden_ok=hidden)
             elif access.level == LABELS:
                 oracle.labels(x)
             else:
                 clean_logits = oracle.logits(x)
-                check_logits(clean_logits, y, targets)
+                check_logits(clean_logits, y, targets, hidden_ok=hidden)
                 targets = self._choose_targets(clean_logits, y, targets)
             generator = None
             if self.seed is not None:
@@ -427,13 +433,19 @@ def check_label_range(classes: int, y: Tensor, targets: Tensor | None = None) ->
 
 
 def check_logits(logits: Tensor, y: Tensor, targets: Tensor | None,
-                 where: str = CLEAN_IMAGES) -> None:
+                 where: str = CLEAN_IMAGES, hidden_ok: bool = False) -> None:
     """The entry checks on a model's logits at the clean images (or, for an attack that
-    needs no clean pass, at its first point: ``where`` says which, for the message)."""
+    needs no clean pass, at its first point: ``where`` says which, for the message).
+    ``hidden_ok``: a black box's scores, where ``-inf`` marks a hidden score (outside its
+    top k, or the log of a probability of 0); each row must still show one score."""
     if logits.dim() != 2 or logits.shape[0] != y.shape[0]:
         raise ValueError(f"the model must return logits of shape (N, classes) (got "
                          f"{tuple(logits.shape)} for N={y.shape[0]})")
-    if not torch.isfinite(logits).all():
+    shown = torch.isfinite(logits)
+    if hidden_ok:
+        if (logits.isnan() | (logits == math.inf)).any() or not shown.any(1).all():
+            raise ValueError(f"the model returned NaN, +inf or no finite score {where}")
+    elif not shown.all():
         raise ValueError(f"the model returned NaN or inf logits {where}")
     check_label_range(logits.shape[1], y, targets)
     if logits.min() >= 0 and logits.max() <= 1 and torch.allclose(

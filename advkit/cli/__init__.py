@@ -1,8 +1,8 @@
 """The ``advkit`` command: a thin shell over the Python API, one command per job.
 
 Each job has its module (``attacks_list``, ``attack``, ``evaluate``, ``train``, ``defend``,
-``demo``, ``report``, ``runs``, ``universal``); ``_common`` holds what they share. This module
-only mounts them, in the order ``advkit --help`` lists them.
+``demo``, ``report``, ``runs``, ``universal``, ``serve``); ``_common`` holds what they
+share. This module only mounts them, in the order ``advkit --help`` lists them.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from advkit.cli import (
     evaluate,
     report,
     runs,
+    serve,
     train,
     universal,
 )
@@ -35,6 +36,7 @@ app.command("demo")(demo.demo)
 app.add_typer(universal.universal_app, name="universal")
 app.add_typer(runs.runs_app, name="runs")
 app.command("report")(report.report)
+app.command("serve")(serve.serve)
 
 # Every command, sub-commands included: a user's mistake is an `error:` line, not a traceback.
 for _group in [app, *(g.typer_instance for g in app.registered_groups)]:

@@ -7,9 +7,19 @@ Three levels, from most to least knowledge:
 - ``"labels"`` (decision-based black box): the top-1 label only.
 
 A user hands an attack an ``nn.Module`` (gradient access) or a view that exposes less:
-:func:`scores_only` or :func:`labels_only`. Every attack declares the level it needs
-(derived from its taxonomy), and an attack asking for more than it was given is refused
-before any query.
+:func:`scores_only` (all scores, or only the ``top_k`` highest) or :func:`labels_only`.
+Every attack declares the level it needs (derived from its taxonomy), and an attack asking
+for more than it was given is refused before any query.
+
+A black box need not be a torch module: the two views also take a *scorer*, any function
+from images to scores with no gradient behind it (an ONNX Runtime session,
+:func:`advkit.models.onnx_session`; a remote endpoint, :func:`advkit.models.remote`).
+
+Hidden scores are ``-inf``: the log of a probability the model did not show. A top-k view
+sets every score outside the k highest to ``-inf``; a remote endpoint that answers
+probabilities is seen through their logarithms (a probability of 0 is ``-inf``), which
+rank the classes as the logits do and differ from them by one constant per image, so the
+margin and the cross-entropy of an attack are the same on both.
 
 Inside one attack call the model is seen through an :class:`Oracle`: the only way into
 it. Each door counts, per sample, every image it sends through the model (a gradient
@@ -19,8 +29,9 @@ per-sample ``budget``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +64,17 @@ class QueryBudgetExceeded(RuntimeError):
     """A query would take a sample past its per-sample budget."""
 
 
+class Scorer(Protocol):
+    """A black box: images (N, C, H, W) in [0, 1] in, scores (N, classes) out, no gradient.
+
+    An ``nn.Module`` is one; :func:`advkit.models.onnx_session` and the endpoint behind
+    :func:`advkit.models.remote` are others. Scores are logits or log-probabilities;
+    ``-inf`` marks a score the black box does not show.
+    """
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+
 def check_level(level: str) -> str:
     if level not in LEVELS:
         raise ValueError(f"unknown access level {level!r}: use one of {', '.join(LEVELS)}")
@@ -72,9 +94,26 @@ def _check_budget(budget: int | None) -> int | None:
     return budget
 
 
+def _check_top_k(top_k: int | None) -> int | None:
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                              or top_k < 1):
+        raise ValueError(f"top_k must be a number of scores >= 1, or None for all of them "
+                         f"(got {top_k!r})")
+    return top_k
+
+
+def top_k_scores(scores: Tensor, k: int) -> Tensor:
+    """``scores`` (N, classes) with all but the ``k`` highest of each row set to ``-inf``."""
+    if k >= scores.shape[1]:
+        return scores
+    top = scores.topk(k, dim=1)
+    return torch.full_like(scores, -math.inf).scatter(1, top.indices, top.values)
+
+
 class ModelAccess:
     """A model exposed at one access level, with an optional per-sample query budget.
 
+    ``model`` is an ``nn.Module`` or, below gradient access, any :class:`Scorer`.
     Subclasses answer :meth:`scores` (no gradient); gradient access also exposes its
     ``module``. ``queries`` counts every image this object ever answered, over all
     calls (a per-call, per-sample count is the attack result's ``queries``).
@@ -82,23 +121,31 @@ class ModelAccess:
 
     level: ClassVar[str]
 
-    def __init__(self, model: nn.Module, *, budget: int | None = None) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module (got {type(model).__name__})")
+    def __init__(self, model: nn.Module | Scorer, *, budget: int | None = None,
+                 top_k: int | None = None) -> None:
+        if not callable(model):
+            raise TypeError(f"model must be a torch.nn.Module or a scorer (a function from "
+                            f"images to scores) (got {type(model).__name__})")
         self.model = model
         self.budget = _check_budget(budget)
+        self.top_k = _check_top_k(top_k)
         self.queries = 0
 
     @property
-    def module(self) -> nn.Module:
-        """The local module (for eval mode); gradient access alone may differentiate it."""
-        return self.model
+    def module(self) -> nn.Module | None:
+        """The local module (for eval mode), None for a black box that is not one; gradient
+        access alone may differentiate it."""
+        return self.model if isinstance(self.model, nn.Module) else None
 
     def scores(self, x: Tensor) -> Tensor:
-        """The model's scores for ``x`` (N, classes), without a graph."""
-        self.queries += x.shape[0]
+        """The model's scores for ``x`` (N, classes), without a graph; ``-inf`` where a
+        score is hidden (outside the top k)."""
         with torch.no_grad():
-            return self.model(x)
+            scores = self.model(x)
+        # Counted once answered: a query that failed (a remote endpoint that did not answer)
+        # raised above and was never seen.
+        self.queries += x.shape[0]
+        return scores if self.top_k is None else top_k_scores(scores, self.top_k)
 
     def labels(self, x: Tensor, scores: Tensor | None = None) -> Tensor:
         """The model's labels for ``x`` (N,): the top score, or :data:`REJECT` where a model
@@ -113,8 +160,11 @@ class ModelAccess:
         return labels
 
     def __repr__(self) -> str:
+        model = (type(self.model).__name__ if isinstance(self.model, nn.Module)
+                 else repr(self.model))
+        top_k = f", top_k={self.top_k}" if self.top_k is not None else ""
         budget = f", budget={self.budget}" if self.budget is not None else ""
-        return f"{type(self).__name__}({type(self.model).__name__}{budget})"
+        return f"{type(self).__name__}({model}{top_k}{budget})"
 
 
 class GradientAccess(ModelAccess):
@@ -122,9 +172,20 @@ class GradientAccess(ModelAccess):
 
     level = GRADIENTS
 
+    def __init__(self, model: nn.Module, *, budget: int | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            if callable(model):
+                raise AccessError(
+                    f"gradient access needs a local torch.nn.Module; {model!r} answers "
+                    "scores only (no gradient can be read through it): use "
+                    "advkit.models.scores_only or labels_only, and a black-box attack")
+            raise TypeError(f"model must be a torch.nn.Module (got {type(model).__name__})")
+        super().__init__(model, budget=budget)
+
 
 class ScoresOnly(ModelAccess):
-    """Score-based black box: the model's output scores, never a gradient."""
+    """Score-based black box: the model's output scores (all, or the ``top_k`` highest),
+    never a gradient."""
 
     level = SCORES
 
@@ -134,23 +195,31 @@ class LabelsOnly(ModelAccess):
 
     level = LABELS
 
+    def __init__(self, model: nn.Module | Scorer, *, budget: int | None = None) -> None:
+        super().__init__(model, budget=budget)
+
 
 def gradients(model: nn.Module, budget: int | None = None) -> GradientAccess:
     """``model`` with full (white-box) access, and an optional per-sample query budget."""
     return GradientAccess(model, budget=budget)
 
 
-def scores_only(model: nn.Module, budget: int | None = None) -> ScoresOnly:
+def scores_only(model: nn.Module | Scorer, top_k: int | None = None,
+                budget: int | None = None) -> ScoresOnly:
     """``model`` seen as a score-based black box: attacks get its scores, no gradient.
 
+    ``model`` is an ``nn.Module`` or a :class:`Scorer` (an ONNX Runtime session from
+    :func:`advkit.models.onnx_session`, any function from images to scores). ``top_k``
+    shows only the k highest scores of each image, the others ``-inf`` (None: all).
     ``budget`` caps the queries per sample of one attack call, its entry check and its
     final success pass included.
     """
-    return ScoresOnly(model, budget=budget)
+    return ScoresOnly(model, budget=budget, top_k=top_k)
 
 
-def labels_only(model: nn.Module, budget: int | None = None) -> LabelsOnly:
-    """``model`` seen as a decision-based black box: attacks get its top-1 label only."""
+def labels_only(model: nn.Module | Scorer, budget: int | None = None) -> LabelsOnly:
+    """``model`` (an ``nn.Module`` or a :class:`Scorer`) seen as a decision-based black
+    box: attacks get its top-1 label only."""
     return LabelsOnly(model, budget=budget)
 
 
@@ -161,7 +230,8 @@ def as_access(model: nn.Module | ModelAccess) -> ModelAccess:
     if isinstance(model, nn.Module):
         return GradientAccess(model)
     raise TypeError(f"model must be a torch.nn.Module or an access object such as "
-                    f"advkit.models.scores_only(model) (got {type(model).__name__})")
+                    f"advkit.models.scores_only(model) (got {type(model).__name__}); wrap a "
+                    "black box (an ONNX session, a scoring function) with scores_only")
 
 
 class _Counts:
@@ -229,7 +299,7 @@ class Oracle:
         return self.access.level
 
     @property
-    def model(self) -> nn.Module:
+    def model(self) -> nn.Module | None:
         return self.access.module
 
     @property
