@@ -9,6 +9,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from advkit.defenses import (
@@ -27,7 +28,7 @@ IDS = [type(t).__name__ for t in TRANSFORMS]
 #: With the random one, for what holds of every draw.
 ALL, ALL_IDS = [*TRANSFORMS, TotalVariation(keep=0.5)], [*IDS, "TotalVariation-dropout"]
 #: The transforms attacked through BPDA with the identity.
-BPDA, BPDA_IDS = TRANSFORMS[:3], IDS[:3]
+BPDA, BPDA_IDS = TRANSFORMS[:2], IDS[:2]
 
 
 def _images(channels: int = 1, n: int = 4, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -47,9 +48,47 @@ def test_output_is_an_image_in_unit_range_of_the_same_shape(transform: Transform
 @pytest.mark.parametrize("transform", TRANSFORMS, ids=IDS)
 def test_every_transform_declares_its_adaptive_attack(transform: Transform) -> None:
     assert isinstance(transform.adaptive, Adaptive)
-    # TotalVariation's solver is unrolled torch operations: differentiated exactly.
-    expected = "differentiable" if isinstance(transform, TotalVariation) else "bpda:identity"
+    # TotalVariation's solver is unrolled torch operations: differentiated exactly; JPEG
+    # through its torch approximation.
+    expected = {TotalVariation: "differentiable", JPEG: "bpda:differentiable-jpeg"}.get(
+        type(transform), "bpda:identity")
     assert str(transform.adaptive) == expected
+
+
+def _pillow_distance(x: torch.Tensor, quality: int) -> tuple[float, float]:
+    """Mean |approximation - Pillow| (hard rounding) and mean |x - Pillow| (the identity)."""
+    from advkit.defenses.transforms import _jpeg_approximation
+
+    real = JPEG(quality)(x)
+    return (float((_jpeg_approximation(x, quality, hard=True) - real).abs().mean()),
+            float((x - real).abs().mean()))
+
+
+@pytest.mark.parametrize("quality", [30, 75, 95])
+def test_jpeg_approximation_is_close_to_pillows_round_trip(mnist_test, quality: int) -> None:
+    # Measured (mean absolute error, pixel units): grayscale MNIST 0.0007-0.0012 against the
+    # identity's 0.002-0.019; smooth RGB images (29 x 27, odd sizes: padding and chroma
+    # subsampling at the edges) 0.004-0.006 against 0.025-0.067.
+    x = mnist_test[0][:100]
+    approx, identity = _pillow_distance(x, quality)
+    assert approx < 0.002 and approx < identity / 1.5
+    g = torch.Generator().manual_seed(0)
+    rgb = F.interpolate(torch.rand(8, 3, 8, 8, generator=g), size=(29, 27), mode="bilinear")
+    approx, identity = _pillow_distance(rgb, quality)
+    assert approx < 0.01 and approx < identity / 3
+
+
+def test_jpeg_is_attacked_through_its_approximation() -> None:
+    transform = JPEG(75)
+    x = _images(3).requires_grad_(True)
+    attacked = transform.for_attack()
+    out = attacked(x)
+    assert torch.equal(out, transform(x))  # the forward pass is Pillow's
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    xa = x.detach().requires_grad_(True)
+    (expected,) = torch.autograd.grad(transform.approximation(xa).sum(), xa)
+    assert torch.isfinite(grad).all() and torch.equal(grad, expected)
+    assert not torch.allclose(grad, torch.ones_like(grad))
 
 
 def test_total_variation_is_attacked_through_its_own_gradients() -> None:

@@ -238,13 +238,17 @@ class JPEG(Transform):
     https://arxiv.org/abs/1711.00117). Grayscale (C = 1) and RGB (C = 3) images only.
 
     The round trip runs on the CPU through uint8 (pixels rounded to multiples of 1/255) and
-    the result returns to the input's device and dtype. It has no gradient: attack it
-    through :func:`bpda` (the identity).
+    the result returns to the input's device and dtype. It has no gradient: :func:`bpda`
+    differentiates :meth:`approximation` instead, JPEG written in torch with a smooth
+    rounding (Shin & Song 2017, "JPEG-resistant adversarial images": round(z) + (z -
+    round(z))**3). The identity, Athalye et al.'s choice, is much weaker here: on the MNIST
+    PGD-trained preset (200 test images, APGD-CE then APGD-DLR at Linf 0.3, quality 75) it
+    left 64.5% robust, the approximation 23.5%.
 
     quality: Pillow's JPEG quality, 1 (smallest file) to 100.
     """
 
-    adaptive = Adaptive("bpda", "identity")
+    adaptive = Adaptive("bpda", "differentiable-jpeg")
 
     def __init__(self, quality: int = 75) -> None:
         super().__init__()
@@ -260,6 +264,18 @@ class JPEG(Transform):
         result = torch.from_numpy(out).reshape(pixels.shape).permute(0, 3, 1, 2)
         return (result.to(x.dtype) / 255).to(x.device)
 
+    def approximation(self, x: Tensor) -> Tensor:
+        """JPEG in torch, differentiable: level shift, 8x8 block DCT, division by the
+        quality-scaled quantisation tables of the standard (ITU T.81, annex K; luminance
+        for Y, chrominance for Cb and Cr of an RGB image, which are coded at half
+        resolution as Pillow does), smooth rounding, and back. With hard rounding it is
+        within 0.001 of Pillow's round trip on average on MNIST images (the identity:
+        0.009); it leaves out libjpeg's integer arithmetic."""
+        if x.shape[1] not in (1, 3):
+            raise ValueError(f"JPEG takes grayscale (C = 1) or RGB (C = 3) images "
+                             f"(got C = {x.shape[1]})")
+        return _jpeg_approximation(x, self.quality, hard=False)
+
     def _round_trip(self, image: np.ndarray) -> np.ndarray:
         grayscale = image.shape[-1] == 1
         pil = Image.fromarray(image[..., 0] if grayscale else image, "L" if grayscale else "RGB")
@@ -271,6 +287,60 @@ class JPEG(Transform):
 
     def extra_repr(self) -> str:
         return f"quality={self.quality}"
+
+
+#: The example quantisation tables of the JPEG standard (ITU T.81, annex K, tables K.1, K.2),
+#: which libjpeg scales by quality.
+_LUMINANCE = (
+    (16, 11, 10, 16, 24, 40, 51, 61), (12, 12, 14, 19, 26, 58, 60, 55),
+    (14, 13, 16, 24, 40, 57, 69, 56), (14, 17, 22, 29, 51, 87, 80, 62),
+    (18, 22, 37, 56, 68, 109, 103, 77), (24, 35, 55, 64, 81, 104, 113, 92),
+    (49, 64, 78, 87, 103, 121, 120, 101), (72, 92, 95, 98, 112, 100, 103, 99))
+_CHROMINANCE = (
+    (17, 18, 24, 47, 99, 99, 99, 99), (18, 21, 26, 66, 99, 99, 99, 99),
+    (24, 26, 56, 99, 99, 99, 99, 99), (47, 66, 99, 99, 99, 99, 99, 99),
+    *[(99,) * 8] * 4)
+#: JFIF's RGB -> YCbCr matrix (offsets applied separately).
+_YCBCR = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
+
+
+def _jpeg_approximation(x: Tensor, quality: int, *, hard: bool) -> Tensor:
+    scale = 5000 / quality if quality < 50 else 200 - 2 * quality  # libjpeg's quality scaling
+    luma, chroma = (((torch.tensor(t, dtype=x.dtype, device=x.device) * scale + 50) // 100)
+                    .clamp(1, 255) for t in (_LUMINANCE, _CHROMINANCE))
+    v = x * 255
+    if x.shape[1] == 1:
+        return (_jpeg_planes(v, luma, hard) / 255).clamp(0, 1)
+    ycbcr = torch.tensor(_YCBCR, dtype=x.dtype, device=x.device)
+    offset = torch.tensor([0.0, 128.0, 128.0], dtype=x.dtype, device=x.device)[:, None, None]
+    v = torch.einsum("ij,njhw->nihw", ycbcr, v) + offset
+    h, w = v.shape[2:]
+    # Pillow's default 4:2:0: Cb and Cr coded at half resolution (2x2 averages), and
+    # brought back by libjpeg's "fancy" (triangle) upsampling, bilinear here.
+    small = F.avg_pool2d(F.pad(v[:, 1:], (0, w % 2, 0, h % 2), mode="replicate"), 2)
+    small = _jpeg_planes(small, chroma, hard)
+    cbcr = F.interpolate(small, scale_factor=2, mode="bilinear", align_corners=False)
+    v = torch.cat([_jpeg_planes(v[:, :1], luma, hard), cbcr[:, :, :h, :w]], dim=1) - offset
+    return (torch.einsum("ij,njhw->nihw", torch.linalg.inv(ycbcr), v) / 255).clamp(0, 1)
+
+
+def _jpeg_planes(v: Tensor, table: Tensor, hard: bool) -> Tensor:
+    """Planes of values in [0, 255] through JPEG's lossy core: level shift, 8x8 block DCT,
+    quantisation by ``table`` (rounded hard, or smoothly), and back."""
+    k = torch.arange(8, dtype=v.dtype, device=v.device)
+    # The orthonormal DCT-II matrix: JPEG's 2-D DCT of a block is dct @ block @ dct.T.
+    dct = torch.cos(math.pi * (2 * k[None, :] + 1) * k[:, None] / 16)
+    dct = dct * torch.where(k[:, None] == 0, math.sqrt(1 / 8), 0.5)
+    n, c, h, w = v.shape
+    # libjpeg pads a partial block by repeating the edge.
+    v = F.pad(v - 128, (0, -w % 8, 0, -h % 8), mode="replicate")
+    rows, cols = v.shape[2] // 8, v.shape[3] // 8
+    blocks = v.reshape(n, c, rows, 8, cols, 8).transpose(3, 4)
+    z = (dct @ blocks @ dct.T) / table
+    rounded = torch.round(z)
+    z = rounded if hard else rounded + (z - rounded) ** 3
+    v = (dct.T @ (z * table) @ dct).transpose(3, 4).reshape(n, c, rows * 8, cols * 8)
+    return v[:, :, :h, :w] + 128
 
 
 def _gradient(z: Tensor) -> tuple[Tensor, Tensor]:
