@@ -23,6 +23,7 @@ from advkit.attacks.base import (
     require_at_least,
 )
 from advkit.attacks.deepfool import DeepFool
+from advkit.models.device import device_of
 from advkit.progress import progress_bar
 from advkit.threat import ThreatModel
 
@@ -280,8 +281,7 @@ def fooling_rate(model: nn.Module, x: Tensor, v: Tensor, *,
     The paper's measure: it compares with the model's own clean predictions, not the
     true labels. Images go to the model's device ``batch_size`` at a time.
     """
-    param = next(iter(model.parameters()), None)
-    device = param.device if param is not None else x.device
+    device = device_of(model, default=x.device)
     changed = 0
     with eval_mode(model), torch.no_grad():
         for i in range(0, x.shape[0], batch_size):

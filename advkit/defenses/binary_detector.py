@@ -14,7 +14,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from advkit.attacks.feature_adversary import capture, resolve_layer
-from advkit.defenses.detectors import Detector, Layer, _device
+from advkit.defenses.detectors import Detector, Layer
+from advkit.models.device import device_of
 from advkit.progress import progress_bar
 
 __all__ = ["BinaryDetector"]
@@ -96,7 +97,7 @@ class BinaryDetector(Detector):
     def _fit(self, model: nn.Module, x: Tensor, y: Tensor | None, x_adv: Tensor | None) -> None:
         assert x_adv is not None
         self._network = None
-        device = _device(model)
+        device = device_of(model)
         if self.layer is not None:
             resolve_layer(model, self.layer)  # an unknown layer fails here, naming the valid ones
         with torch.no_grad():

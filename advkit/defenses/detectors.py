@@ -31,6 +31,7 @@ from torch.nn import functional as F
 from advkit.attacks.base import eval_mode
 from advkit.attacks.feature_adversary import resolve_layer
 from advkit.defenses.transforms import BitDepth
+from advkit.models.device import device_of
 
 __all__ = ["LID", "Detector", "FeatureSqueezing", "Mahalanobis"]
 
@@ -167,7 +168,7 @@ class Detector(ABC):
         if tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"{self.name} was fitted on images of shape {self.input_shape} "
                              f"but got images of shape {tuple(x.shape[1:])}")
-        device = _device(self.model)
+        device = device_of(self.model)
         with eval_mode(self.model), torch.no_grad():
             parts = [self._score(x[i:i + self.batch_size].to(device))
                      for i in range(0, x.shape[0], self.batch_size)]
@@ -325,7 +326,7 @@ class Mahalanobis(Detector):
         self._standardise: tuple[Tensor, Tensor] | None = None
 
     def _fit(self, model: nn.Module, x: Tensor, y: Tensor | None, x_adv: Tensor | None) -> None:
-        device = _device(model)
+        device = device_of(model)
         features = _batched_features(model, self.layers, x, self.batch_size, device)
         if y is None:
             y = _batched_predictions(model, x, self.batch_size, device)
@@ -462,7 +463,7 @@ class LID(Detector):
                              f"more clean images or a smaller batch= / references=")
         self._layers = self.layers if self.layers is not None else [
             name for name, m in model.named_modules() if isinstance(m, nn.ReLU)] + [_LOGITS]
-        device = _device(model)
+        device = device_of(model)
         generator = torch.Generator().manual_seed(self.seed)
         order = torch.randperm(x.shape[0], generator=generator)
         reference, train = x[order[:n_ref]], x[order[n_ref:]]
@@ -611,6 +612,3 @@ def _check_images(x: object, what: str) -> Tensor:
     return x
 
 
-def _device(model: nn.Module) -> torch.device:
-    first = next(model.parameters(), None)
-    return first.device if first is not None else torch.device("cpu")

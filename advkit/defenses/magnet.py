@@ -36,9 +36,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from advkit.attacks.base import eval_mode
-from advkit.defenses.detectors import Detector, _device
+from advkit.defenses.detectors import Detector
 from advkit.defenses.transforms import Adaptive, Transform
 from advkit.models import checkpoint, zoo
+from advkit.models.device import device_of
 
 if TYPE_CHECKING:
     from advkit.training import TrainResult
@@ -151,7 +152,7 @@ class MagNetDetector(Detector):
         return f"MagNetDetector[{self.kind if self.kind == 'jsd' else self.norm}]"
 
     def _fit(self, model: nn.Module, x: Tensor, y: Tensor | None, x_adv: Tensor | None) -> None:
-        model_device, ae_device = _device(model), _device(self.autoencoder)
+        model_device, ae_device = device_of(model), device_of(self.autoencoder)
         if ae_device != model_device:
             raise ValueError(f"the autoencoder is on {ae_device} but the model on "
                              f"{model_device}; move it there: autoencoder.to('{model_device}')")

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from advkit.attacks.base import Attack, AttackResult
+from advkit.models.device import device_of
 from advkit.progress import progress_bar
 
 
@@ -24,8 +25,7 @@ def run_attack(attack: Attack, model: nn.Module, x: Tensor, y: Tensor,
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
     if device is None:
-        param = next(iter(model.parameters()), None)
-        device = param.device if param is not None else torch.device("cpu")
+        device = device_of(model)
     parts: list[AttackResult] = []
     n = x.shape[0]
     with progress_bar(progress, f"{type(attack).__name__} {attack.threat.norm} "

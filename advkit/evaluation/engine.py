@@ -30,6 +30,7 @@ from advkit.evaluation import checks as checks_lib
 from advkit.evaluation.store import ChunkRecord, Outcome, Store
 from advkit.evaluation.suites import Suite, get_suite
 from advkit.models.access import REJECT, rejects
+from advkit.models.device import device_of
 from advkit.progress import progress_bar
 from advkit.threat import ThreatModel
 
@@ -202,8 +203,7 @@ def evaluate(
     if suite.kind == "budgeted":
         threat.check_eps_for(x)
     if device is None:
-        param = next(iter(model.parameters()), None)
-        device = param.device if param is not None else torch.device("cpu")
+        device = device_of(model)
     device = torch.device(device)
     _probe(model, x, y, device)
     adaptive = checks_lib.adaptive_attacks(model, suite)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from advkit.attacks.base import AttackResult
+from advkit.models.device import device_of
 from advkit.report.html import GalleryItem
 
 
@@ -19,7 +20,7 @@ def gallery_items(model: nn.Module, x: torch.Tensor, result: AttackResult,
     Predictions and confidences come from a fresh forward pass on the clean and
     the adversarial images; items are sorted by class.
     """
-    device = next(iter(model.parameters()), torch.zeros(())).device
+    device = device_of(model)
     with torch.no_grad():
         p_clean = model(x.to(device)).softmax(1).cpu()
         p_adv = model(result.x_adv.to(device)).softmax(1).cpu()

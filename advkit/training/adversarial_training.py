@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from advkit.attacks import PGD
 from advkit.attacks.base import require_at_least
+from advkit.models.device import device_of
 from advkit.threat import ThreatModel
 from advkit.training.recipe import Recipe, StopTraining, attack_mode
 
@@ -17,7 +18,7 @@ from advkit.training.recipe import Recipe, StopTraining, attack_mode
 def robust_accuracy(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
                     steps: int = 10) -> float:
     """Accuracy under PGD (``steps`` steps, random start) on a held-out batch."""
-    device = next(iter(model.parameters())).device
+    device = device_of(model)
     return PGD(threat, steps=steps, seed=0)(model, x.to(device), y.to(device)).robust_accuracy
 
 
