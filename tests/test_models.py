@@ -250,6 +250,17 @@ def test_a_zoo_name_with_a_dataset_loads_that_datasets_checkpoint(_model_dir):
     assert fingerprint(models.load("lenet5-fashion-mnist")) == fingerprint(model)
 
 
+def test_an_autoencoder_is_refused_where_a_classifier_is_loaded(_model_dir, tmp_path):
+    # MagNet's autoencoder is a zoo model too, but it maps images to images: evaluating it
+    # as a classifier would fail later and obscurely.
+    ae = models.create("magnet_ae")
+    models.save(ae, _model_dir / "magnet_ae-mnist.safetensors", architecture="magnet_ae")
+    models.save(ae, tmp_path / "ae.safetensors", architecture="magnet_ae")
+    for spec in ("magnet_ae", "magnet_ae-mnist", tmp_path / "ae.safetensors"):
+        with pytest.raises(ValueError, match="autoencoder, not a classifier.*reformer"):
+            models.load(spec)
+
+
 def test_an_untrained_zoo_name_says_how_to_train_it(_model_dir):
     with pytest.raises(FileNotFoundError, match="advkit train --arch lenet5") as err:
         models.load("lenet5")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -62,9 +63,13 @@ def _fmt(key: str, value: object) -> str:
 
 def print_rows(rows: list[dict], title: str, keys: list[str] | None = None) -> None:
     keys = keys or list(rows[0])
-    table = Table(title=title)
+    # A light frame: more of the width goes to the figures.
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
     for k in keys:
-        table.add_column(k.replace("_", " "), justify="left" if k == "attack" else "right")
+        # Fold what does not fit (an 80-column pipe, a narrow terminal) instead of
+        # truncating it to "…": a cut number is a wrong number.
+        table.add_column(k.replace("_", " "), justify="left" if k == "attack" else "right",
+                         overflow="fold")
     for row in rows:
         table.add_row(*(_fmt(k, row[k]) for k in keys))
     out.print(table)

@@ -86,6 +86,13 @@ def load(spec: str | Path, *, weights: str | Path | None = None, trust: bool = F
         )
     if weights is not None and not is_factory:
         checkpoint.load_weights(model, weights, map_location, trust)
+    arch = getattr(model, "advkit_metadata", {}).get("architecture")
+    if arch in zoo.ARCHITECTURES and zoo.ARCHITECTURES[arch].kind != "classifier":
+        raise ValueError(
+            f"{spec} holds a {arch} {zoo.ARCHITECTURES[arch].kind}, not a classifier: use it "
+            "as a pipeline's reformer (kind = \"reformer\" with autoencoder = its path in a "
+            "pipeline file, or advkit.defenses.Reformer(advkit.defenses.magnet."
+            "load_autoencoder(path))) and load a classifier here")
     return model.to(map_location).eval()
 
 
