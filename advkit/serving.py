@@ -36,6 +36,7 @@ from fastapi.responses import JSONResponse
 from torch import Tensor, nn
 
 from advkit._version import __version__
+from advkit.models.device import device_of
 from advkit.models.remote import OUTPUTS, SERVES
 
 log = logging.getLogger("advkit.serve")
@@ -81,7 +82,7 @@ class _Refused(Exception):
 def build_app(model: nn.Module, input_shape: tuple[int, ...], *, mode: str = "scores",
               top_k: int | None = None, output: str = "probabilities",
               api_key: str | None = None, max_batch: int = MAX_BATCH,
-              max_body_bytes: int = MAX_BODY_BYTES, device: str = "cpu") -> FastAPI:
+              max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI application that serves ``model``.
 
     Args:
@@ -93,7 +94,8 @@ def build_app(model: nn.Module, input_shape: tuple[int, ...], *, mode: str = "sc
             ``"logits"``.
         api_key: if given, every request must carry ``Authorization: Bearer KEY``.
         max_batch: images per request; max_body_bytes: bytes per request body.
-        device: where the model runs.
+
+    The model runs where its parameters are (``advkit.models.load(..., map_location=)``).
 
     The application's ``state.stats`` is its :class:`Stats`, also at ``GET /stats``.
     """
@@ -110,7 +112,8 @@ def build_app(model: nn.Module, input_shape: tuple[int, ...], *, mode: str = "sc
         raise ValueError(f"max_batch and max_body_bytes must be >= 1 (got {max_batch}, "
                          f"{max_body_bytes})")
     input_shape = tuple(input_shape)
-    model = model.to(device).eval()
+    model = model.eval()
+    device = device_of(model)
     try:
         with torch.no_grad():
             probe = model(torch.zeros(1, *input_shape, device=device))

@@ -188,7 +188,8 @@ def test_advkit_serve_serves_a_checkpoint_on_loopback(mnist_model):
     env = {**os.environ, "ADVKIT_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "advkit", "serve", str(checkpoint), "--port", str(port),
-         "--mode", "label"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+         "--mode", "label", "--json"], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -209,5 +210,8 @@ def test_advkit_serve_serves_a_checkpoint_on_loopback(mnist_model):
     finally:
         process.terminate()
         output = process.communicate(timeout=30)[0].decode()
+    assert json.loads(output.splitlines()[0]) == {
+        "url": url, "model": str(checkpoint), "serves": "label", "top_k": None, "output": None,
+        "api_key": True}
     assert "answered 2 images (2 in all)" in output
     assert "refused GET /info with 401" in output

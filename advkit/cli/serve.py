@@ -3,13 +3,21 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from advkit.cli._common import DeviceOpt, TrustOpt, console, fail, resolve_device
+from advkit.cli._common import (
+    DeviceOpt,
+    JsonOpt,
+    TrustOpt,
+    console,
+    fail,
+    resolve_device,
+)
 
 
 def serve(
@@ -34,6 +42,7 @@ def serve(
         help="C,H,W of one image (default: from an advkit checkpoint or zoo name)")] = None,
     trust: TrustOpt = False,
     device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
 ) -> None:
     """Serve a model over HTTP on loopback: POST /predict, GET /info, GET /stats (the
     server's own query count). Attack it with advkit.models.remote("http://HOST:PORT")."""
@@ -46,11 +55,16 @@ def serve(
     net = models.load(model, trust=trust, map_location=device)
     shape = _input_shape(model, input_shape)
     app = build_app(net, shape, mode=mode, top_k=top_k, output=output, api_key=api_key,
-                    max_batch=max_batch, max_body_bytes=max_body_bytes, device=device)
+                    max_batch=max_batch, max_body_bytes=max_body_bytes)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    url = f"http://{host}:{port}"
+    if as_json:  # one line a script can read before the server takes over the terminal
+        print(json.dumps({"url": url, "model": model, "serves": mode, "top_k": top_k,
+                          "output": None if mode == "label" else output,
+                          "api_key": bool(api_key)}), flush=True)
     what = f"{mode} {top_k}" if mode == "top-k" else mode
     console.print(f"serving {model} ({what}{'' if mode == 'label' else ', ' + output}) on "
-                  f"http://{host}:{port}: POST /predict, GET /info, GET /stats"
+                  f"{url}: POST /predict, GET /info, GET /stats"
                   f"{'; API key required' if api_key else ''}")
     run_server(app, host, port, api_key=api_key)
 
