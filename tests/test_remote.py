@@ -277,6 +277,7 @@ def test_a_server_that_is_not_an_advkit_endpoint_is_named_so():
     ({"mode": "top-k"}, "mode must be None"),
     ({"timeout": 0}, "timeout must be > 0"),
     ({"retries": -1}, "retries must be an integer >= 0"),
+    ({"budget": 0}, "budget must be a number of queries per sample >= 1"),
 ])
 def test_bad_client_settings_are_refused(options, message):
     with pytest.raises(ValueError, match=message):

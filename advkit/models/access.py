@@ -86,7 +86,7 @@ def allows(given: str, needed: str) -> bool:
     return LEVELS.index(check_level(given)) >= LEVELS.index(check_level(needed))
 
 
-def _check_budget(budget: int | None) -> int | None:
+def check_budget(budget: int | None) -> int | None:
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)
                                or budget < 1):
         raise ValueError(f"budget must be a number of queries per sample >= 1, or None for "
@@ -127,7 +127,7 @@ class ModelAccess:
             raise TypeError(f"model must be a torch.nn.Module or a scorer (a function from "
                             f"images to scores) (got {type(model).__name__})")
         self.model = model
-        self.budget = _check_budget(budget)
+        self.budget = check_budget(budget)
         self.top_k = _check_top_k(top_k)
         self.queries = 0
 

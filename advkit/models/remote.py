@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from advkit.models.access import AccessError, LabelsOnly, ScoresOnly
+from advkit.models.access import AccessError, LabelsOnly, ScoresOnly, check_budget
 
 #: What an endpoint may serve, and how it may give scores.
 SERVES = ("scores", "top-k", "label")
@@ -164,7 +164,7 @@ class Endpoint:
                 else:
                     try:
                         return read(response.json())
-                    except (_Garbage, ValueError) as err:
+                    except ValueError as err:  # _Garbage, or a body that is not JSON
                         failures.append(f"answered garbage: {err}")
             self.failed_tries += 1
         raise RemoteError(f"{self.url} failed {what} {len(failures)} times "
@@ -306,6 +306,7 @@ def remote(url: str, api_key: str | None = None, budget: int | None = None, *,
                               "answers scores or labels over HTTP; use a black-box attack")
         raise ValueError(f"mode must be None (what the endpoint serves), 'scores' or 'labels' "
                          f"(got {mode!r})")
+    check_budget(budget)  # before any request
     endpoint = Endpoint(url, api_key=api_key, timeout=timeout, retries=retries,
                         backoff=backoff, batch_size=batch_size)
     if endpoint.serves == "label" and mode == "scores":
