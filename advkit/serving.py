@@ -17,7 +17,6 @@ many images (422, 413), a missing or wrong key (401).
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import logging
 import socket
@@ -37,7 +36,7 @@ from torch import Tensor, nn
 
 from advkit._version import __version__
 from advkit.models.device import device_of
-from advkit.models.remote import OUTPUTS, SERVES
+from advkit.models.remote import OUTPUTS, SERVES, is_loopback
 
 log = logging.getLogger("advkit.serve")
 
@@ -240,16 +239,6 @@ def _answer(model: nn.Module, x: Tensor, mode: str, top_k: int | None,
         return {"scores": scores.tolist()}
     top = scores.topk(min(top_k, scores.shape[1]), dim=1)
     return {"classes": top.indices.tolist(), "scores": top.values.tolist()}
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is this machine only (localhost, 127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve to anything
-        return False
 
 
 def check_exposure(host: str, api_key: str | None) -> None:

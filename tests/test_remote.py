@@ -272,6 +272,12 @@ def test_a_server_that_is_not_an_advkit_endpoint_is_named_so():
         models.remote(url, retries=0)
 
 
+def test_a_key_sent_in_clear_beyond_this_machine_is_warned_about():
+    with pytest.warns(UserWarning, match="API key goes to 10.0.0.1 in clear text"), \
+            pytest.raises(ValueError, match="retries"):
+        models.remote("http://10.0.0.1:8000", api_key="k", retries=-1)
+
+
 @pytest.mark.parametrize("options, message", [
     ({"url": "127.0.0.1:8000"}, "url must start with http"),
     ({"mode": "top-k"}, "mode must be None"),

@@ -26,10 +26,13 @@ after the last try raises :class:`RemoteError`, which says how many were unanswe
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import time
+import warnings
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 from torch import Tensor
@@ -70,6 +73,10 @@ class Endpoint:
 
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"url must start with http:// or https:// (got {url!r})")
+        host = urlsplit(url).hostname or ""
+        if api_key and url.startswith("http://") and not is_loopback(host):
+            warnings.warn(f"the API key goes to {host} in clear text over http://: anyone on "
+                          "the way can read it; use https://", stacklevel=3)
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds (got {timeout})")
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
@@ -272,6 +279,16 @@ def _detail(response: Any) -> str:
         detail = None
     text = detail if isinstance(detail, str) else response.text
     return " ".join(str(text).split())[:300] or "(empty body)"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine only (localhost, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def _positive_int(value: Any) -> bool:
