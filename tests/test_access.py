@@ -35,6 +35,8 @@ CONFIGS = {
     "featureadversary": ("linf", 0.1, {"steps": 3, "layer": 1}),
     "universalperturbation": ("linf", 0.1, {"max_epochs": 1, "batch_size": 4}),
     "orthogonalpgd": ("linf", 0.1, {"steps": 3}),
+    "hopskipjump": ("l2", float("inf"), {"max_queries": 200}),
+    "boundary": ("l2", float("inf"), {"max_queries": 100}),
 }
 
 

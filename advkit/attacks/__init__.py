@@ -7,12 +7,14 @@ forward pass. ``REGISTRY`` maps each attack's name to its class.
 from advkit.attacks.apgd import APGD, APGDT
 from advkit.attacks.base import Attack, AttackResult, Taxonomy
 from advkit.attacks.bim import BIM, ILLC
+from advkit.attacks.boundary import Boundary
 from advkit.attacks.carlini_wagner import CarliniWagnerL2, CarliniWagnerLinf
 from advkit.attacks.deepfool import DeepFool
 from advkit.attacks.ead import EAD
 from advkit.attacks.fab import FAB
 from advkit.attacks.feature_adversary import FeatureAdversary
 from advkit.attacks.fgsm import FGSM
+from advkit.attacks.hop_skip_jump import HopSkipJump
 from advkit.attacks.hot_cold import HotCold
 from advkit.attacks.jsma import JSMA
 from advkit.attacks.mifgsm import MIFGSM
@@ -25,7 +27,7 @@ REGISTRY: dict[str, type[Attack]] = {
     cls.name.lower(): cls for cls in (FGSM, BIM, ILLC, PGD, MIFGSM, APGD, APGDT, Square,
                                       DeepFool, FAB, CarliniWagnerL2, CarliniWagnerLinf, EAD,
                                       JSMA, HotCold, FeatureAdversary, UniversalPerturbation,
-                                      OrthogonalPGD)
+                                      OrthogonalPGD, HopSkipJump, Boundary)
 }
 
 
@@ -40,4 +42,5 @@ def get(name: str) -> type[Attack]:
 __all__ = ["Attack", "AttackResult", "Taxonomy", "REGISTRY", "get",
            "FGSM", "BIM", "ILLC", "PGD", "MIFGSM", "APGD", "APGDT", "Square", "JSMA", "HotCold",
            "FeatureAdversary", "UniversalPerturbation", "DeepFool", "FAB",
-           "CarliniWagnerL2", "CarliniWagnerLinf", "EAD", "OrthogonalPGD"]
+           "CarliniWagnerL2", "CarliniWagnerLinf", "EAD", "OrthogonalPGD", "HopSkipJump",
+           "Boundary"]

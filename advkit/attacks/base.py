@@ -103,7 +103,10 @@ class AttackResult:
             ``queries.sum() == forward_passes + backward_passes``.
         seconds: wall time of the whole call.
         extras: further per-sample tensors (first dim N) an attack reports, such as
-            several candidate examples per image.
+            several candidate examples per image. Query-based minimal-norm attacks
+            (HopSkipJump, Boundary) record ``extras["norm_at_queries"]`` (N, K): the
+            smallest norm found within each budget of ``config["checkpoints"]``
+            (:meth:`norms_at`, :meth:`curve` with ``queries=``).
     """
 
     x_adv: Tensor
@@ -139,13 +142,40 @@ class AttackResult:
     def images_per_second(self) -> float:
         return len(self) / self.seconds if self.seconds > 0 else math.inf
 
-    def curve(self, eps_list: Sequence[float]) -> list[tuple[float, float]]:
+    @property
+    def checkpoints(self) -> tuple[int, ...]:
+        """The query budgets at which the attack recorded its norms (() for none)."""
+        if "norm_at_queries" not in self.extras:
+            return ()
+        return tuple(self.config.get("checkpoints", ()))
+
+    def norms_at(self, queries: int) -> Tensor:
+        """Per sample, the smallest perturbation found within ``queries`` queries of that
+        sample (``inf`` where none yet), for an attack that records its norms at query
+        budgets (``checkpoints``). The count is the attack's own, its first look at ``x``
+        included, the final success pass not."""
+        if not self.checkpoints:
+            raise ValueError(f"{self.attack} records no norm per query budget; the "
+                             "decision-based attacks (HopSkipJump, Boundary) do")
+        if queries not in self.checkpoints:
+            raise ValueError(f"{self.attack} recorded its norms at {list(self.checkpoints)} "
+                             f"queries, not at {queries}; pass checkpoints= to the attack "
+                             "to record other budgets")
+        return self.extras["norm_at_queries"][:, self.checkpoints.index(queries)]
+
+    def curve(self, eps_list: Sequence[float],
+              queries: int | None = None) -> list[tuple[float, float]]:
         """Robust accuracy at each eps, read off the per-sample perturbation norms.
 
         Exact for minimal-norm attacks (a sample is broken at eps iff its smallest
         adversarial perturbation is <= eps). For a budgeted attack only eps values
-        up to the budget it ran with are meaningful.
+        up to the budget it ran with are meaningful. ``queries``: the curve after that
+        many queries per sample, for an attack that records its norms at query budgets
+        (:meth:`norms_at`).
         """
+        if queries is not None:
+            broken = self.norms_at(queries)
+            return [(float(e), (broken > e).float().mean().item()) for e in eps_list]
         if self.kind == "budgeted":
             too_big = [e for e in eps_list if e > self.threat.eps * (1 + 1e-9)]
             if too_big:
@@ -239,6 +269,10 @@ class Attack(ABC):
     #: on a reactive defense); the evaluation engine checks that a suite run on a
     #: pipeline with detectors has one.
     evades_detectors: ClassVar[bool] = False
+    #: Per-call inputs the attack takes besides ``targets``: keywords of ``__call__`` handed
+    #: on to ``_run`` (the decision-based attacks' ``starting_points``). Per call, never
+    #: stored on the configured object.
+    call_options: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -271,16 +305,23 @@ class Attack(ABC):
 
     def __call__(
         self, model: nn.Module | ModelAccess, x: Tensor, y: Tensor,
-        targets: Tensor | None = None,
+        targets: Tensor | None = None, **options: Tensor | None,
     ) -> AttackResult:
         """Attack ``model`` on images ``x`` (N,C,H,W in the bounds) with labels ``y``.
 
         ``model`` is an ``nn.Module`` (white box) or an access object that exposes less
         (:func:`advkit.models.scores_only`, :func:`advkit.models.labels_only`); an attack
         that needs more access than it is given is refused before any query. Pass
-        ``targets`` (N,) for a targeted attack. Returns an :class:`AttackResult`.
+        ``targets`` (N,) for a targeted attack, and the attack's own per-call inputs
+        (``call_options``, such as ``starting_points=``) as keywords. Returns an
+        :class:`AttackResult`.
         """
         start = time.perf_counter()
+        unknown = sorted(set(options) - set(self.call_options))
+        if unknown:
+            takes = (f"it takes {', '.join(o + '=' for o in self.call_options)}"
+                     if self.call_options else "it takes only model, x, y and targets=")
+            raise TypeError(f"{self.name} takes no argument {unknown[0]}= when called; {takes}")
         access = as_access(model)
         if not allows(access.level, self.access):
             raise AccessError(
@@ -299,9 +340,11 @@ class Attack(ABC):
             clean_logits: Tensor | None = None
             if not self._needs_clean_pass():
                 # Check the logits of the attack's own first pass (at x or at a random start)
-                # instead of paying for a clean forward pass; they run before any use.
-                oracle.check_first = lambda logits: check_logits(
-                    logits, y, targets, where=FIRST_POINT, hidden_ok=hidden)
+                # instead of paying for a clean forward pass; they run before any use. A
+                # label-only model shows no logits: there is nothing to check.
+                if access.level != LABELS:
+                    oracle.check_first = lambda logits: check_logits(
+                        logits, y, targets, where=FIRST_POINT, hidden_ok=hidden)
             elif access.level == LABELS:
                 oracle.labels(x)
             else:
@@ -312,7 +355,7 @@ class Attack(ABC):
             if self.seed is not None:
                 generator = torch.Generator(device=x.device).manual_seed(self.seed)
             oracle.reserve(1)
-            out = self._run(oracle, x, y, targets, clean_logits, generator)
+            out = self._run(oracle, x, y, targets, clean_logits, generator, **options)
             oracle.reserve(0)
             if oracle.check_first is not None:
                 raise RuntimeError(f"{self.name} declared that it needs no clean pass "

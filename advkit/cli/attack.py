@@ -39,6 +39,8 @@ def attack(
     step_size: Annotated[float | None, typer.Option(help="step length")] = None,
     restarts: Annotated[int | None, typer.Option(help="random restarts (PGD, APGD)")] = None,
     n_queries: Annotated[int | None, typer.Option(help="query budget (Square)")] = None,
+    max_queries: Annotated[int | None, typer.Option(
+        help="queries per sample (HopSkipJump, Boundary)")] = None,
     loss: Annotated[str | None, typer.Option(help="ce or margin")] = None,
     target: Annotated[int | None, typer.Option(help="targeted: this class for all")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
@@ -60,7 +62,8 @@ def attack(
         check_writable(save, "output file")  # before the attack, not after it
     try:
         atk = build_attack(attack_name, norm, eps, steps=steps, step_size=step_size,
-                           restarts=restarts, n_queries=n_queries, loss=loss, seed=seed)
+                           restarts=restarts, n_queries=n_queries, max_queries=max_queries,
+                           loss=loss, seed=seed)
         device = resolve_device(device)
         net, x, y = load_model_and_data(model, dataset, split, limit, trust, device)
         targets = None

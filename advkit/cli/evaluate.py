@@ -54,6 +54,8 @@ def evaluate(
     steps: Annotated[int | None, typer.Option(help="iterations")] = None,
     restarts: Annotated[int | None, typer.Option(help="random restarts (PGD, APGD)")] = None,
     n_queries: Annotated[int | None, typer.Option(help="query budget (Square)")] = None,
+    max_queries: Annotated[int | None, typer.Option(
+        help="queries per sample (HopSkipJump, Boundary)")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     dataset: DatasetOpt = "mnist",
     limit: Annotated[int, typer.Option(help="number of test images")] = 1000,
@@ -104,7 +106,7 @@ def evaluate(
     eps_list = eps or [0.3]
     try:
         attacks = build_attacks(attack_names, norm, eps_list, steps=steps, restarts=restarts,
-                                n_queries=n_queries, seed=seed)
+                                n_queries=n_queries, max_queries=max_queries, seed=seed)
         device = resolve_device(device)
         net, x, y = load_model_and_data(model, dataset, "test", limit, trust, device)
         attacked = net
