@@ -147,6 +147,17 @@ def test_targeted_starts_from_an_input_the_model_gives_the_target(batch):
     assert bool((result.norms < start_norms).all())
 
 
+def test_a_sample_with_no_start_is_left_unbroken_with_a_warning(batch):
+    x, y = batch
+    targets = torch.full_like(y, 9)  # toy_cnn gives no input 9, noise seldom
+    keep = targets != y
+    with pytest.warns(UserWarning, match="no adversarial start for 16 of 16 samples"):
+        result = HopSkipJump(UNCAPPED["l2"], max_queries=300, init_tries=20)(
+            toy_cnn(), x[keep], y[keep], targets=targets[keep])
+    assert not bool(result.success.any()) and bool(torch.isinf(result.norms).all())
+    assert result.queries.tolist() == [22] * 16  # first look, 20 draws, the success pass
+
+
 def test_a_finite_eps_is_a_cap_on_success(batch):
     x, y = batch
     capped = HopSkipJump(ThreatModel("l2", 0.5), max_queries=300)(toy_cnn(), x, y)

@@ -17,6 +17,7 @@ closest adversarial point seen. This module holds that common part:
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -252,6 +253,13 @@ class DecisionAttack(Attack):
         for source in sources if first == "inputs" else sources[::-1]:
             if not found.all():
                 source(search, rows, labels, start, found, generator)
+        if not found.all():
+            goal = "the target" if search.targets is not None else "another label"
+            warnings.warn(
+                f"{self.name} found no adversarial start for {int((~found).sum())} of "
+                f"{len(found)} samples (no input of the batch has {goal}, and "
+                f"{self.init_tries} noise draws did not): they stay unbroken (norm inf); pass "
+                "starting_points= or raise init_tries", stacklevel=4)
         return rows[found], start[found]
 
     def _from_noise(self, search: Search, rows: Tensor, labels: Tensor, start: Tensor,
