@@ -58,9 +58,10 @@ class Search:
     """
 
     def __init__(self, model: Oracle, x: Tensor, y: Tensor, targets: Tensor | None,
-                 threat: ThreatModel, max_queries: int, checkpoints: tuple[int, ...]) -> None:
+                 threat: ThreatModel, max_queries: int, checkpoints: tuple[int, ...],
+                 batch_size: int | None = None) -> None:
         self.model, self.x, self.y, self.targets = model, x, y, targets
-        self.threat, self.max_queries = threat, max_queries
+        self.threat, self.max_queries, self.batch_size = threat, max_queries, batch_size
         self.checkpoints = torch.tensor(checkpoints, device=x.device)
         self.best = x.clone()
         self.best_norm = torch.full((x.shape[0],), math.inf, device=x.device)
@@ -83,7 +84,12 @@ class Search:
         sample in ``rows``) adversarially; keeps the closest adversarial point per sample
         and records the norms at the checkpoints."""
         points = points.clamp(*self.threat.bounds)
-        hit = self.adversarial(self.model.labels(points, rows=rows), rows)
+        # In chunks: one call of thousands of images ran at half the images/s of 512 on CPU
+        # (the activations no longer fit in cache).
+        step = self.batch_size or len(points)
+        labels = torch.cat([self.model.labels(points[i:i + step], rows=rows[i:i + step])
+                            for i in range(0, len(points), step)])
+        hit = self.adversarial(labels, rows)
         self.offer(points, rows, hit)
         return hit
 
@@ -166,9 +172,10 @@ class DecisionAttack(Attack):
 
     def __init__(self, threat: ThreatModel, *, max_queries: int,
                  checkpoints: tuple[int, ...] | list[int] | None, init_tries: int,
-                 start_from: str | None, seed: int | None) -> None:
+                 start_from: str | None, batch_size: int | None, seed: int | None) -> None:
         super().__init__(threat, seed=seed)
         self.max_queries = _check_count("max_queries", max_queries)
+        self.batch_size = None if batch_size is None else _check_count("batch_size", batch_size)
         self.init_tries = _check_count("init_tries", init_tries)
         if start_from not in (None, *START_FROM):
             raise ValueError(f"unknown start_from {start_from!r}: use one of "
@@ -201,7 +208,8 @@ class DecisionAttack(Attack):
                 f"{self.max_queries + 1}")
         if starting_points is not None:
             starting_points = self._check_starts(starting_points, x)
-        search = Search(model, x, y, targets, self.threat, self.max_queries, self.checkpoints)
+        search = Search(model, x, y, targets, self.threat, self.max_queries, self.checkpoints,
+                        self.batch_size)
         everyone = torch.arange(x.shape[0], device=x.device)
         labels = model.labels(x)
         search.offer(x, everyone, search.adversarial(labels, everyone))
