@@ -250,10 +250,12 @@ def adaptive_suite(model: object) -> Suite:
     if detectors:
         stages += [Stage(s.name, s.attack, dict(s.params), eot=eot) for s in DETECTOR_STAGES]
     if transforms:
-        # BPDA's gradients can understate a transform: on the MNIST PGD-trained model, Square
-        # after the gradient stages lowered robust accuracy behind TVM from 86% to 60%, JPEG
-        # to 44% (benchmarks/protection.py). A gradient-free stage comes last, so the
-        # black-box check says when it found what the gradient stages missed.
+        # A transform's gradient stand-in can understate it: through the identity, Square
+        # after the gradient stages lowered the MNIST PGD-trained model behind TVM from 86%
+        # to 60%, JPEG to 44% (benchmarks/protection.py; with the exact and differentiable
+        # stand-ins since, a second Square run moves no figure by more than 2 points). A
+        # gradient-free stage comes last, so the black-box check says when it found what
+        # the gradient stages missed.
         stages.append(Stage("square", "square", {"n_queries": SQUARE_QUERIES}, eot=eot))
     return Suite("adaptive", tuple(stages))
 
