@@ -18,16 +18,20 @@ from advkit.attacks.hop_skip_jump import HopSkipJump
 from advkit.attacks.hot_cold import HotCold
 from advkit.attacks.jsma import JSMA
 from advkit.attacks.mifgsm import MIFGSM
+from advkit.attacks.nes import NES
 from advkit.attacks.orthogonal_pgd import OrthogonalPGD
 from advkit.attacks.pgd import PGD
+from advkit.attacks.simba import SimBA
 from advkit.attacks.square import Square
 from advkit.attacks.universal import UniversalPerturbation
+from advkit.attacks.zoo import ZOO
 
 REGISTRY: dict[str, type[Attack]] = {
     cls.name.lower(): cls for cls in (FGSM, BIM, ILLC, PGD, MIFGSM, APGD, APGDT, Square,
                                       DeepFool, FAB, CarliniWagnerL2, CarliniWagnerLinf, EAD,
                                       JSMA, HotCold, FeatureAdversary, UniversalPerturbation,
-                                      OrthogonalPGD, HopSkipJump, Boundary)
+                                      OrthogonalPGD, HopSkipJump, Boundary,
+                                      SimBA, NES, ZOO)
 }
 
 
@@ -43,4 +47,5 @@ __all__ = ["Attack", "AttackResult", "Taxonomy", "REGISTRY", "get",
            "FGSM", "BIM", "ILLC", "PGD", "MIFGSM", "APGD", "APGDT", "Square", "JSMA", "HotCold",
            "FeatureAdversary", "UniversalPerturbation", "DeepFool", "FAB",
            "CarliniWagnerL2", "CarliniWagnerLinf", "EAD", "OrthogonalPGD", "HopSkipJump",
-           "Boundary"]
+           "Boundary",
+           "SimBA", "NES", "ZOO"]

@@ -42,10 +42,36 @@ def default_checkpoints(max_queries: int) -> tuple[int, ...]:
         scale *= 10
 
 
-def _check_count(name: str, value: object) -> int:
+def check_count(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1 (got {value!r})")
     return value
+
+
+def query_checkpoints(checkpoints: tuple[int, ...] | list[int] | None,
+                      max_queries: int) -> tuple[int, ...]:
+    """The query budgets at which an attack records its norms: sorted, checked, at most
+    ``max_queries`` (None: :func:`default_checkpoints`)."""
+    if checkpoints is None:
+        checkpoints = default_checkpoints(max_queries)
+    checkpoints = tuple(sorted(set(checkpoints)))
+    for q in checkpoints:
+        check_count("every checkpoint", q)
+    if checkpoints[-1:] and checkpoints[-1] > max_queries:
+        raise ValueError(f"checkpoints must be at most max_queries={max_queries} (got "
+                         f"{checkpoints[-1]}); the attack spends no more")
+    return checkpoints
+
+
+def check_access_budget(name: str, model: Oracle, max_queries: int) -> None:
+    """Refuse, before any query, an access whose per-sample budget cannot pay for
+    ``max_queries`` and the final success pass."""
+    budget = model.access.budget
+    if budget is not None and max_queries + 1 > budget:
+        raise QueryBudgetExceeded(
+            f"{name} may spend max_queries={max_queries} queries per sample and the final "
+            f"success pass one more, but the access allows {budget}: give the attack "
+            f"max_queries={budget - 1} or the access a budget of {max_queries + 1}")
 
 
 class Search:
@@ -174,23 +200,15 @@ class DecisionAttack(Attack):
                  checkpoints: tuple[int, ...] | list[int] | None, init_tries: int,
                  start_from: str | None, batch_size: int | None, seed: int | None) -> None:
         super().__init__(threat, seed=seed)
-        self.max_queries = _check_count("max_queries", max_queries)
-        self.batch_size = None if batch_size is None else _check_count("batch_size", batch_size)
-        self.init_tries = _check_count("init_tries", init_tries)
+        self.max_queries = check_count("max_queries", max_queries)
+        self.batch_size = None if batch_size is None else check_count("batch_size", batch_size)
+        self.init_tries = check_count("init_tries", init_tries)
         if start_from not in (None, *START_FROM):
             raise ValueError(f"unknown start_from {start_from!r}: use one of "
                              f"{', '.join(START_FROM)}, or None (noise untargeted, inputs "
                              "targeted)")
         self.start_from = start_from
-        if checkpoints is None:
-            checkpoints = default_checkpoints(max_queries)
-        checkpoints = tuple(sorted(set(checkpoints)))
-        for q in checkpoints:
-            _check_count("every checkpoint", q)
-        if checkpoints[-1:] and checkpoints[-1] > max_queries:
-            raise ValueError(f"checkpoints must be at most max_queries={max_queries} (got "
-                             f"{checkpoints[-1]}); the attack spends no more")
-        self.checkpoints = checkpoints
+        self.checkpoints = query_checkpoints(checkpoints, max_queries)
 
     def _needs_clean_pass(self) -> bool:
         # The first look at x is the attack's own (labels only), in _run.
@@ -199,13 +217,7 @@ class DecisionAttack(Attack):
     def _run(self, model: Oracle, x: Tensor, y: Tensor, targets: Tensor | None,
              clean_logits: Tensor | None, generator: torch.Generator | None,
              starting_points: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        budget = model.access.budget
-        if budget is not None and self.max_queries + 1 > budget:
-            raise QueryBudgetExceeded(
-                f"{self.name} may spend max_queries={self.max_queries} queries per sample "
-                f"and the final success pass one more, but the access allows {budget}: give "
-                f"the attack max_queries={budget - 1} or the access a budget of "
-                f"{self.max_queries + 1}")
+        check_access_budget(self.name, model, self.max_queries)
         if starting_points is not None:
             starting_points = self._check_starts(starting_points, x)
         search = Search(model, x, y, targets, self.threat, self.max_queries, self.checkpoints,
