@@ -37,6 +37,8 @@ CONFIGS = {
     "orthogonalpgd": ("linf", 0.1, {"steps": 3}),
     "hopskipjump": ("l2", float("inf"), {"max_queries": 200}),
     "boundary": ("l2", float("inf"), {"max_queries": 100}),
+    "genattack": ("linf", 0.1, {"max_queries": 40}),
+    "onepixel": ("linf", 1.0, {"max_queries": 40, "population": 8}),
     "simba": ("l2", 1.0, {"max_queries": 40}),
     "nes": ("linf", 0.1, {"max_queries": 40, "samples": 10}),
     "zoo": ("l2", float("inf"), {"max_queries": 40, "coordinates": 8}),

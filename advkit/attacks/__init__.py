@@ -14,11 +14,13 @@ from advkit.attacks.ead import EAD
 from advkit.attacks.fab import FAB
 from advkit.attacks.feature_adversary import FeatureAdversary
 from advkit.attacks.fgsm import FGSM
+from advkit.attacks.gen_attack import GenAttack
 from advkit.attacks.hop_skip_jump import HopSkipJump
 from advkit.attacks.hot_cold import HotCold
 from advkit.attacks.jsma import JSMA
 from advkit.attacks.mifgsm import MIFGSM
 from advkit.attacks.nes import NES
+from advkit.attacks.one_pixel import OnePixel
 from advkit.attacks.orthogonal_pgd import OrthogonalPGD
 from advkit.attacks.pgd import PGD
 from advkit.attacks.simba import SimBA
@@ -30,7 +32,7 @@ REGISTRY: dict[str, type[Attack]] = {
     cls.name.lower(): cls for cls in (FGSM, BIM, ILLC, PGD, MIFGSM, APGD, APGDT, Square,
                                       DeepFool, FAB, CarliniWagnerL2, CarliniWagnerLinf, EAD,
                                       JSMA, HotCold, FeatureAdversary, UniversalPerturbation,
-                                      OrthogonalPGD, HopSkipJump, Boundary,
+                                      OrthogonalPGD, HopSkipJump, Boundary, GenAttack, OnePixel,
                                       SimBA, NES, ZOO)
 }
 
@@ -47,5 +49,5 @@ __all__ = ["Attack", "AttackResult", "Taxonomy", "REGISTRY", "get",
            "FGSM", "BIM", "ILLC", "PGD", "MIFGSM", "APGD", "APGDT", "Square", "JSMA", "HotCold",
            "FeatureAdversary", "UniversalPerturbation", "DeepFool", "FAB",
            "CarliniWagnerL2", "CarliniWagnerLinf", "EAD", "OrthogonalPGD", "HopSkipJump",
-           "Boundary",
+           "Boundary", "GenAttack", "OnePixel",
            "SimBA", "NES", "ZOO"]

@@ -42,9 +42,9 @@ def default_checkpoints(max_queries: int) -> tuple[int, ...]:
         scale *= 10
 
 
-def check_count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1 (got {value!r})")
+def check_count(name: str, value: object, least: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least} (got {value!r})")
     return value
 
 
