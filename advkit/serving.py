@@ -124,7 +124,12 @@ def build_app(model: nn.Module, input_shape: tuple[int, ...], *, mode: str = "sc
         raise ValueError(f"the model must return scores (N, classes) (got shape "
                          f"{tuple(probe.shape)})")
     classes = probe.shape[1]
-    info = {"advkit": __version__, "serves": mode, "output": output if mode != "label" else None,
+    from advkit.models import fingerprint
+
+    # The weights' fingerprint lets a client tell that the same model still answers (an
+    # evaluation resumed against this endpoint checks it).
+    info = {"advkit": __version__, "model_fingerprint": fingerprint(model),
+            "serves": mode, "output": output if mode != "label" else None,
             "top_k": top_k, "classes": classes, "input_shape": list(input_shape),
             "max_batch": max_batch, "max_body_bytes": max_body_bytes}
     stats = Stats()

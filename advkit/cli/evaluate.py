@@ -40,7 +40,8 @@ from advkit.evaluation import DEFAULT_STORE, accuracy, curve_rows, curves, run_a
 
 #: What a suite run records and ``--resume`` takes from the run instead of the command line.
 _RUN_SETTINGS = ("model", "attack_names", "norm", "eps", "seed", "dataset", "limit",
-                 "batch_size", "suite", "checks", "check_samples", "pipeline")
+                 "batch_size", "suite", "checks", "check_samples", "pipeline", "access",
+                 "remote")
 
 
 def evaluate(
@@ -63,8 +64,9 @@ def evaluate(
     report: Annotated[Path | None, typer.Option(
         help="also write an HTML report (table, accuracy-vs-eps plot, gallery) here")] = None,
     suite: Annotated[str | None, typer.Option(
-        help="run an attack suite (fast, standard, thorough, rand, minimal, or a .toml/.yaml "
-             "file) with per-sample worst case and masking checks, recorded in --store")] = None,
+        help="run an attack suite (fast, standard, thorough, rand, minimal, adaptive, "
+             "blackbox, or a .toml/.yaml file) with per-sample worst case and masking "
+             "checks, recorded in --store")] = None,
     store: Annotated[Path, typer.Option(help="suite runs: the SQLite result store")
                      ] = DEFAULT_STORE,
     resume: Annotated[int | None, typer.Option(
@@ -75,12 +77,24 @@ def evaluate(
         help="evaluate the model behind the transforms and detectors of this pipeline file "
              "(.toml/.json; see advkit.defenses.spec): detectors are fitted on training "
              "images first; use --suite adaptive")] = None,
+    access: Annotated[str, typer.Option(
+        help="suite runs: what the attacks may ask of --model: gradients (white box), "
+             "scores or labels (a black box; use --suite blackbox)")] = "gradients",
+    remote: Annotated[str | None, typer.Option(
+        help="suite runs: evaluate the model served at this URL (advkit serve) instead of "
+             "--model, as the black box it serves; use --suite blackbox")] = None,
+    api_key: Annotated[str | None, typer.Option(
+        envvar="ADVKIT_API_KEY", help="the --remote endpoint's API key (never stored)")] = None,
     trust: TrustOpt = False,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Clean and robust accuracy of a model under attacks at one or more eps, or under an
     attack suite (--suite) recorded in a resumable store."""
+    if access not in ("gradients", "scores", "labels"):
+        raise fail(f"--access must be gradients, scores or labels (got {access!r})")
+    if (access != "gradients" or remote is not None) and suite is None and resume is None:
+        raise fail("--access and --remote go with suite runs: add --suite blackbox")
     if resume is not None:
         given = [name for name in _RUN_SETTINGS
                  # typer's ParameterSource lives in a private module; its member name does not
@@ -100,7 +114,8 @@ def evaluate(
                         eps=eps[0] if eps else 0.3, dataset=dataset, limit=limit,
                         batch_size=batch_size, seed=seed, store=store, resume=resume,
                         checks=checks, check_samples=check_samples, trust=trust,
-                        device=device, as_json=as_json, pipeline=pipeline)
+                        device=device, as_json=as_json, pipeline=pipeline, access=access,
+                        remote=remote, api_key=api_key)
         return
     attack_names = attack_names or ["pgd"]
     eps_list = eps or [0.3]
@@ -185,7 +200,8 @@ def protect(net, pipeline: Path | dict, dataset: str, norm: str, eps: float, dev
 def evaluate_suite(*, model: str, suite: str, norm: str, eps: float, dataset: str, limit: int,
                    batch_size: int, seed: int, store: Path, resume: int | None, checks: bool,
                    check_samples: int, trust: bool, device: str, quiet: bool, log,
-                   pipeline: Path | None = None) -> dict:
+                   pipeline: Path | None = None, access: str = "gradients",
+                   remote: str | None = None, api_key: str | None = None) -> dict:
     """Run (or resume) one suite evaluation; return its JSON summary."""
     from advkit import data, models
     from advkit.evaluation import Store
@@ -201,6 +217,8 @@ def evaluate_suite(*, model: str, suite: str, norm: str, eps: float, dataset: st
                              "it with advkit.evaluate(..., resume=RUN)")
         model, dataset = config["model"]["spec"], config["data"]["dataset"]
         pipeline_spec = config["model"].get("pipeline")
+        access = config["model"].get("access", "gradients")
+        remote = config["model"].get("remote")
         limit, split = config["data"]["limit"], config["data"]["split"]
         threat = ThreatModel(config["threat"]["norm"], config["threat"]["eps"],
                              tuple(config["threat"]["bounds"]))
@@ -217,9 +235,19 @@ def evaluate_suite(*, model: str, suite: str, norm: str, eps: float, dataset: st
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         import torch
         torch.cuda.set_device(device)
-    net = models.load(model, trust=trust, map_location=device)
-    if pipeline_spec is not None:
-        net = protect(net, pipeline_spec, dataset, threat.norm, threat.eps, device, log)
+    if remote is not None:
+        if pipeline_spec is not None:
+            raise ValueError("--pipeline wraps a local model; a --remote endpoint serves its "
+                             "own: drop one of them")
+        # The endpoint says what it serves; only the URL is recorded (never the key).
+        net = models.remote(remote, api_key=api_key)
+        model, access = remote, net.level
+    else:
+        net = models.load(model, trust=trust, map_location=device)
+        if pipeline_spec is not None:
+            net = protect(net, pipeline_spec, dataset, threat.norm, threat.eps, device, log)
+        if access != "gradients":
+            net = (models.scores_only if access == "scores" else models.labels_only)(net)
     x, y = data.load(dataset, split=split, limit=limit)
     if isinstance(suite_arg, dict):
         from advkit.evaluation import Suite
@@ -228,7 +256,9 @@ def evaluate_suite(*, model: str, suite: str, norm: str, eps: float, dataset: st
                             store=store, resume=resume, checks=checks,
                             check_samples=check_samples, device=device, progress=not quiet,
                             log=log, describe_model={"spec": model, **(
-                                {"pipeline": pipeline_spec} if pipeline_spec else {})},
+                                {"pipeline": pipeline_spec} if pipeline_spec else {}), **(
+                                {"access": access} if access != "gradients" else {}), **(
+                                {"remote": remote} if remote is not None else {})},
                             describe_data={"dataset": dataset, "split": split, "limit": limit})
     return {**report.summary(), "store": str(store), "chunks_run": report.chunks_run,
             "stages": report.stages, "checks": [c.to_dict() for c in report.checks]}

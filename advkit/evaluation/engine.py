@@ -29,7 +29,7 @@ from advkit.environment import describe
 from advkit.evaluation import checks as checks_lib
 from advkit.evaluation.store import ChunkRecord, Outcome, Store
 from advkit.evaluation.suites import Suite, get_suite
-from advkit.models.access import REJECT, rejects
+from advkit.models.access import GRADIENTS, LABELS, REJECT, SCORES, ModelAccess, allows, rejects
 from advkit.models.device import device_of
 from advkit.progress import progress_bar
 from advkit.threat import ThreatModel
@@ -162,7 +162,7 @@ def _stage_threat(threat: ThreatModel, suite: Suite) -> ThreatModel:
 
 
 def evaluate(
-    model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
+    model: nn.Module | ModelAccess, x: Tensor, y: Tensor, threat: ThreatModel,
     suite: str | Path | Suite = "standard", *, seed: int = 0, batch_size: int = 500,
     store: str | Path | Store | None = None, resume: int | None = None,
     checks: bool = True, check_samples: int = 100, device: str | torch.device | None = None,
@@ -171,10 +171,20 @@ def evaluate(
 ) -> EvaluationReport:
     """Evaluate ``model`` on (x, y) under ``threat`` with an attack suite.
 
+    ``model`` may be a black box (:func:`advkit.models.scores_only`, ``labels_only``,
+    ``remote``): the suite's attacks must make do with its access (``suite="blackbox"``
+    picks Square or HopSkipJump), every query goes through it, and the store records each
+    sample's queries (``passes``), so an interrupted run resumes with the counts of its
+    finished chunks intact. The black box answers one probe, the clean pass (one query per
+    image), the attacks (``result.queries`` per image) and, for a score black box, one
+    query per gallery image (counted in the stage's forward passes): exactly the sum the
+    report gives. Per-sample budgets belong to one attack call and are refused here. The
+    gradient-masking checks are skipped.
+
     Args:
         suite: "fast", "standard" (AutoAttack's attacks), "thorough", "rand" (randomised
-            models), "minimal" (the accuracy-versus-eps curve), a :class:`Suite`, or a
-            .toml / .yaml / .json file.
+            models), "minimal" (the accuracy-versus-eps curve), "blackbox", a
+            :class:`Suite`, or a .toml / .yaml / .json file.
         seed: the run's seed; every chunk's seed derives from it.
         batch_size: samples per chunk (the unit that is committed and resumed).
         store: the SQLite result store (path or :class:`Store`); None keeps the run in
@@ -193,8 +203,21 @@ def evaluate(
     """
     start = time.perf_counter()
     log = log or (lambda _: None)
+    if isinstance(model, ModelAccess) and model.level == GRADIENTS:
+        if model.budget is not None:
+            raise ValueError("a query budget bounds one attack call; an evaluation runs many: "
+                             "give the suite's attacks their budgets (e.g. a suite file) and "
+                             "pass the model itself")
+        model = model.module  # white box: the module itself
     suite = get_suite(suite, model).for_norm(threat.norm)
     suite.check(_stage_threat(threat, suite))  # bad option values: an error before any work
+    black_box = isinstance(model, ModelAccess)
+    if black_box:
+        if model.budget is not None:
+            raise ValueError(f"{model!r} has a per-sample query budget, which bounds one attack "
+                             "call; an evaluation runs several: set each stage's max_queries "
+                             "(n_queries for Square) in the suite and drop the budget")
+        _check_suite_access(model, suite)
     x, y, _ = check_inputs(model, x, y, None, threat)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
@@ -203,7 +226,8 @@ def evaluate(
     if suite.kind == "budgeted":
         threat.check_eps_for(x)
     if device is None:
-        device = device_of(model)
+        local = model.module if black_box else model
+        device = device_of(local) if isinstance(local, nn.Module) else torch.device("cpu")
     device = torch.device(device)
     _probe(model, x, y, device)
     adaptive = checks_lib.adaptive_attacks(model, suite)
@@ -211,17 +235,18 @@ def evaluate(
         warnings.warn(adaptive.message, stacklevel=2)
         log(f"warning: {adaptive.message}")
     world = World.join(device)
-    from advkit.models import fingerprint
     config = {
         "suite": suite.to_dict(), "threat": {"norm": threat.norm, "eps": threat.eps,
                                              "bounds": list(threat.bounds)},
         "seed": seed, "batch_size": batch_size, "n": int(x.shape[0]),
-        "data_digest": data_digest(x, y), "model_fingerprint": fingerprint(model),
+        "data_digest": data_digest(x, y), "model_fingerprint": _fingerprint(model),
         "checks": checks, "check_samples": check_samples,
         "model": describe_model or {}, "data": describe_data or {},
     }
     if rejects(model):
         config["rejects"] = True  # clean and adversarial predictions may be REJECT
+    if black_box:
+        config["access"] = model.level  # "passes" are then the black box's queries
     owned = not isinstance(store, Store)
     if resume is not None and owned and (store is None or not Path(store).exists()):
         raise FileNotFoundError(f"cannot resume run {resume}: no store at {store}")
@@ -237,7 +262,7 @@ def evaluate(
                          adaptive.details)
         engine = _Engine(model, x, y, threat, suite, config, db, run_id, world, device, progress,
                          log)
-        with eval_mode(model):
+        with eval_mode(model.module if black_box else model):
             engine.run_stages()
             if checks:
                 engine.run_checks()
@@ -250,9 +275,47 @@ def evaluate(
     return report
 
 
-def _probe(model: nn.Module, x: Tensor, y: Tensor, device: torch.device) -> None:
+def _check_suite_access(access: ModelAccess, suite: Suite) -> None:
+    """Every stage's attack must make do with the black box's access level."""
+    refused = [f"{s.name} ({s.attack_class.__name__} needs {s.attack_class.access})"
+               for s in suite.stages if not allows(access.level, s.attack_class.access)]
+    if refused:
+        raise ValueError(f"suite {suite.name!r} has stages the model's {access.level} access "
+                         f"cannot run: {', '.join(refused)}; use suite='blackbox' (or a suite "
+                         "of score-based or decision-based attacks: advkit attacks lists each "
+                         "attack's access)")
+
+
+def _fingerprint(model: nn.Module | ModelAccess) -> str:
+    """The model's fingerprint, what a resumed run must match: a black box's is its local
+    module's (weights), or what it says of itself (a remote endpoint: URL and answers),
+    with its access level."""
+    if not isinstance(model, ModelAccess):
+        from advkit.models import fingerprint
+        return fingerprint(model)
+    inner = model.model
+    if isinstance(inner, nn.Module):
+        from advkit.models import fingerprint
+        what = fingerprint(inner)
+    else:  # a remote endpoint: its URL, what it serves, and the weights it says it has
+        what = f"{inner!r}:{getattr(inner, 'model_fingerprint', None)}"
+    top_k = getattr(model, "top_k", None)
+    return hashlib.sha256(f"{model.level}:{top_k}:{what}".encode()).hexdigest()[:16]
+
+
+def _probe(model: nn.Module | ModelAccess, x: Tensor, y: Tensor, device: torch.device) -> None:
     """The attacks' entry checks on one image, before a run is stored: logits of shape
-    (1, classes), finite, and every label one of the classes."""
+    (1, classes), finite, and every label one of the classes. A black box is asked once
+    (one query), with its access's own checks."""
+    if isinstance(model, ModelAccess):
+        if model.level == SCORES:
+            scores = model.scores(x[:1].to(device))
+            check_label_range(scores.shape[1], y)
+        else:
+            label = int(model.labels(x[:1].to(device))[0])
+            if label < 0 and label != REJECT:
+                raise ValueError(f"the model answered label {label}: not a class index")
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # eval_mode warns once, around the run itself
         with eval_mode(model), torch.no_grad():
@@ -284,6 +347,7 @@ class _Engine:
         self.model, self.x, self.y, self.threat, self.suite = model, x, y, threat, suite
         self.config, self.db, self.run_id, self.world = config, db, run_id, world
         self.device, self.progress, self.log = torch.device(device), progress, log
+        self.black_box = isinstance(model, ModelAccess)
         self.chunks_run = 0
 
     # which samples each stage attacks, decided from the store on rank 0
@@ -345,8 +409,13 @@ class _Engine:
         t0 = time.perf_counter()
         if stage == 0:
             with torch.no_grad():
-                probs = self.model(xc).softmax(1)
-                conf, pred = probs.max(1)
+                if self.black_box and self.model.level == LABELS:
+                    # A label is a one-hot answer: the box is as sure as it lets us see.
+                    pred = self.model.labels(xc)
+                    conf = torch.ones(pred.shape)
+                else:
+                    scores = self.model.scores(xc) if self.black_box else self.model(xc)
+                    conf, pred = scores.softmax(1).max(1)
                 if rejects(self.model):
                     pred = torch.where(self.model.rejected(xc).to(pred.device),
                                        torch.full_like(pred, REJECT), pred)
@@ -369,26 +438,34 @@ class _Engine:
                     for i, s, nm, p, q in zip(idx, result.success.tolist(), result.norms.tolist(),
                                               result.predictions.tolist(), per_sample.tolist(),
                                               strict=True)]
-        images = []
-        if chunk < 2:
+        images, extra = [], 0
+        # A label-only black box gives no confidence to show; a score black box is asked
+        # once more per gallery image, and the chunk's record counts those queries.
+        if chunk < 2 and not (self.black_box and self.model.level == LABELS):
             picks = result.success.nonzero().flatten()[:GALLERY_PER_CHUNK]
             if len(picks):
                 with torch.no_grad():
-                    probs = model(result.x_adv[picks]).softmax(1)
+                    if self.black_box:
+                        probs = self.model.scores(result.x_adv[picks]).softmax(1)
+                        extra = len(picks)
+                    else:
+                        probs = model(result.x_adv[picks]).softmax(1)
                 for j, p in zip(picks.tolist(), probs, strict=True):
                     conf, pred = p.max(0)
                     info = {"attack": spec.name, "norm": float(result.norms[j]),
                             "adv_pred": int(pred), "adv_conf": float(conf)}
                     images.append((idx[j], info, xc[j].cpu().numpy(),
                                    result.x_adv[j].cpu().numpy()))
-        record = ChunkRecord(stage, chunk, n, result.forward_passes * spec.eot,
+        record = ChunkRecord(stage, chunk, n, result.forward_passes * spec.eot + extra,
                              result.backward_passes * spec.eot, time.perf_counter() - t0)
         return record, outcomes, images
 
-    def _attacked(self) -> nn.Module:
+    def _attacked(self) -> nn.Module | ModelAccess:
         """The model as attacks and checks differentiate it: a pipeline through its
         transforms' declared approximations (BPDA); the forward pass, and so every
-        prediction, is unchanged."""
+        prediction, is unchanged. A black box is attacked as it is."""
+        if self.black_box:
+            return self.model
         for_attack = getattr(self.model, "for_attack", None)
         return for_attack() if callable(for_attack) else self.model
 
@@ -415,6 +492,15 @@ class _Engine:
         if len(pick) == 0:
             yield checks_lib.Check("samples", "fail", "No image is classified correctly: there is "
                                    "nothing to attack, and no check can run.")
+            return
+        if self.black_box:
+            # Gradient masking fools gradient-based attacks; a black box is attacked without
+            # gradients, and probing it would spend queries the run does not count.
+            if "gradients" not in done:
+                yield checks_lib.Check(
+                    "gradients", "skip", f"The model is a black box ({self.model.level} "
+                    "access): the gradient-masking checks need gradients, and the suite's "
+                    "attacks use none.")
             return
         xs, ys = self.x[pick].to(self.device), self.y[pick].to(self.device)
         eot = max(s.eot for s in self.suite.stages)

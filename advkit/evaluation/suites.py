@@ -285,15 +285,33 @@ def parse_suite(spec: str) -> Suite:
     return Suite("custom", tuple(stages))
 
 
+#: Queries per image of the black-box suite (AutoAttack's budget for Square).
+BLACKBOX_QUERIES = 5000
+
+
+def blackbox_suite(model: object) -> Suite:
+    """The attack a black box's access allows (``suite="blackbox"``): Square (score-based)
+    for score access, HopSkipJump (decision-based, its norm capped at eps) for label-only
+    access, each with :data:`BLACKBOX_QUERIES` queries per image. A model with gradient
+    access gets Square too (the suite then measures what a black-box attacker finds)."""
+    if getattr(model, "level", None) == "labels":
+        stage = Stage("hopskipjump", "hopskipjump", {"max_queries": BLACKBOX_QUERIES})
+    else:
+        stage = Stage("square", "square", {"n_queries": BLACKBOX_QUERIES})
+    return Suite("blackbox", (stage,))
+
+
 def get_suite(name_or_path: str | Path | Suite, model: object = None) -> Suite:
     """A built-in suite by name, a suite file (.toml, .json, .yaml/.yml), or an inline
-    suite (see :func:`parse_suite`). ``"adaptive"`` is composed for ``model`` (see
-    :func:`adaptive_suite`)."""
+    suite (see :func:`parse_suite`). ``"adaptive"`` and ``"blackbox"`` are composed for
+    ``model`` (see :func:`adaptive_suite`, :func:`blackbox_suite`)."""
     if isinstance(name_or_path, Suite):
         return name_or_path
     key = str(name_or_path)
     if key == "adaptive":
         return adaptive_suite(model)
+    if key == "blackbox":
+        return blackbox_suite(model)
     if key in SUITES:
         return SUITES[key]
     if not isinstance(name_or_path, Path) and ("+" in key or ":" in key or key.lower().replace(
@@ -301,7 +319,8 @@ def get_suite(name_or_path: str | Path | Suite, model: object = None) -> Suite:
         return parse_suite(key)
     path = Path(key)
     if not path.suffix:
-        raise ValueError(f"unknown suite {key!r}: use one of {', '.join(SUITES)}, adaptive, a "
+        raise ValueError(f"unknown suite {key!r}: use one of {', '.join(SUITES)}, adaptive, "
+                         "blackbox, a "
                          ".toml / .yaml / .json file, or attacks joined by + "
                          "(apgd:steps=50+square)")
     if not path.is_file():

@@ -97,6 +97,8 @@ class Endpoint:
             self._http.close()
             raise
         self.serves: str = info["serves"]
+        #: What the server says of its weights (advkit serve sends it; None if not sent).
+        self.model_fingerprint: str | None = info.get("model_fingerprint")
         self.output: str | None = info.get("output")
         self.top_k: int | None = info.get("top_k")
         self.classes: int = info["classes"]
