@@ -40,7 +40,8 @@ def attack(
     restarts: Annotated[int | None, typer.Option(help="random restarts (PGD, APGD)")] = None,
     n_queries: Annotated[int | None, typer.Option(help="query budget (Square)")] = None,
     max_queries: Annotated[int | None, typer.Option(
-        help="queries per sample (HopSkipJump, Boundary)")] = None,
+        help="queries per sample of the query-based black-box attacks (HopSkipJump, "
+             "Boundary, SimBA, NES, ZOO, GenAttack, OnePixel)")] = None,
     loss: Annotated[str | None, typer.Option(help="ce or margin")] = None,
     target: Annotated[int | None, typer.Option(help="targeted: this class for all")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
