@@ -63,7 +63,8 @@ def evaluate(
     limit: Annotated[int, typer.Option(help="number of test images")] = 1000,
     batch_size: Annotated[int, typer.Option(help="images per batch")] = 500,
     report: Annotated[Path | None, typer.Option(
-        help="also write an HTML report (table, accuracy-vs-eps plot, gallery) here")] = None,
+        help="also write an HTML report (table, accuracy-vs-eps plot, query efficiency of "
+             "black-box attacks, gallery) here")] = None,
     suite: Annotated[str | None, typer.Option(
         help="run an attack suite (fast, standard, thorough, rand, minimal, adaptive, "
              "blackbox, or a .toml/.yaml file) with per-sample worst case and masking "
@@ -145,7 +146,7 @@ def evaluate(
     prov = provenance(net, model, dataset, "test", len(x), device)
     if report is not None:
         _write_report(report, net, x, results, rows, curves(results, eps_list, clean),
-                      prov, dataset)
+                      prov, dataset, eps_list)
     if as_json:
         print_json({**prov, "n": int(x.shape[0]), "clean_accuracy": clean,
                     "results": rows, "configs": [r.config for r in results],
@@ -169,9 +170,10 @@ def _evaluate_suite(*, as_json: bool, device: str, **options: object) -> None:
         print_report_tables(summary)
 
 
-def _write_report(path: Path, net, x, results, rows, curve_points, provenance, dataset) -> None:
+def _write_report(path: Path, net, x, results, rows, curve_points, provenance, dataset,
+                  eps_list) -> None:
     from advkit import data
-    from advkit.report import gallery_items, write_html_report
+    from advkit.report import QueryEfficiency, gallery_items, write_html_report
     names = data.class_names(dataset)
     strongest = max(results, key=lambda r: r.success_rate)
     env = {**provenance.pop("environment"), **{k: str(v) for k, v in provenance.items()}}
@@ -181,7 +183,11 @@ def _write_report(path: Path, net, x, results, rows, curve_points, provenance, d
                       summary=[{k: row[k] for k in shown} for row in rows],
                       curves=curve_points, gallery=gallery_items(net, x, strongest, names),
                       environment=env,
-                      notes=["Success is re-checked with a fresh forward pass after every attack."])
+                      notes=["Success is re-checked with a fresh forward pass after every attack."],
+                      # Robust accuracy versus queries only at the run's one eps: with
+                      # several, which one the panel shows would be arbitrary.
+                      query_efficiency=QueryEfficiency.from_results(
+                          results, eps=eps_list[0] if len(eps_list) == 1 else None))
 
 
 def protect(net, pipeline: Path | dict, dataset: str, norm: str, eps: float, device,

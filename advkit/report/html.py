@@ -1,7 +1,7 @@
 """Write an evaluation as one self-contained HTML page for people, and its JSON twin
 for machines.
 
-The HTML file embeds everything (CSS, the plot as inline SVG, images as PNG data
+The HTML file embeds everything (CSS, the plots as inline SVG, images as PNG data
 URIs), so it can be mailed, attached to a ticket or opened offline and still show
 the same thing. Both writers validate all input first and write atomically: a
 reader never sees a half-written report, and a failed run leaves the old one intact.
@@ -27,8 +27,10 @@ from advkit.report.images import (
     check_image,
     curves_svg,
     png_data_uri,
+    query_efficiency_svg,
     upscale_factor,
 )
+from advkit.report.queries import QueryEfficiency
 
 JSON_FORMAT = "advkit-report"
 JSON_VERSION = 1
@@ -110,7 +112,8 @@ def write_html_report(path: str | Path, *, title: str, summary: Sequence[Mapping
                       gallery: Sequence[GalleryItem], environment: Mapping[str, object],
                       notes: Sequence[str] = (),
                       tables: Sequence[tuple[str, Sequence[Mapping[str, object]]]] = (),
-                      banner: str | None = None) -> Path:
+                      banner: str | None = None,
+                      query_efficiency: QueryEfficiency | None = None) -> Path:
     """Write a self-contained HTML robustness report.
 
     Args:
@@ -132,6 +135,9 @@ def write_html_report(path: str | Path, *, title: str, summary: Sequence[Mapping
             rows shaped like ``summary``'s (e.g. per stage, checks, per class).
         banner: a warning that changes how everything below must be read (e.g. "this
             run is unfinished"), shown above all else in red.
+        query_efficiency: median norm (and robust accuracy) versus queries per image for
+            query-based black-box attacks (:meth:`QueryEfficiency.from_results`), drawn
+            after the eps plot; None leaves that section out.
 
     Returns:
         ``Path(path)``.
@@ -140,6 +146,7 @@ def write_html_report(path: str | Path, *, title: str, summary: Sequence[Mapping
         ValueError: if any input is malformed; nothing is written then.
     """
     fields = _validate(title, summary, curves, gallery, environment, notes, banner)
+    _check_query_efficiency(query_efficiency)
     columns, rows = _table(fields["columns"], fields["summary"])
     sections = []
     for heading, table_rows in tables:
@@ -156,6 +163,9 @@ def write_html_report(path: str | Path, *, title: str, summary: Sequence[Mapping
         sections=sections,
         plot=Markup(curves_svg(fields["curves"])) if fields["curves"] else None,
         curve_names=list(fields["curves"]),
+        queries_plot=(Markup(query_efficiency_svg(query_efficiency))
+                      if query_efficiency is not None else None),
+        queries=query_efficiency,
         gallery=[_card(item) for item in gallery],
         environment=[(key, _display(value)) for key, value in fields["environment"].items()],
     )
@@ -178,7 +188,8 @@ def write_json_report(path: str | Path, *, title: str, summary: Sequence[Mapping
                       gallery: Sequence[GalleryItem], environment: Mapping[str, object],
                       notes: Sequence[str] = (),
                       tables: Sequence[tuple[str, Sequence[Mapping[str, object]]]] = (),
-                      banner: str | None = None) -> Path:
+                      banner: str | None = None,
+                      query_efficiency: QueryEfficiency | None = None) -> Path:
     """Write the machine-readable twin of :func:`write_html_report`.
 
     Takes the same arguments and validates them the same way. The gallery is
@@ -189,6 +200,7 @@ def write_json_report(path: str | Path, *, title: str, summary: Sequence[Mapping
         ``Path(path)``.
     """
     fields = _validate(title, summary, curves, gallery, environment, notes, banner)
+    _check_query_efficiency(query_efficiency)
     document = {
         "format": JSON_FORMAT,
         "version": JSON_VERSION,
@@ -201,6 +213,7 @@ def write_json_report(path: str | Path, *, title: str, summary: Sequence[Mapping
         "gallery": [item.metadata() for item in gallery],
         "environment": fields["environment"],
         "tables": {heading: _validate_summary(rows)[1] for heading, rows in tables},
+        "query_efficiency": query_efficiency.as_dict() if query_efficiency else None,
     }
     text = json.dumps(_json_safe(document), indent=2, ensure_ascii=False, allow_nan=False)
     return atomic_write(path, text + "\n")
@@ -262,6 +275,13 @@ def _validate(title: object, summary: object, curves: object, gallery: object,
         "environment": {key: _plain(value, f"environment[{key!r}]")
                         for key, value in environment.items()},
     }
+
+
+def _check_query_efficiency(value: object) -> None:
+    if value is not None and not isinstance(value, QueryEfficiency):
+        raise ValueError("query_efficiency must be a QueryEfficiency or None (got "
+                         f"{type(value).__name__}); build it with "
+                         "QueryEfficiency.from_results(results)")
 
 
 def _validate_summary(summary: object) -> tuple[list[str], list[dict[str, Scalar]]]:

@@ -1,5 +1,6 @@
 """Pictures embedded in the HTML report: image tensors as PNG data URIs, the
-amplified perturbation, and the robust-accuracy-versus-eps plot as inline SVG.
+amplified perturbation, and the plots (robust accuracy versus eps, query efficiency) as
+inline SVG.
 
 Everything here returns text that can go straight into one self-contained HTML
 file: no temporary files, no external URLs, and the same bytes for the same input.
@@ -9,15 +10,21 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import re
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import matplotlib
 import numpy as np
 import torch
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import PercentFormatter
+from matplotlib.ticker import NullLocator, PercentFormatter
 from PIL import Image
+
+if TYPE_CHECKING:
+    from advkit.report.queries import QueryEfficiency
 
 # Small images (28x28 digits) are upscaled to about this many pixels on their
 # longer side so a reader can see individual pixels; large images are left alone.
@@ -130,13 +137,7 @@ def curves_svg(curves: Mapping[str, Sequence[tuple[float, float]]]) -> str:
         SVG markup for direct inclusion in HTML: no XML prolog, no namespace URLs,
         no metadata, scaled by CSS through its viewBox.
     """
-    # No pyplot: a bare Figure needs no backend switch and leaves global state alone.
-    # svg.fonttype "none" keeps labels as real text (selectable, small, crisp);
-    # parse_math off so a "$" in an attack name is printed, not parsed as TeX;
-    # a fixed hash salt makes the SVG ids, and so the report, reproducible.
-    style = {"svg.fonttype": "none", "svg.hashsalt": "advkit", "text.parse_math": False,
-             "font.size": 11}
-    with matplotlib.rc_context(style):
+    with matplotlib.rc_context(_STYLE):
         figure = Figure(figsize=(8.0, 4.2), layout="constrained")
         axes = figure.add_subplot()
         for index, (name, points) in enumerate(curves.items()):
@@ -149,12 +150,67 @@ def curves_svg(curves: Mapping[str, Sequence[tuple[float, float]]]) -> str:
         axes.set_ylabel("robust accuracy")
         axes.set_ylim(-0.02, 1.02)
         axes.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
-        axes.grid(True, color="#d0d4da", linewidth=0.8)
-        axes.set_axisbelow(True)
-        for side in ("top", "right"):
-            axes.spines[side].set_visible(False)
-        axes.legend(title="attack", frameon=False, loc="best")
-        buffer = io.StringIO()
+        _tidy(axes, legend_title="attack")
+    return _inline_svg(figure)
+
+
+def query_efficiency_svg(efficiency: QueryEfficiency) -> str:
+    """Draw median norm versus queries (log-x), one line per attack, and, when the data
+    has it, robust accuracy at eps versus queries beside it, as an inline ``<svg>``.
+
+    An infinite median (fewer than half the images broken so far) is left as a gap.
+    """
+    accuracy = efficiency.robust_acc
+    budgets = sorted({q for points in efficiency.median_norm.values() for q, _ in points})
+    with matplotlib.rc_context(_STYLE):
+        figure = Figure(figsize=(10.0 if accuracy else 8.0, 4.2), layout="constrained")
+        panels = figure.subplots(1, 2 if accuracy else 1, squeeze=False)[0]
+        # Same colour and marker per attack in both panels, so one legend reads for both.
+        for index, name in enumerate(efficiency.median_norm):
+            look = {"label": _legend_label(name), "linewidth": 2, "markersize": 5,
+                    "color": _PALETTE[index % len(_PALETTE)],
+                    "marker": _MARKERS[index % len(_MARKERS)]}
+            queries, norms = zip(*efficiency.median_norm[name], strict=True)
+            panels[0].plot(queries, [n if math.isfinite(n) else math.nan for n in norms],
+                           **look)
+            if name in accuracy:
+                panels[1].plot(*zip(*accuracy[name], strict=True), **look)
+        panels[0].set_ylabel(f"median {efficiency.norm} norm (all images)")
+        panels[0].set_ylim(bottom=0)
+        if accuracy:
+            panels[1].set_ylabel(f"robust accuracy at ε = {efficiency.eps:g}")
+            panels[1].set_ylim(-0.02, 1.02)
+            panels[1].yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
+        for axes in panels:
+            axes.set_xscale("log")
+            axes.set_xlabel("queries per image")
+            # The budgets themselves as ticks, written out: "5,000" reads better than 5e3.
+            axes.set_xticks(budgets, [f"{q:,}" for q in budgets])
+            axes.xaxis.set_minor_locator(NullLocator())
+            _tidy(axes, legend_title="attack" if axes is panels[0] else None)
+    return _inline_svg(figure)
+
+
+# No pyplot: a bare Figure needs no backend switch and leaves global state alone.
+# svg.fonttype "none" keeps labels as real text (selectable, small, crisp);
+# parse_math off so a "$" in an attack name is printed, not parsed as TeX;
+# a fixed hash salt makes the SVG ids, and so the report, reproducible.
+_STYLE = {"svg.fonttype": "none", "svg.hashsalt": "advkit", "text.parse_math": False,
+          "font.size": 11}
+
+
+def _tidy(axes: Axes, legend_title: str | None) -> None:
+    axes.grid(True, color="#d0d4da", linewidth=0.8)
+    axes.set_axisbelow(True)
+    for side in ("top", "right"):
+        axes.spines[side].set_visible(False)
+    if legend_title is not None:
+        axes.legend(title=legend_title, frameon=False, loc="best")
+
+
+def _inline_svg(figure: Figure) -> str:
+    buffer = io.StringIO()
+    with matplotlib.rc_context(_STYLE):
         figure.savefig(buffer, format="svg",
                        metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
     svg = buffer.getvalue()
