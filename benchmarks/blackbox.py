@@ -18,7 +18,9 @@ with their defaults, ``targeted=False`` for ART's BoundaryAttack (its default is
 and enough iterations to reach the largest budget.
 
 Run ``python benchmarks/blackbox.py --help``. The run rewrites only its own section of
-``benchmarks/RESULTS.md``.
+``benchmarks/RESULTS.md``, and ``benchmarks/blackbox.html`` beside it: the table and the
+median L2 of every library's attack versus queries, drawn from that section (``--page-only``
+redraws the page from the recorded section without running anything).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import datetime
 import importlib.metadata
 import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -46,7 +49,7 @@ for path in (REPO, REPO / "benchmarks"):
         sys.path.insert(0, str(path))
 
 from attacks import _device_name, _source_state  # noqa: E402
-from evaluate import write_section  # noqa: E402
+from evaluate import markers, write_section  # noqa: E402
 
 import advkit  # noqa: E402
 from advkit import ThreatModel  # noqa: E402
@@ -273,6 +276,49 @@ def render(rows: list[dict], args: argparse.Namespace, started: float, load: tup
     return "\n".join(lines) + "\n"
 
 
+def write_page(path: Path, section: str) -> Path:
+    """Write the HTML page of a rendered section (:func:`render`'s text, or the one recorded
+    in RESULTS.md): its table, and median L2 versus queries, one line per row of the
+    benchmark, through advkit's report (the same figure as ``advkit evaluate --report``).
+
+    The numbers are the section's own (medians rounded to 3 decimals), so the page always
+    shows what RESULTS.md records.
+    """
+    from advkit.report import QueryEfficiency, write_html_report
+
+    lines = section.splitlines()
+    table = [line.strip().strip("|").split("|") for line in lines if line.startswith("| ")]
+    header, body = [cell.strip() for cell in table[0]], table[1:]
+    summary, medians, name = [], {}, ""
+    for cells in body:
+        row = dict(zip(header, (cell.strip() for cell in cells), strict=True))
+        # The query counts are long sentences: they stay in RESULTS.md.
+        row.pop("queries counted")
+        if row["library"]:  # a continuation row (the next budget) leaves it empty
+            name = f"{row['library']} {row['attack']}"
+            # The config only where it tells two lines apart (advkit's two HopSkipJumps).
+            if name in medians or any(name == other.split(" (")[0] for other in medians):
+                name += f" ({row['config']})"
+        budget, median = int(row["budget"].replace(",", "")), float(row["median L2"])
+        medians.setdefault(name, []).append((budget, median))
+        summary.append(row)
+    facts = [line[2:] for line in lines if line.startswith("- ")]
+    environment = dict(fact.split(": ", 1) for fact in facts if ": " in fact)
+    title = re.sub(r"`", "", lines[1].lstrip("# "))
+    path = write_html_report(
+        path, title=title, summary=summary, curves={}, gallery=[], environment=environment,
+        notes=["Per image, the smallest L2 among the images the attack showed the model and "
+               "it classified adversarially, within q queries of that image, counted by one "
+               "counting module around the model for every library; the median is over every "
+               "image, an image not yet broken counting as infinitely far."],
+        query_efficiency=QueryEfficiency(medians, "L2"))
+    # A benchmark page has no eps curve and no gallery: drop their empty sections.
+    text = re.sub(r'<section id="(curves|gallery)">.*?</section>\n*', "", path.read_text(),
+                  flags=re.S)
+    path.write_text(text)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -286,13 +332,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", default="nothing else noted",
                         help="what else ran on the machine (for the record)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
+    parser.add_argument("--page", type=Path, default=None,
+                        help="the HTML page (default: blackbox.html next to --out)")
+    parser.add_argument("--page-only", action="store_true",
+                        help="only redraw the page from the section recorded in --out")
     args = parser.parse_args(argv)
     args.budgets = sorted(set(args.budgets))
+    page = args.page or args.out.parent / "blackbox.html"
+    if args.page_only:
+        begin, end = markers(SECTION, "blackbox.py")
+        recorded = args.out.read_text()
+        if begin not in recorded:
+            parser.error(f"{args.out} has no {SECTION} section to draw; run the benchmark")
+        section = begin + recorded.split(begin, 1)[1].split(end, 1)[0] + end
+        print(write_page(page, section))
+        return 0
     torch.set_num_threads(args.threads)
     started, load = time.perf_counter(), os.getloadavg()
     rows = measure(args, lambda m: print(m, flush=True))
     text = render(rows, args, started, load)
     write_section(args.out, SECTION, text, script="blackbox.py")
+    write_page(page, text)
     print(text)
     return 0
 

@@ -163,7 +163,7 @@ def query_efficiency_svg(efficiency: QueryEfficiency) -> str:
     accuracy = efficiency.robust_acc
     budgets = sorted({q for points in efficiency.median_norm.values() for q, _ in points})
     with matplotlib.rc_context(_STYLE):
-        figure = Figure(figsize=(10.0 if accuracy else 8.0, 4.2), layout="constrained")
+        figure = Figure(figsize=(11.0 if accuracy else 8.0, 4.2), layout="constrained")
         panels = figure.subplots(1, 2 if accuracy else 1, squeeze=False)[0]
         # Same colour and marker per attack in both panels, so one legend reads for both.
         for index, name in enumerate(efficiency.median_norm):
@@ -187,7 +187,11 @@ def query_efficiency_svg(efficiency: QueryEfficiency) -> str:
             # The budgets themselves as ticks, written out: "5,000" reads better than 5e3.
             axes.set_xticks(budgets, [f"{q:,}" for q in budgets])
             axes.xaxis.set_minor_locator(NullLocator())
-            _tidy(axes, legend_title="attack" if axes is panels[0] else None)
+            _tidy(axes, legend_title=None)
+        # Outside the axes, right of the last panel: with several attacks an inside legend
+        # hides the lines' starts, where they differ most.
+        panels[-1].legend(*panels[0].get_legend_handles_labels(), title="attack", frameon=False,
+                          loc="upper left", bbox_to_anchor=(1.02, 1.0))
     return _inline_svg(figure)
 
 
