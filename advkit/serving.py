@@ -5,13 +5,15 @@ attacks, with its own query counter.
 :func:`running` runs it in a background thread (tests, notebooks, the load benchmark).
 The protocol is the one :func:`advkit.models.remote` speaks (see
 :mod:`advkit.models.remote`): ``GET /info``, ``POST /predict``, plus ``GET /stats``, the
-server's own count of the images it answered.
+server's own count of the images it answered. It also serves a page to try an attack on the
+model (``GET /``, ``POST /try/attack``; :mod:`advkit.serving_page`), unless ``page=False``.
 
 Safe by default: the server binds to loopback; :func:`check_exposure` refuses any other
 address without an API key. A request is refused with a 4xx status and a message that
 says what to fix, and the server goes on serving: a body over the size limit (413, before
 it is parsed), malformed JSON or NaN (400), a wrong shape, values outside [0, 1] or too
-many images (422, 413), a missing or wrong key (401).
+many images (422, 413), a missing or wrong key (401), a page run while another is running
+(429).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -53,6 +55,10 @@ class Stats:
     images: int = 0
     requests: int = 0
     refused: int = 0
+    # The page's runs are counted apart: ``images`` stays the count of /predict, which a
+    # remote evaluation compares with its own, even while someone tries the page.
+    page_runs: int = 0
+    page_images: int = 0
     since: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -62,6 +68,11 @@ class Stats:
             self.requests += 1
             return self.images
 
+    def tried(self, n: int) -> None:
+        with self._lock:
+            self.page_runs += 1
+            self.page_images += n
+
     def refuse(self) -> None:
         with self._lock:
             self.refused += 1
@@ -69,6 +80,7 @@ class Stats:
     def as_dict(self) -> dict[str, Any]:
         with self._lock:
             return {"images": self.images, "requests": self.requests, "refused": self.refused,
+                    "page_runs": self.page_runs, "page_images": self.page_images,
                     "since": self.since}
 
 
@@ -81,7 +93,7 @@ class _Refused(Exception):
 def build_app(model: nn.Module, input_shape: tuple[int, ...], *, mode: str = "scores",
               top_k: int | None = None, output: str = "probabilities",
               api_key: str | None = None, max_batch: int = MAX_BATCH,
-              max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+              max_body_bytes: int = MAX_BODY_BYTES, page: bool = True) -> FastAPI:
     """The FastAPI application that serves ``model``.
 
     Args:
@@ -93,10 +105,12 @@ def build_app(model: nn.Module, input_shape: tuple[int, ...], *, mode: str = "sc
             ``"logits"``.
         api_key: if given, every request must carry ``Authorization: Bearer KEY``.
         max_batch: images per request; max_body_bytes: bytes per request body.
+        page: serve the page to try an attack (``GET /``, ``POST /try/attack``).
 
     The model runs where its parameters are (``advkit.models.load(..., map_location=)``).
 
-    The application's ``state.stats`` is its :class:`Stats`, also at ``GET /stats``.
+    The application's ``state.stats`` is its :class:`Stats`, also at ``GET /stats``; the
+    page's runs count in its ``page_runs`` and ``page_images``, not in ``images``.
     """
     if mode not in SERVES:
         raise ValueError(f"mode must be one of {', '.join(SERVES)} (got {mode!r})")
@@ -176,7 +190,58 @@ def build_app(model: nn.Module, input_shape: tuple[int, ...], *, mode: str = "sc
         log.info("answered %d images (%d in all)", x.shape[0], total)
         return answer
 
+    if page:
+        _add_page(app, model, input_shape, device, mode=mode, top_k=top_k, output=output,
+                  api_key=api_key, authorise=authorise, max_body_bytes=max_body_bytes)
     return app
+
+
+def _add_page(app: FastAPI, model: nn.Module, input_shape: tuple[int, ...],
+              device: torch.device, *, mode: str, top_k: int | None, output: str,
+              api_key: str | None, authorise: Callable[[Request], None],
+              max_body_bytes: int) -> None:
+    from fastapi.responses import HTMLResponse
+
+    from advkit.serving_page import Page, TooLarge
+
+    page = Page(model, input_shape, device, mode=mode, top_k=top_k, output=output,
+                api_key=api_key is not None)
+    stats: Stats = app.state.stats
+    # One run at a time: a run may take seconds, and /predict must keep answering.
+    one_run = threading.Lock()
+
+    # The page itself is public (a browser cannot send a key when it opens a page); it holds
+    # no answer of the model. Every run wants the key, typed into the page.
+    @app.get("/", response_class=HTMLResponse)
+    async def get_page() -> str:
+        return page.html
+
+    @app.post("/try/attack")
+    async def try_attack(request: Request) -> dict:
+        authorise(request)
+        body = await _read_body(request, max_body_bytes)
+        try:
+            wanted = json.loads(body, parse_constant=_no_constants)
+        except ValueError as err:
+            raise _Refused(400, f"the body is not valid JSON ({err}); send {{\"image\": ..., "
+                                "\"attack\": ..., \"budget\": ..., \"eps\": ...}") from None
+        if not isinstance(wanted, dict):
+            raise _Refused(422, "send a JSON object: {\"image\": ..., \"attack\": ..., "
+                                "\"budget\": ..., \"eps\": ...}")
+        if not one_run.acquire(blocking=False):
+            raise _Refused(429, "another attack from the page is running; try again when it "
+                                "has finished")
+        try:
+            answer = await run_in_threadpool(page.run, wanted)
+        except TooLarge as err:
+            raise _Refused(413, str(err)) from None
+        except ValueError as err:
+            raise _Refused(422, str(err)) from None
+        finally:
+            one_run.release()
+        stats.tried(answer["server_queries"])
+        log.info("page: %s on one image, %d queries", answer["attack"], answer["server_queries"])
+        return answer
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

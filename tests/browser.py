@@ -21,11 +21,13 @@ def chromium() -> str:
     return binary
 
 
-def run_chromium(page: Path, profile: Path, *arguments: str,
+def run_chromium(page: Path | str, profile: Path, *arguments: str,
                  window: tuple[int, int] = (1280, 2000)) -> subprocess.CompletedProcess:
-    """Open ``page`` headless with ``arguments`` (``--screenshot=...``, ``--dump-dom``)."""
+    """Open ``page`` (a file, or a URL) headless with ``arguments`` (``--screenshot=...``,
+    ``--dump-dom``)."""
     command = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                "--no-first-run", "--disable-background-networking", "--disable-component-update",
                "--disable-sync", "--hide-scrollbars", f"--user-data-dir={profile}",
-               f"--window-size={window[0]},{window[1]}", *arguments, page.as_uri()]
+               f"--window-size={window[0]},{window[1]}", *arguments,
+               page.as_uri() if isinstance(page, Path) else page]
     return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)

@@ -212,6 +212,6 @@ def test_advkit_serve_serves_a_checkpoint_on_loopback(mnist_model):
         output = process.communicate(timeout=30)[0].decode()
     assert json.loads(output.splitlines()[0]) == {
         "url": url, "model": str(checkpoint), "serves": "label", "top_k": None, "output": None,
-        "api_key": True}
+        "api_key": True, "page": f"{url}/"}
     assert "answered 2 images (2 in all)" in output
     assert "refused GET /info with 401" in output

@@ -40,12 +40,16 @@ def serve(
         help="bytes per request body; larger bodies get 413")] = 16 * 2 ** 20,
     input_shape: Annotated[str | None, typer.Option(
         help="C,H,W of one image (default: from an advkit checkpoint or zoo name)")] = None,
+    page: Annotated[bool, typer.Option(
+        help="serve the page to try an attack at / (pick an image, an attack, a budget)")
+    ] = True,
     trust: TrustOpt = False,
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ) -> None:
     """Serve a model over HTTP on loopback: POST /predict, GET /info, GET /stats (the
-    server's own query count). Attack it with advkit.models.remote("http://HOST:PORT")."""
+    server's own query count), and a page at / to try an attack on it in a browser. Attack
+    it with advkit.models.remote("http://HOST:PORT")."""
     from advkit import models
     from advkit.serving import build_app, check_exposure
     from advkit.serving import serve as run_server
@@ -55,17 +59,20 @@ def serve(
     net = models.load(model, trust=trust, map_location=device)
     shape = _input_shape(model, input_shape)
     app = build_app(net, shape, mode=mode, top_k=top_k, output=output, api_key=api_key,
-                    max_batch=max_batch, max_body_bytes=max_body_bytes)
+                    max_batch=max_batch, max_body_bytes=max_body_bytes, page=page)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     url = f"http://{host}:{port}"
     if as_json:  # one line a script can read before the server takes over the terminal
         print(json.dumps({"url": url, "model": model, "serves": mode, "top_k": top_k,
                           "output": None if mode == "label" else output,
-                          "api_key": bool(api_key)}), flush=True)
+                          "api_key": bool(api_key), "page": f"{url}/" if page else None}),
+              flush=True)
     what = f"{mode} {top_k}" if mode == "top-k" else mode
     console.print(f"serving {model} ({what}{'' if mode == 'label' else ', ' + output}) on "
                   f"{url}: POST /predict, GET /info, GET /stats"
                   f"{'; API key required' if api_key else ''}")
+    if page:
+        console.print(f"try an attack in a browser: {url}/")
     run_server(app, host, port, api_key=api_key)
 
 
