@@ -88,12 +88,23 @@ def test_a_taxonomy_value_outside_the_axis_is_refused():
         Taxonomy(frequency="often")
 
 
-def test_square_attacks_a_scores_only_model_exactly_as_the_module():
+BLACK_BOX = sorted(n for n in CONFIGS if attacks.get(n).access != "gradients")
+
+
+@pytest.mark.parametrize("name", BLACK_BOX)
+def test_a_black_box_attack_needs_nothing_but_its_access(name):
+    """Every score- or decision-based attack, given a plain function that answers scores
+    (no module, no gradient can pass) behind the access it needs, does exactly what it does
+    on the module itself, with no backward pass."""
     model = toy_cnn()
-    x, y = random_batch(16)
-    square = Square(ThreatModel("linf", 0.1), n_queries=50)
-    direct = square(model, x, y)
-    boxed = square(models.scores_only(model), x, y)
+    x, y = random_batch(8)
+
+    def scorer(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(images)
+
+    view = models.scores_only if attacks.get(name).access == "scores" else models.labels_only
+    direct, boxed = run(name, model, x, y), run(name, view(scorer), x, y)
     assert torch.equal(direct.x_adv, boxed.x_adv)
     assert torch.equal(direct.queries, boxed.queries)
     assert boxed.backward_passes == 0

@@ -10,7 +10,7 @@ from toys import toy_cnn
 
 from advkit import ThreatModel, models
 from advkit.attacks import NES
-from advkit.models.access import AccessError, QueryBudgetExceeded
+from advkit.models.access import QueryBudgetExceeded
 
 LINF = ThreatModel("linf", 0.1)
 
@@ -42,24 +42,6 @@ def test_an_access_budget_below_max_queries_is_refused_before_any_query(batch):
     with pytest.raises(QueryBudgetExceeded, match="max_queries=49"):
         NES(LINF, max_queries=50)(box, x, y)
     assert box.queries == 0
-
-
-def test_scores_from_a_function_are_enough_and_labels_only_is_refused(batch):
-    x, y = batch
-    model = toy_cnn()
-    attack = NES(LINF, max_queries=200, samples=10)
-    direct = attack(model, x, y)
-
-    def scorer(images: torch.Tensor) -> torch.Tensor:  # no gradient can pass through this
-        with torch.no_grad():
-            return model(images)
-
-    boxed = attack(models.scores_only(scorer), x, y)
-    assert torch.equal(direct.x_adv, boxed.x_adv)
-    assert torch.equal(direct.queries, boxed.queries)
-    assert boxed.backward_passes == 0
-    with pytest.raises(AccessError, match="needs scores access"):
-        attack(models.labels_only(model), x, y)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
