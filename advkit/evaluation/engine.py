@@ -203,20 +203,17 @@ def evaluate(
     """
     start = time.perf_counter()
     log = log or (lambda _: None)
-    if isinstance(model, ModelAccess) and model.level == GRADIENTS:
-        if model.budget is not None:
-            raise ValueError("a query budget bounds one attack call; an evaluation runs many: "
-                             "give the suite's attacks their budgets (e.g. a suite file) and "
-                             "pass the model itself")
-        model = model.module  # white box: the module itself
-    suite = get_suite(suite, model).for_norm(threat.norm)
-    suite.check(_stage_threat(threat, suite))  # bad option values: an error before any work
-    black_box = isinstance(model, ModelAccess)
-    if black_box:
+    if isinstance(model, ModelAccess):
         if model.budget is not None:
             raise ValueError(f"{model!r} has a per-sample query budget, which bounds one attack "
                              "call; an evaluation runs several: set each stage's max_queries "
                              "(n_queries for Square) in the suite and drop the budget")
+        if model.level == GRADIENTS:
+            model = model.module  # white box: the module itself
+    suite = get_suite(suite, model).for_norm(threat.norm)
+    suite.check(_stage_threat(threat, suite))  # bad option values: an error before any work
+    black_box = isinstance(model, ModelAccess)
+    if black_box:
         _check_suite_access(model, suite)
     x, y, _ = check_inputs(model, x, y, None, threat)
     if batch_size < 1:
