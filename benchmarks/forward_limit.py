@@ -28,7 +28,7 @@ from blackbox import Counter, run_advkit, run_art  # noqa: E402
 
 import advkit  # noqa: E402
 from advkit import ThreatModel  # noqa: E402
-from advkit.attacks import HopSkipJump  # noqa: E402
+from advkit.attacks import Boundary, GenAttack, HopSkipJump  # noqa: E402
 
 
 def forward_rate(model: torch.nn.Module, x: torch.Tensor, batch: int, seconds: float) -> float:
@@ -56,9 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"forward limit, {args.threads} thread(s): " + ", ".join(
         f"batch {b}: {r:,.0f} images/s" for b, r in rates.items()))
     l2 = ThreatModel("l2", math.inf)
-    for name, runner in (
-            ("advkit HopSkipJump", run_advkit(HopSkipJump(l2, max_queries=args.budget))),
-            ("ART HopSkipJump", run_art("HopSkipJump", args.budget))):
+    runs = [("advkit HopSkipJump", run_advkit(HopSkipJump(l2, max_queries=args.budget))),
+            ("ART HopSkipJump", run_art("HopSkipJump", args.budget)),
+            ("advkit Boundary", run_advkit(Boundary(l2, max_queries=args.budget))),
+            ("ART BoundaryAttack", run_art("BoundaryAttack", args.budget)),
+            ("advkit GenAttack", _gen_advkit(args.budget)),
+            ("Foolbox GenAttack", _gen_foolbox(args.budget))]
+    for name, runner in runs:
         counter = Counter(model, x, y, [args.budget])
         torch.manual_seed(0)
         numpy.random.seed(0)
@@ -67,8 +71,30 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - start
         rate = counter.total / seconds
         print(f"{name}: {counter.total:,} queries in {seconds:.1f} s = {rate:,.0f} queries/s; "
-              + ", ".join(f"{rate / r:.0%} of batch-{b} forward" for b, r in rates.items()))
+              + ", ".join(f"{rate / r:.0%} of batch-{b} forward" for b, r in rates.items()),
+              flush=True)
     return 0
+
+
+# GenAttack (targeted at the next class, Linf 0.3): the counter only counts images here.
+def _gen_advkit(budget: int):
+    def run(counter: Counter) -> None:
+        counter.per_sample = False
+        GenAttack(ThreatModel("linf", 0.3), max_queries=budget)(
+            advkit.models.scores_only(counter), counter.x, counter.y,
+            targets=(counter.y + 1) % 10)
+    return run
+
+
+def _gen_foolbox(budget: int):
+    def run(counter: Counter) -> None:
+        import foolbox as fb
+
+        counter.per_sample = False
+        criterion = fb.criteria.TargetedMisclassification((counter.y + 1) % 10)
+        fb.attacks.GenAttack(steps=budget // 10)(  # population 10: 10 queries per step
+            fb.PyTorchModel(counter, bounds=(0, 1)), counter.x, criterion, epsilons=0.3)
+    return run
 
 
 if __name__ == "__main__":
