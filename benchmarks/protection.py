@@ -611,11 +611,16 @@ def write_report(args: argparse.Namespace, rows: list[dict], notes: list[str]) -
     from advkit.report import write_html_report
 
     preset = get_preset(args.preset)
-    keys = ("base", "defense", "attack", "clean_accuracy", "false_rejection",
-            "robust_accuracy", "detected", "correct_accepted", "auroc", "tpr",
-            "implied_robust_accuracy_at_half_eps", "tramer_flag", "attack_seconds")
-    summary = [{k: ("FLAG" if r[k] else "ok") if k == "tramer_flag" else r[k] for k in keys}
-               for r in rows]
+    # Row key -> column name; the report shows a column whose name ends in "acc" or "rate"
+    # as a percentage, so every share of images is named so.
+    columns = {"base": "base", "defense": "defense", "attack": "attack",
+               "clean_accuracy": "clean_acc", "false_rejection": "false_rejection_rate",
+               "robust_accuracy": "robust_acc", "detected": "detected_rate",
+               "correct_accepted": "right_and_accepted_rate", "auroc": "auroc",
+               "tpr": "true_positive_rate", "implied_robust_accuracy_at_half_eps":
+               "implied_at_half_eps_acc", "tramer_flag": "tramer", "attack_seconds": "seconds"}
+    summary = [{name: ("FLAG" if r[k] else "ok") if k == "tramer_flag" else r[k]
+                for k, name in columns.items()} for r in rows]
     path = write_html_report(
         args.html, title=f"advkit protection experiment: {preset.description}",
         summary=summary, curves={}, gallery=[],
