@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from abc import abstractmethod
 
 import torch
 from torch import Tensor
@@ -110,11 +111,7 @@ class Search:
         sample in ``rows``) adversarially; keeps the closest adversarial point per sample
         and records the norms at the checkpoints."""
         points = points.clamp(*self.threat.bounds)
-        # In chunks: one call of thousands of images ran at half the images/s of 512 on CPU
-        # (the activations no longer fit in cache).
-        step = self.batch_size or len(points)
-        labels = torch.cat([self.model.labels(points[i:i + step], rows=rows[i:i + step])
-                            for i in range(0, len(points), step)])
+        labels = self.model.labels(points, rows=rows, batch_size=self.batch_size)
         hit = self.adversarial(labels, rows)
         self.offer(points, rows, hit)
         return hit
@@ -233,11 +230,11 @@ class DecisionAttack(Attack):
         found = torch.isfinite(search.best_norm).view(-1, *([1] * (x.dim() - 1)))
         return torch.where(found, search.best, x), {"norm_at_queries": search.norm_at}
 
+    @abstractmethod
     def _walk(self, search: Search, rows: Tensor, start: Tensor,
               generator: torch.Generator | None) -> None:
         """Walk from the adversarial ``start`` of each of ``rows`` towards ``x``, every query
         through ``search.ask`` and within ``search.left``."""
-        raise NotImplementedError
 
     def _check_starts(self, starts: Tensor, x: Tensor) -> Tensor:
         if not isinstance(starts, Tensor) or starts.shape != x.shape:

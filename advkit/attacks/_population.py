@@ -13,6 +13,8 @@ evaluated, never more; the final success pass is one more.
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 from torch import Tensor
 
@@ -72,12 +74,12 @@ class PopulationAttack(Attack):
             self._evolve(model, x, y, targets, idx, out, found_at, generator)
         return out, {"queries_to_success": found_at, **self._extras(x, out)}
 
+    @abstractmethod
     def _evolve(self, model: Oracle, x: Tensor, y: Tensor, targets: Tensor | None,
                 idx: Tensor, out: Tensor, found_at: Tensor,
                 generator: torch.Generator | None) -> None:
         """Search for the samples ``idx``: write each one's result into ``out`` and, where a
         candidate reached the goal, its query count then into ``found_at``."""
-        raise NotImplementedError
 
     def _extras(self, x: Tensor, x_adv: Tensor) -> dict[str, Tensor]:
         return {}

@@ -21,6 +21,7 @@ the adversarial points it was shown. This module holds the common part:
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 
 import torch
 from torch import Tensor
@@ -72,9 +73,7 @@ class ScoreSearch(Search):
     def ask(self, points: Tensor, rows: Tensor) -> Tensor:
         """The scores of ``points`` (one query each, charged to the sample in ``rows``)."""
         points = points.clamp(*self.threat.bounds)
-        step = self.batch_size or len(points)
-        scores = torch.cat([self.model.logits(points[i:i + step], rows=rows[i:i + step])
-                            for i in range(0, len(points), step)])
+        scores = self.model.logits(points, rows=rows, batch_size=self.batch_size)
         targets = self.targets[rows] if self.targets is not None else None
         hit = goal_reached(scores, self.y[rows], targets)
         if self.in_ball:
@@ -141,9 +140,9 @@ class ScoreAttack(Attack):
         return torch.where(found, search.best, last), {
             "norm_at_queries": search.norm_at, "queries_to_success": search.found_at}
 
+    @abstractmethod
     def _search(self, search: ScoreSearch, rows: Tensor, scores: Tensor,
                 generator: torch.Generator | None, **options: Tensor | None) -> Tensor:
         """Search from ``x`` for the samples ``rows`` (``scores``: theirs at ``x``), every
         query through ``search.ask`` and within ``search.left``; return the last iterate of
         each (inside the threat model)."""
-        raise NotImplementedError

@@ -369,20 +369,19 @@ class Oracle:
         """
         self._need(SCORES, "scores")
         self._charge(x, rows, 1, 0)
-        if batch_size is None or x.shape[0] <= batch_size:
-            return self._checked(self.access.scores(x))
-        # In chunks: on CPU one call of thousands of small images ran at half the images/s
-        # of 512 (the activations no longer fit in cache).
-        return torch.cat([self._checked(self.access.scores(x[i:i + batch_size]))
-                          for i in range(0, x.shape[0], batch_size)])
+        return torch.cat([self._checked(self.access.scores(part))
+                          for part in _chunks(x, batch_size)])
 
-    def labels(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
+    def labels(self, x: Tensor, rows: Tensor | None = None,
+               batch_size: int | None = None) -> Tensor:
         """The labels the model predicts at ``x``, one query per image; :data:`REJECT`
-        where a model that rejects inputs (a pipeline with detectors) rejects it."""
+        where a model that rejects inputs (a pipeline with detectors) rejects it.
+        ``batch_size`` as for :meth:`logits`."""
         self._charge(x, rows, 1, 0)
         if self.level == LABELS:
-            return self.access.labels(x)
-        return self.access.labels(x, self._checked(self.access.scores(x)))
+            return torch.cat([self.access.labels(part) for part in _chunks(x, batch_size)])
+        return torch.cat([self.access.labels(part, self._checked(self.access.scores(part)))
+                          for part in _chunks(x, batch_size)])
 
     def gradient(self, x: Tensor, objective: Callable[[Tensor], Tensor],
                  rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -456,3 +455,12 @@ class Oracle:
     def reserve(self, queries: int) -> None:
         """Keep ``queries`` per sample of the budget back (for the final success pass)."""
         self._counts.reserved = queries
+
+
+def _chunks(x: Tensor, batch_size: int | None) -> list[Tensor]:
+    """``x`` in model calls of at most ``batch_size`` images (None: one call). On CPU one
+    call of thousands of small images ran at half the images/s of 512 (the activations no
+    longer fit in cache)."""
+    if batch_size is None or x.shape[0] <= batch_size:
+        return [x]
+    return [x[i:i + batch_size] for i in range(0, x.shape[0], batch_size)]
