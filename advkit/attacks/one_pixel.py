@@ -7,6 +7,7 @@ from torch import Tensor
 
 from advkit.attacks._decision import check_count
 from advkit.attacks._population import PopulationAttack, evaluate, first_hit, left
+from advkit.attacks._score import class_log_prob
 from advkit.attacks.base import Oracle, Taxonomy
 from advkit.threat import ThreatModel
 
@@ -17,12 +18,12 @@ def objective(logits: Tensor, y: Tensor, targets: Tensor | None) -> Tensor:
 
     Differential evolution only compares candidates of the same image, so any increasing
     function of the paper's probabilities gives the same search; the logarithm keeps
-    apart what float32 probabilities round to 1.0 on a confident model.
+    apart what float32 probabilities round to 1.0 on a confident model. Scores hidden by
+    a top-k view are bounded as :func:`advkit.attacks._score.class_log_prob` does.
     """
-    logp = logits.log_softmax(dim=1)
     if targets is not None:
-        return logp.gather(1, targets.view(-1, 1)).squeeze(1)
-    return -logp.gather(1, y.view(-1, 1)).squeeze(1)
+        return class_log_prob(logits, targets)
+    return -class_log_prob(logits, y)
 
 
 def others(n: int, size: int, k: int, device: torch.device,
