@@ -304,7 +304,9 @@ def _answer(model: nn.Module, x: Tensor, mode: str, top_k: int | None,
         raise RuntimeError("the model returned NaN or inf scores")
     if mode == "label":
         return {"labels": logits.argmax(1).tolist()}
-    scores = logits.softmax(1) if output == "probabilities" else logits
+    # Softmax in float64: float32 flushes a probability below 1e-45 (a logit gap of 103, seen
+    # on confident models) to 0, and a score-based attack reads log 0 = -inf, a flat margin.
+    scores = logits.double().softmax(1) if output == "probabilities" else logits
     if mode == "scores":
         return {"scores": scores.tolist()}
     top = scores.topk(min(top_k, scores.shape[1]), dim=1)

@@ -67,11 +67,28 @@ def test_a_probability_endpoint_is_attacked_through_log_probabilities(mnist_mode
         served = stats(url)
     with torch.no_grad():
         expected = mnist_model(x).log_softmax(1)
-    shown = torch.isfinite(scores)
-    assert torch.allclose(scores[shown], expected[shown], atol=1e-4)
-    assert (scores[~shown] == -math.inf).all()  # probabilities that rounded to 0
+    # Every probability reaches the client as a finite log (float64 on both sides).
+    assert torch.isfinite(scores).all()
+    assert torch.allclose(scores, expected, atol=1e-4)
     assert served["images"] == int(result.queries.sum()) + 5
     assert int(result.queries.max()) <= 202
+
+
+def test_a_confident_model_keeps_a_finite_margin_through_probabilities(five):
+    """A logit gap of 400 makes float32 probabilities 0 (log 0 = -inf: a flat margin that
+    stalls Square); served and read in float64 they stay finite and rank as the logits."""
+    x, _ = five
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)).eval()
+    with torch.no_grad():
+        net[1].weight.mul_(1e-3)
+        net[1].bias.copy_(torch.linspace(0, 400, 10))
+    with running(build_app(net, MNIST)) as url:
+        scores = models.remote(url).scores(x)
+    with torch.no_grad():
+        expected = net(x).double().log_softmax(1)
+    assert float(expected.min()) < -150  # probabilities float32 would flush to 0
+    assert torch.isfinite(scores).all()
+    assert torch.allclose(scores.double(), expected, rtol=1e-5, atol=1e-3)
 
 
 def test_the_budget_is_never_exceeded_and_the_server_saw_no_more(mnist_model, five):

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 from html.parser import HTMLParser
 from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from browser import chromium, run_chromium
 from PIL import Image
 from toys import toy_cnn
@@ -183,3 +185,47 @@ def test_no_page_serves_no_page():
     with running(build_app(toy_cnn(), (1, 8, 8), page=False)) as url:
         assert httpx.get(f"{url}/").status_code == 404
         assert httpx.post(f"{url}/try/attack", json={}).status_code == 404
+
+
+class _Gate(torch.nn.Module):
+    """The toy CNN, whose first forward pass after ``arm()`` waits until ``release`` is set
+    (so a page run can be held open while the test asks the server other things)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = toy_cnn()
+        self.armed = False
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.armed:
+            self.armed = False
+            self.entered.set()
+            self.release.wait(timeout=60)
+        return self.net(x)
+
+
+def test_a_second_run_while_one_runs_gets_429_and_predict_still_answers():
+    gate = _Gate().eval()
+    with running(build_app(gate, (1, 8, 8))) as url, httpx.Client(base_url=url,
+                                                                   timeout=60) as client:
+        first: dict[str, httpx.Response] = {}
+        gate.arm()
+        runner = threading.Thread(target=lambda: first.setdefault("answer", attack(client)))
+        runner.start()
+        try:
+            assert gate.entered.wait(timeout=30), "the first run never reached the model"
+            second = attack(client)
+            assert second.status_code == 429, second.text
+            assert "another attack from the page is running" in second.json()["detail"]
+            # The held run blocks the page only: /predict goes on answering.
+            predict = client.post("/predict", json={"inputs": torch.rand(2, 1, 8, 8).tolist()})
+            assert predict.status_code == 200, predict.text
+        finally:
+            gate.release.set()
+            runner.join(timeout=60)
+        assert first["answer"].status_code == 200, first["answer"].text
+        assert attack(client).status_code == 200  # the lock was given back

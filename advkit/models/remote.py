@@ -212,14 +212,14 @@ class Endpoint:
             return torch.full((n, self.classes), -math.inf).scatter(
                 1, labels[:, None], 0.0)
         if self.serves == "scores":
-            scores = self._array(answer, "scores", (n, self.classes), torch.float32)
+            scores = self._array(answer, "scores", (n, self.classes), torch.float64)
             return self._as_log_scores(scores, partial=False)
         k = min(self.top_k, self.classes)
         classes = self._array(answer, "classes", (n, k), torch.int64)
         self._check_classes(classes, "classes")
         if (classes.sort(1).values.diff(1) == 0).any():
             raise _Garbage("a row of classes names one class twice")
-        scores = self._as_log_scores(self._array(answer, "scores", (n, k), torch.float32),
+        scores = self._as_log_scores(self._array(answer, "scores", (n, k), torch.float64),
                                      partial=k < self.classes)
         return torch.full((n, self.classes), -math.inf).scatter(1, classes, scores)
 
@@ -227,7 +227,7 @@ class Endpoint:
         if self.output == "logits":
             if not torch.isfinite(scores).all():
                 raise _Garbage("logits with NaN or inf values")
-            return scores
+            return scores.float()
         if scores.isnan().any() or (scores < 0).any() or (scores > 1 + SUM_TOLERANCE).any():
             raise _Garbage("probabilities outside [0, 1] (or NaN)")
         sums = scores.double().sum(1)
@@ -237,8 +237,10 @@ class Endpoint:
             raise _Garbage(f"probabilities that do not sum to 1 (row {row} sums to "
                            f"{float(sums[row]):.4g})")
         # log p ranks the classes as the logits do and differs from them by a constant per
-        # image, so an attack's margin or cross-entropy is the same as on the logits.
-        return scores.clamp_max(1).log()
+        # image, so an attack's margin or cross-entropy is the same as on the logits. The log
+        # is taken in float64: a probability of 1e-300 (a logit gap of 690) is a finite score,
+        # where float32 would have flushed it to 0 and the margin to inf, a flat objective.
+        return scores.clamp_max(1).log().float()
 
     @staticmethod
     def _array(answer: dict, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
