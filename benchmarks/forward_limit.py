@@ -28,7 +28,7 @@ from blackbox import Counter, run_advkit, run_art  # noqa: E402
 
 import advkit  # noqa: E402
 from advkit import ThreatModel  # noqa: E402
-from advkit.attacks import Boundary, GenAttack, HopSkipJump  # noqa: E402
+from advkit.attacks import Boundary, GenAttack, HopSkipJump, OnePixel  # noqa: E402
 
 
 def forward_rate(model: torch.nn.Module, x: torch.Tensor, batch: int, seconds: float) -> float:
@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, default=2000)
     parser.add_argument("--limit", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--families", nargs="+", default=["decision", "gen", "pixel"],
+                        help="which rows: decision (HopSkipJump, Boundary), gen (GenAttack), "
+                             "pixel (one-pixel DE, 5 pixels: advkit, torchattacks, scipy)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = advkit.models.load("small_cnn").eval()
@@ -56,12 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"forward limit, {args.threads} thread(s): " + ", ".join(
         f"batch {b}: {r:,.0f} images/s" for b, r in rates.items()))
     l2 = ThreatModel("l2", math.inf)
-    runs = [("advkit HopSkipJump", run_advkit(HopSkipJump(l2, max_queries=args.budget))),
-            ("ART HopSkipJump", run_art("HopSkipJump", args.budget)),
-            ("advkit Boundary", run_advkit(Boundary(l2, max_queries=args.budget))),
-            ("ART BoundaryAttack", run_art("BoundaryAttack", args.budget)),
-            ("advkit GenAttack", _gen_advkit(args.budget)),
-            ("Foolbox GenAttack", _gen_foolbox(args.budget))]
+    runs = []
+    if "decision" in args.families:
+        runs += [("advkit HopSkipJump", run_advkit(HopSkipJump(l2, max_queries=args.budget))),
+                 ("ART HopSkipJump", run_art("HopSkipJump", args.budget)),
+                 ("advkit Boundary", run_advkit(Boundary(l2, max_queries=args.budget))),
+                 ("ART BoundaryAttack", run_art("BoundaryAttack", args.budget))]
+    if "gen" in args.families:
+        runs += [("advkit GenAttack", _gen_advkit(args.budget)),
+                 ("Foolbox GenAttack", _gen_foolbox(args.budget))]
+    if "pixel" in args.families:
+        runs += _pixel_rows(args.budget)
     for name, runner in runs:
         counter = Counter(model, x, y, [args.budget])
         torch.manual_seed(0)
@@ -95,6 +103,24 @@ def _gen_foolbox(budget: int):
         fb.attacks.GenAttack(steps=budget // 10)(  # population 10: 10 queries per step
             fb.PyTorchModel(counter, bounds=(0, 1)), counter.x, criterion, epsilons=0.3)
     return run
+
+
+# One-pixel DE, 5 pixels, untargeted, population 100, through blackbox_evolution's runners
+# (its counter keeps per-sample records; here only its images are counted, by ours around it).
+def _pixel_rows(budget: int) -> list:
+    import blackbox_evolution as evolution
+
+    def through(runner):
+        def run(counter: Counter) -> None:
+            counter.per_sample = False
+            runner(evolution.Counter(counter, counter.x, counter.y, None, "pixels", pixels=5))
+        return run
+
+    pixels = 5
+    return [("advkit OnePixel", through(evolution.run_advkit(
+                OnePixel(ThreatModel("linf", 1.0), pixels=pixels, max_queries=budget)))),
+            ("torchattacks OnePixel", through(evolution.run_torchattacks(pixels, 100, budget))),
+            ("scipy differential_evolution", through(evolution.run_scipy(pixels, 100, budget)))]
 
 
 if __name__ == "__main__":
