@@ -18,6 +18,7 @@ from advkit.attacks.gen_attack import GenAttack
 from advkit.attacks.hop_skip_jump import HopSkipJump
 from advkit.attacks.hot_cold import HotCold
 from advkit.attacks.jsma import JSMA
+from advkit.attacks.malt import MALT
 from advkit.attacks.mifgsm import MIFGSM
 from advkit.attacks.nes import NES
 from advkit.attacks.one_pixel import OnePixel
@@ -29,7 +30,7 @@ from advkit.attacks.universal import UniversalPerturbation
 from advkit.attacks.zoo import ZOO
 
 REGISTRY: dict[str, type[Attack]] = {
-    cls.name.lower(): cls for cls in (FGSM, BIM, ILLC, PGD, MIFGSM, APGD, APGDT, Square,
+    cls.name.lower(): cls for cls in (FGSM, BIM, ILLC, PGD, MIFGSM, APGD, APGDT, MALT, Square,
                                       DeepFool, FAB, CarliniWagnerL2, CarliniWagnerLinf, EAD,
                                       JSMA, HotCold, FeatureAdversary, UniversalPerturbation,
                                       OrthogonalPGD, HopSkipJump, Boundary, GenAttack, OnePixel,
@@ -46,7 +47,7 @@ def get(name: str) -> type[Attack]:
 
 
 __all__ = ["Attack", "AttackResult", "Taxonomy", "REGISTRY", "get",
-           "FGSM", "BIM", "ILLC", "PGD", "MIFGSM", "APGD", "APGDT", "Square", "JSMA", "HotCold",
+           "FGSM", "BIM", "ILLC", "PGD", "MIFGSM", "APGD", "APGDT", "MALT", "Square", "JSMA", "HotCold",
            "FeatureAdversary", "UniversalPerturbation", "DeepFool", "FAB",
            "CarliniWagnerL2", "CarliniWagnerLinf", "EAD", "OrthogonalPGD", "HopSkipJump",
            "Boundary", "GenAttack", "OnePixel",

@@ -304,17 +304,25 @@ class APGDT(APGD):
                              "choice use APGD(threat, loss='dlr') with targets=")
         return None
 
+    def _rank(self, model: Oracle, x: Tensor, y: Tensor, clean_logits: Tensor,
+              k: int) -> Tensor:
+        """The ``k`` target classes of each sample, in the order they are attacked: the
+        highest clean logits first (AutoAttack's ranking)."""
+        return top_other_classes(clean_logits, y, k)
+
     def _run(self, model: Oracle, x: Tensor, y: Tensor, targets: Tensor | None,
              clean_logits: Tensor, generator: torch.Generator | None,
              ) -> Tensor:
         classes = clean_logits.shape[1]
         _check_classes(self.loss, classes, targeted=True)
         k = min(self.n_target_classes, classes - 1)
-        ranked = top_other_classes(clean_logits, y, k)
         best = x.clone()
         best_margin = torch.full((x.shape[0],), float("-inf"), device=x.device,
                                  dtype=clean_logits.dtype)
         todo = (~goal_reached(clean_logits, y, None)).nonzero().squeeze(1)
+        ranked = torch.zeros((x.shape[0], k), dtype=torch.long, device=x.device)
+        if todo.numel():
+            ranked[todo] = self._rank(model.view(todo), x[todo], y[todo], clean_logits[todo], k)
         for j in range(k):
             for _ in range(self.restarts):
                 if todo.numel() == 0:
