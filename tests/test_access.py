@@ -24,6 +24,7 @@ CONFIGS = {
     "mifgsm": ("linf", 0.1, {"steps": 3}),
     "apgd": ("linf", 0.1, {"steps": 5, "restarts": 2}),
     "apgdt": ("linf", 0.1, {"steps": 5, "n_target_classes": 2}),
+    "malt": ("linf", 0.1, {"steps": 5, "n_target_classes": 2}),
     "square": ("linf", 0.1, {"n_queries": 20}),
     "deepfool": ("l2", float("inf"), {"steps": 5}),
     "fab": ("linf", float("inf"), {"steps": 5, "restarts": 2}),
