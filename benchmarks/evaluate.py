@@ -52,8 +52,34 @@ from advkit.evaluation import SUITES  # noqa: E402
 from advkit.models.loaders import trained_path  # noqa: E402
 from advkit.threat import ThreatModel  # noqa: E402
 
-LIBRARIES = ("advkit", "reference", "torchattacks-aa", "art-aa")
-MODELS = ("standard", "pgd", "masked")
+LIBRARIES = ("advkit", "lean", "reference", "torchattacks-aa", "art-aa")
+#: The training presets' runs (``benchmarks/defenses.py`` and ``protection.py`` train them
+#: there): the adversarially trained models of issue 19's table, with their dataset and eps.
+PRESETS = {f"{data}-{defense}": (data, eps) for data, eps in (("mnist", 0.3),
+                                                             ("fashion-mnist", 0.1))
+           for defense in ("pgd", "trades", "mart")}
+MODELS = ("standard", "pgd", "masked", *PRESETS)
+RUNS = Path.home() / ".cache" / "advkit" / "recipes"
+
+
+class Passes(nn.Module):
+    """The model, counting the images it sends forward and the images a gradient flows
+    back through (one per image per backward pass), as advkit's access layer counts them."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.forward_passes, self.backward_passes = model, 0, 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.forward_passes += x.shape[0]
+        out = self.model(x)
+        if out.requires_grad:
+            n = x.shape[0]
+            out.register_hook(lambda g: self._back(n))
+        return out
+
+    def _back(self, n: int) -> None:
+        self.backward_passes += n
 PGD_MODEL = "stride_cnn-mnist-pgd"
 PGD_TRAIN = "advkit train --defense pgd --preset mnist --no-card"
 
@@ -69,7 +95,19 @@ class Scaled(nn.Module):
         return self.model(x) * self.factor
 
 
+def dataset_and_eps(name: str, eps: float) -> tuple[str, float]:
+    """The dataset and eps a model is evaluated at (a preset's own; else MNIST, ``eps``)."""
+    return PRESETS.get(name, ("mnist", eps))
+
+
 def get_model(name: str, device: torch.device, log: Callable[[str], None]) -> nn.Module:
+    if name in PRESETS:
+        path = RUNS / name / "model.safetensors"
+        if not path.is_file():
+            data, defense = name.rsplit("-", 1)
+            raise SystemExit(f"no {name} model at {path}; train it first with:\n  python "
+                             f"benchmarks/defenses.py --preset {data} --defenses {defense}")
+        return advkit.models.load(str(path)).to(device).eval()
     if name == "pgd":
         path = trained_path(PGD_MODEL)
         if not path.is_file():
@@ -121,19 +159,33 @@ def run_peer(library: str, model: nn.Module, x: Tensor, y: Tensor, eps: float,
 def measure(args: argparse.Namespace, name: str, log: Callable[[str], None]) -> list[dict]:
     device = torch.device("cpu")
     model = get_model(name, device, log)
-    x, y = advkit.data.load("mnist", split="test", limit=args.limit)
-    threat = ThreatModel("linf", args.eps)
+    dataset, eps = dataset_and_eps(name, args.eps)
+    x, y = advkit.data.load(dataset, split="test", limit=args.limit)
+    threat = ThreatModel("linf", eps)
     rows = []
     advkit_robust = None  # advkit's per-sample verdicts, to compare on a peer's subset
+    verdicts: dict[str, Tensor] = {}  # per-sample robust, for the images each side breaks
     for library in args.libraries:
         log(f"{name}: {library} ...")
         t0 = time.perf_counter()
+        if library == "lean":
+            report = advkit.evaluate(model, x, y, threat, "lean", batch_size=args.batch_size,
+                                     progress=False, checks=False, log=log)
+            seconds = time.perf_counter() - t0
+            verdicts["lean"] = torch.tensor([bool(r["robust"]) for r in report.per_sample])
+            stages = ", ".join(f"{s['stage']} {s['robust_acc_after']:.1%}" for s in report.stages)
+            rows.append({"library": "advkit `lean`", "robust": report.robust_accuracy,
+                         "seconds": seconds, "notes": f"after each stage: {stages}",
+                         **_passes(report.stages)})
+            log(f"{name}: advkit lean: robust {report.robust_accuracy:.1%}, {seconds:.1f} s")
+            continue
         if library == "advkit":
             report = advkit.evaluate(model, x, y, threat, "standard", batch_size=args.batch_size,
                                      progress=False, checks=False, log=log)
             seconds = time.perf_counter() - t0
             robust = report.robust_accuracy
             advkit_robust = torch.tensor([bool(r["robust"]) for r in report.per_sample])
+            verdicts["advkit"] = advkit_robust
             t1 = time.perf_counter()
             checked = advkit.evaluate(model, x[:args.check_samples], y[:args.check_samples],
                                       threat, SUITES["fast"], progress=False, log=log,
@@ -145,7 +197,7 @@ def measure(args: argparse.Namespace, name: str, log: Callable[[str], None]) -> 
                      f"{args.check_samples} images): " + (f"FAIL {', '.join(failed)}" if failed
                                                           else "all pass"))
             rows.append({"library": "advkit `standard`", "robust": robust, "seconds": seconds,
-                         "notes": extra})
+                         "notes": extra, **_passes(report.stages)})
             log(f"{name}: advkit standard: robust {robust:.1%}, {seconds:.1f} s")
             if name == "masked" or args.thorough:
                 t2 = time.perf_counter()
@@ -157,9 +209,13 @@ def measure(args: argparse.Namespace, name: str, log: Callable[[str], None]) -> 
                                                 for s in deep.stages)})
             continue
         n = min(args.art_limit or args.limit, args.limit) if library == "art-aa" else args.limit
-        x_adv = run_peer(library, model, x[:n], y[:n], args.eps, args.batch_size)
+        counted = Passes(model).eval()
+        x_adv = run_peer(library, counted, x[:n], y[:n], eps, args.batch_size)
         seconds = time.perf_counter() - t0
-        robust = judge(model, x[:n], y[:n], x_adv, args.eps).float().mean().item()
+        per_sample = judge(model, x[:n], y[:n], x_adv, eps)
+        robust = per_sample.float().mean().item()
+        if n == args.limit:
+            verdicts[library] = per_sample
         label = {"reference": "reference (torchattacks components as published)",
                  "torchattacks-aa": "torchattacks.AutoAttack as shipped",
                  "art-aa": "ART AutoAttack as shipped"}[library]
@@ -170,11 +226,22 @@ def measure(args: argparse.Namespace, name: str, log: Callable[[str], None]) -> 
                      "`standard` on the same images: " + (
                          f"{advkit_robust[:n].float().mean().item():.1%}"
                          if advkit_robust is not None else "not run"))
-        rows.append({"library": label, "robust": robust, "seconds": seconds, "notes": notes})
+        rows.append({"library": label, "robust": robust, "seconds": seconds, "notes": notes,
+                     "forward": counted.forward_passes, "backward": counted.backward_passes})
         log(f"{name}: {label}: robust {robust:.1%}, {time.perf_counter() - t0:.1f} s")
+    if "lean" in verdicts and "reference" in verdicts:
+        lean, ref = verdicts["lean"], verdicts["reference"]
+        row = next(r for r in rows if r["library"] == "advkit `lean`")
+        row["notes"] += (f"; breaks {int((~lean & ref).sum())} image(s) the reference does "
+                         f"not, the reference {int((lean & ~ref).sum())} that lean does not")
     with torch.no_grad():
         clean = (model(x).argmax(1) == y).float().mean().item()
     return [{"clean": clean, **r} for r in rows]
+
+
+def _passes(stages: list[dict]) -> dict[str, int]:
+    return {"forward": sum(s["forward_passes"] for s in stages),
+            "backward": sum(s["backward_passes"] for s in stages)}
 
 
 def section(name: str, rows: list[dict], args: argparse.Namespace, started: float) -> str:
@@ -184,10 +251,12 @@ def section(name: str, rows: list[dict], args: argparse.Namespace, started: floa
             versions.append(f"{dist} {importlib.metadata.version(dist)}")
         except importlib.metadata.PackageNotFoundError:
             pass
-    ref = next((r["seconds"] for r in rows if r["library"].startswith("reference")), None)
+    ref_row = next((r for r in rows if r["library"].startswith("reference")), None)
+    ref = ref_row["seconds"] if ref_row else None
+    dataset, eps = dataset_and_eps(name, args.eps)
     lines = [
         f"<!-- benchmarks/evaluate.py {name}: begin -->",
-        f"## Evaluation, model `{name}`: MNIST Linf eps {args.eps}, {args.limit} test images",
+        f"## Evaluation, model `{name}`: {dataset} Linf eps {eps}, {args.limit} test images",
         "",
         f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
@@ -197,14 +266,25 @@ def section(name: str, rows: list[dict], args: argparse.Namespace, started: floa
         f"- run time {time.perf_counter() - started:.0f} s; 1-minute load average "
         f"{args.load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at the end",
         "",
-        "| library / configuration | clean | robust | seconds | vs reference | notes |",
-        "|---|---:|---:|---:|---:|---|",
+        "- passes: images sent forward / images a gradient flowed back through (advkit: its "
+        "access layer's count; the peers: a counting module around the model); 'vs "
+        "reference' divides seconds and backward passes by the reference's",
+        "",
+        "| library / configuration | clean | robust | seconds | vs reference | forward | "
+        "backward | backward vs reference | notes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         timed = r["seconds"] == r["seconds"]  # NaN: a subset, not timed against the rest
         ratio = f"{r['seconds'] / ref:.2f}" if ref and timed else "–"
+        fwd, bwd = r.get("forward"), r.get("backward")
+        bratio = (f"{bwd / ref_row['backward']:.3f}" if ref_row and ref_row.get("backward")
+                  and bwd is not None and timed else "–")
         lines.append(f"| {r['library']} | {r['clean']:.1%} | {r['robust']:.1%} | "
-                     f"{r['seconds']:.1f} | {ratio} | {r['notes']} |".replace("| nan |", "| – |"))
+                     f"{r['seconds']:.1f} | {ratio} | "
+                     f"{'–' if fwd is None or not timed else f'{fwd:,}'} | "
+                     f"{'–' if bwd is None or not timed else f'{bwd:,}'} | {bratio} | "
+                     f"{r['notes']} |".replace("| nan |", "| – |"))
     lines.append(f"<!-- benchmarks/evaluate.py {name}: end -->")
     return "\n".join(lines) + "\n"
 
@@ -231,8 +311,10 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
-    parser.add_argument("--limit", type=int, default=1000, help="MNIST test images")
-    parser.add_argument("--eps", type=float, default=0.3)
+    parser.add_argument("--limit", type=int, default=1000, help="test images")
+    parser.add_argument("--eps", type=float, default=0.3,
+                        help="eps of the MNIST models that are not presets (a preset has its "
+                             "own: 0.3 MNIST, 0.1 Fashion-MNIST)")
     parser.add_argument("--art-limit", type=int, default=None,
                         help="run ART's AutoAttack (5 restarts of each attack, Square "
                              "included: hours on a robust model on CPU) on the first N "
