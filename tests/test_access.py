@@ -43,6 +43,7 @@ CONFIGS = {
     "simba": ("l2", 1.0, {"max_queries": 40}),
     "nes": ("linf", 0.1, {"max_queries": 40, "samples": 10}),
     "zoo": ("l2", float("inf"), {"max_queries": 40, "coordinates": 8}),
+    "bandits": ("linf", 0.1, {"max_queries": 40}),
 }
 
 

@@ -5,6 +5,7 @@ forward pass. ``REGISTRY`` maps each attack's name to its class.
 """
 
 from advkit.attacks.apgd import APGD, APGDT
+from advkit.attacks.bandits import Bandits
 from advkit.attacks.base import Attack, AttackResult, Taxonomy
 from advkit.attacks.bim import BIM, ILLC
 from advkit.attacks.boundary import Boundary
@@ -34,7 +35,7 @@ REGISTRY: dict[str, type[Attack]] = {
                                       DeepFool, FAB, CarliniWagnerL2, CarliniWagnerLinf, EAD,
                                       JSMA, HotCold, FeatureAdversary, UniversalPerturbation,
                                       OrthogonalPGD, HopSkipJump, Boundary, GenAttack, OnePixel,
-                                      SimBA, NES, ZOO)
+                                      SimBA, NES, ZOO, Bandits)
 }
 
 
@@ -51,4 +52,4 @@ __all__ = ["Attack", "AttackResult", "Taxonomy", "REGISTRY", "get",
            "FeatureAdversary", "UniversalPerturbation", "DeepFool", "FAB",
            "CarliniWagnerL2", "CarliniWagnerLinf", "EAD", "OrthogonalPGD", "HopSkipJump",
            "Boundary", "GenAttack", "OnePixel",
-           "SimBA", "NES", "ZOO"]
+           "SimBA", "NES", "ZOO", "Bandits"]

@@ -41,7 +41,7 @@ def attack(
     n_queries: Annotated[int | None, typer.Option(help="query budget (Square)")] = None,
     max_queries: Annotated[int | None, typer.Option(
         help="queries per sample of the query-based black-box attacks (HopSkipJump, "
-             "Boundary, SimBA, NES, ZOO, GenAttack, OnePixel)")] = None,
+             "Boundary, SimBA, NES, ZOO, Bandits, GenAttack, OnePixel)")] = None,
     loss: Annotated[str | None, typer.Option(help="ce or margin")] = None,
     target: Annotated[int | None, typer.Option(help="targeted: this class for all")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,

@@ -57,7 +57,7 @@ def evaluate(
     n_queries: Annotated[int | None, typer.Option(help="query budget (Square)")] = None,
     max_queries: Annotated[int | None, typer.Option(
         help="queries per sample of the query-based black-box attacks (HopSkipJump, "
-             "Boundary, SimBA, NES, ZOO, GenAttack, OnePixel)")] = None,
+             "Boundary, SimBA, NES, ZOO, Bandits, GenAttack, OnePixel)")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     dataset: DatasetOpt = "mnist",
     limit: Annotated[int, typer.Option(help="number of test images")] = 1000,
