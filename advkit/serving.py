@@ -14,16 +14,24 @@ says what to fix, and the server goes on serving: a body over the size limit (41
 it is parsed), malformed JSON or NaN (400), a wrong shape, values outside [0, 1] or too
 many images (422, 413), a missing or wrong key (401), a page run while another is running
 (429).
+
+Retried requests are answered once: a client may send an ``Idempotency-Key`` header (advkit's
+client does, the same on every try of one request). A request whose key the server has
+answered, or is answering now (the client gave up waiting and asked again), gets that first
+answer, and its images are not counted again (``/stats``: ``replayed``); the server's count
+of images then equals what the client was answered, even through timeouts.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
 import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,6 +54,9 @@ log = logging.getLogger("advkit.serve")
 #: as JSON, CIFAR-10 about 60 kB, so the defaults allow a full batch of either).
 MAX_BATCH = 256
 MAX_BODY_BYTES = 16 * 2 ** 20
+#: Answers kept for retries (by idempotency key), and the longest key accepted.
+REPLAYS = 64
+MAX_KEY_LENGTH = 128
 
 
 @dataclass
@@ -59,6 +70,8 @@ class Stats:
     # remote evaluation compares with its own, even while someone tries the page.
     page_runs: int = 0
     page_images: int = 0
+    #: Retries answered with an earlier answer (their images not counted again).
+    replayed: int = 0
     since: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -67,6 +80,10 @@ class Stats:
             self.images += n
             self.requests += 1
             return self.images
+
+    def replay(self) -> None:
+        with self._lock:
+            self.replayed += 1
 
     def tried(self, n: int) -> None:
         with self._lock:
@@ -80,8 +97,8 @@ class Stats:
     def as_dict(self) -> dict[str, Any]:
         with self._lock:
             return {"images": self.images, "requests": self.requests, "refused": self.refused,
-                    "page_runs": self.page_runs, "page_images": self.page_images,
-                    "since": self.since}
+                    "replayed": self.replayed, "page_runs": self.page_runs,
+                    "page_images": self.page_images, "since": self.since}
 
 
 class _Refused(Exception):
@@ -179,16 +196,41 @@ def build_app(model: nn.Module, input_shape: tuple[int, ...], *, mode: str = "sc
         authorise(request)
         return stats.as_dict()
 
+    # Retries by idempotency key: the answers of the last REPLAYS requests, and the requests
+    # being answered now (a retry of one waits for its first answer).
+    answered: OrderedDict[str, dict] = OrderedDict()
+    running: dict[str, asyncio.Future] = {}
+
     @app.post("/predict")
     async def predict(request: Request) -> dict:
         authorise(request)
-        body = await _read_body(request, max_body_bytes)
-        x = _parse_images(body, input_shape, max_batch)
-        # In a worker thread: the event loop keeps reading other requests meanwhile.
-        answer = await run_in_threadpool(_answer, model, x.to(device), mode, top_k, output)
-        total = stats.answered(x.shape[0])
-        log.info("answered %d images (%d in all)", x.shape[0], total)
-        return answer
+        key = _idempotency_key(request)
+        while key is not None and key in running:
+            first = await asyncio.shield(running[key])
+            if first is not None:  # else the first try failed: this one answers itself
+                stats.replay()
+                return first
+        if key is not None and key in answered:
+            stats.replay()
+            return answered[key]
+        if key is not None:
+            running[key] = asyncio.get_running_loop().create_future()
+        answer = None
+        try:
+            body = await _read_body(request, max_body_bytes)
+            x = _parse_images(body, input_shape, max_batch)
+            # In a worker thread: the event loop keeps reading other requests meanwhile.
+            answer = await run_in_threadpool(_answer, model, x.to(device), mode, top_k, output)
+            total = stats.answered(x.shape[0])
+            log.info("answered %d images (%d in all)", x.shape[0], total)
+            return answer
+        finally:
+            if key is not None:
+                running.pop(key).set_result(answer)
+                if answer is not None:
+                    answered[key] = answer
+                    while len(answered) > REPLAYS:
+                        answered.popitem(last=False)
 
     if page:
         _add_page(app, model, input_shape, device, mode=mode, top_k=top_k, output=output,
@@ -242,6 +284,14 @@ def _add_page(app: FastAPI, model: nn.Module, input_shape: tuple[int, ...],
         stats.tried(answer["server_queries"])
         log.info("page: %s on one image, %d queries", answer["attack"], answer["server_queries"])
         return answer
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 0 < len(key) <= MAX_KEY_LENGTH:
+        raise _Refused(400, f"the Idempotency-Key header must be 1 to {MAX_KEY_LENGTH} "
+                            "characters (one per request, the same on every try of it)")
+    return key
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

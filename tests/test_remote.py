@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+import httpx
 import pytest
 import torch
 from fastapi import FastAPI
@@ -305,3 +306,48 @@ def test_a_key_sent_in_clear_beyond_this_machine_is_warned_about():
 def test_bad_client_settings_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         models.remote(**{"url": "http://127.0.0.1:9", **options})
+
+
+class _SlowOnce(torch.nn.Module):
+    """The toy CNN, whose first forward pass after ``arm()`` takes ``delay`` seconds (longer
+    than the client waits): the server answers a request the client has given up on."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.net, self.delay, self.calls = toy_cnn(), delay, None
+
+    def arm(self) -> None:
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calls is not None:
+            self.calls += 1
+            if self.calls == 1:
+                time.sleep(self.delay)
+        return self.net(x)
+
+
+def test_a_try_the_client_gave_up_on_is_answered_once_and_counted_once():
+    x, _ = random_batch(4)
+    slow = _SlowOnce(delay=1.5).eval()
+    app = build_app(slow, (1, 8, 8))
+    with running(app) as url:
+        box = models.remote(url, timeout=0.5, retries=4, backoff=0.05)
+        slow.arm()
+        scores = box.scores(x)
+        served = stats(url)
+    with torch.no_grad():
+        assert torch.allclose(scores, toy_cnn()(x).log_softmax(1), atol=1e-5)
+    assert box.model.failed_tries >= 1 and box.model.sent > box.model.answered
+    # The retries waited for the first try's answer: the model ran once, the server counted
+    # the images once, and says how many retries it answered with that answer.
+    assert slow.calls == 1
+    assert served["images"] == box.model.answered == 4
+    assert served["replayed"] >= 1
+
+
+def test_a_bad_idempotency_key_is_refused():
+    with running(build_app(toy_cnn(), (1, 8, 8))) as url:
+        answer = httpx.post(f"{url}/predict", json={"inputs": random_batch(1)[0].tolist()},
+                            headers={"Idempotency-Key": "k" * 200})
+    assert answer.status_code == 400 and "Idempotency-Key" in answer.json()["detail"]

@@ -30,6 +30,7 @@ import ipaddress
 import json
 import math
 import time
+import uuid
 import warnings
 from typing import Any
 from urllib.parse import urlsplit
@@ -138,7 +139,9 @@ class Endpoint:
         return self._bodies(images[:half]) + self._bodies(images[half:])
 
     def _predict(self, body: bytes, n: int) -> Tensor:
-        headers = {"Content-Type": "application/json"}
+        # One key for every try of this request: a server that answered a try the client
+        # gave up on answers the retry with that answer and counts its images once.
+        headers = {"Content-Type": "application/json", "Idempotency-Key": uuid.uuid4().hex}
         scores = self._try(lambda: self._http.post(f"{self.url}/predict", content=body,
                                                    headers=headers),
                            lambda answer: self._read_scores(answer, n), f"{n} images", n)
