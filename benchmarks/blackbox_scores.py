@@ -16,13 +16,16 @@ advkit's attacks see the model through ``advkit.models.scores_only``; ART's thro
 ``PyTorchClassifier`` (its SimBA and ZooAttack work one image at a time: each image is
 attacked by its own ``generate`` call, so the counter knows whose queries these are).
 SimBA on both sides: DCT basis, step 0.2 (ART's default is 0.1; 0.2 is the paper's), no
-ball (advkit's L2 cap is the box's diameter). NES (no peer in ART): Linf 0.3, the paper's
-setting. ZOO: L2, minimal-norm; advkit with its defaults and with the paper's
-hierarchical attack space (7 x 7 first); ART's ZooAttack with its defaults (use_resize
-and importance sampling on, nb_parallel 128, initial_const 1e-3) and enough iterations.
+ball (advkit's L2 cap is the box's diameter). NES and Bandits-TD (no peer in ART): Linf 0.3,
+NES's paper's setting, on the same images and budgets; Bandits-TD with its defaults (the
+paper's settings, tiles of 4 pixels). ZOO: L2, minimal-norm; advkit with its defaults and
+with the paper's hierarchical attack space (7 x 7 first); ART's ZooAttack with its
+defaults (use_resize and importance sampling on, nb_parallel 128, initial_const 1e-3) and
+enough iterations.
 
-Run ``python benchmarks/blackbox_scores.py --help``. The run rewrites only its own section
-of ``benchmarks/RESULTS.md``.
+Run ``python benchmarks/blackbox_scores.py --help``; ``--attacks nes,bandits --limit 100``
+runs those two only, on 100 images. The run rewrites only its own section of
+``benchmarks/RESULTS.md`` (``--out``: another file).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from evaluate import write_section  # noqa: E402
 
 import advkit  # noqa: E402
 from advkit import ThreatModel  # noqa: E402
-from advkit.attacks import NES, ZOO, SimBA  # noqa: E402
+from advkit.attacks import NES, ZOO, Bandits, SimBA  # noqa: E402
 
 SECTION = "scores"
 
@@ -132,6 +135,9 @@ def rows_for(args: argparse.Namespace) -> list[tuple[str, str, str, str, int, Ca
          run_advkit(SimBA(box_l2, max_queries=big, checkpoints=args.budgets))),
         ("advkit", "NES", "Linf 0.3, defaults", "linf", big,
          run_advkit(NES(ThreatModel("linf", 0.3), max_queries=big, checkpoints=args.budgets))),
+        ("advkit", "Bandits", "Bandits-TD, Linf 0.3, defaults (tiles of 4)", "linf", big,
+         run_advkit(Bandits(ThreatModel("linf", 0.3), max_queries=big,
+                            checkpoints=args.budgets))),
         ("advkit", "ZOO", "defaults", "l2", big,
          run_advkit(ZOO(ThreatModel("l2", math.inf), max_queries=big,
                         checkpoints=args.budgets))),
@@ -141,12 +147,19 @@ def rows_for(args: argparse.Namespace) -> list[tuple[str, str, str, str, int, Ca
         ("art", "SimBA", "DCT, epsilon 0.2", "l2", big, run_art("SimBA")),
         ("art", "ZooAttack", "defaults", "l2", slow, run_art("ZooAttack")),
     ]
-    return [r for r in rows if r[0] in args.libraries]
+    unknown = sorted(set(args.attacks or ()) - {r[1].lower() for r in rows})
+    if unknown:
+        raise SystemExit(f"unknown attack {unknown[0]!r} in --attacks: use some of "
+                         f"{', '.join(sorted({r[1].lower() for r in rows}))}")
+    return [r for r in rows if r[0] in args.libraries
+            and (args.attacks is None or r[1].lower() in args.attacks)]
 
 
 def measure(args: argparse.Namespace, log: Callable[[str], None]) -> list[dict]:
     model = advkit.models.load("small_cnn")
     x, y = advkit.data.load("mnist", split="test", limit=args.limit)
+    with torch.no_grad():
+        args.misclassified = int((model(x).argmax(1) != y).sum())
     out = []
     for library, attack, config, norm, largest, runner in rows_for(args):
         budgets = [b for b in args.budgets if b <= largest]
@@ -172,6 +185,14 @@ def _median(values: Tensor) -> str:
     return f"{values.float().median().item():.3g}" if values.numel() else "–"
 
 
+def _queries(values: Tensor) -> tuple[str, str]:
+    """The median and the mean of query counts, as whole numbers ("–" for none)."""
+    if not values.numel():
+        return "–", "–"
+    values = values.float()
+    return f"{values.median().item():,.0f}", f"{values.mean().item():,.0f}"
+
+
 def render(rows: list[dict], args: argparse.Namespace, started: float, load: tuple) -> str:
     versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in
                          ("torch", "adversarial-robustness-toolbox"))
@@ -186,8 +207,9 @@ def render(rows: list[dict], args: argparse.Namespace, started: float, load: tup
         f"; device: {_device_name(torch.device('cpu'))}; torch threads "
         f"{torch.get_num_threads()}",
         f"- versions: {versions}; advkit source {_source_state()}",
-        f"- model: small_cnn (the cached MNIST test model); data: MNIST test[:{args.limit}], "
-        "untargeted",
+        f"- model: small_cnn (the cached MNIST test model); data: MNIST test[:{args.limit}] "
+        f"({args.misclassified} misclassified before any attack: broken at the first "
+        "look, 1 query), untargeted",
         f"- run time {time.perf_counter() - started:.0f} s; 1-minute load average "
         f"{load[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; also running: "
         f"{args.note}",
@@ -195,12 +217,12 @@ def render(rows: list[dict], args: argparse.Namespace, started: float, load: tup
         "classified adversarially (the model's answer, seen by a counting module around it; "
         "advkit's rows: its access layer's record, total checked against the counter); "
         "median norm over the images broken within q (SimBA, ZOO: L2 of the smallest "
-        "adversarial image sent; NES: Linf, always within 0.3); median queries to success "
-        "over the images broken at the largest budget",
+        "adversarial image sent; NES, Bandits: Linf, always within 0.3); median and mean "
+        "queries to success over the images broken at the largest budget",
         "",
         "| library | attack | config | budget | success | median norm | median queries to "
-        "success | seconds (whole run) | queries counted |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "success | mean queries to success | seconds (whole run) | queries counted |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         found = r["found_at"][r["found_at"] > 0]
@@ -217,10 +239,10 @@ def render(rows: list[dict], args: argparse.Namespace, started: float, load: tup
                      _median(norms[broken])]
             if first:
                 lines.append(f"| {r['library']} | {r['attack']} | {r['config']} | "
-                             + " | ".join(cells) + f" | {_median(found)} | "
+                             + " | ".join(cells) + " | " + " | ".join(_queries(found)) + " | "
                              f"{r['seconds']:.1f} | {counted} |")
             else:
-                lines.append("| | | | " + " | ".join(cells) + " | | | |")
+                lines.append("| | | | " + " | ".join(cells) + " | | | | |")
     lines.append(f"<!-- benchmarks/blackbox_scores.py {SECTION}: end -->")
     return "\n".join(lines) + "\n"
 
@@ -233,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slow-budget", type=int, default=1000,
                         help="the largest budget for ART's ZooAttack (slow per query)")
     parser.add_argument("--libraries", nargs="+", default=["advkit", "art"])
+    parser.add_argument("--attacks", type=lambda text: [a.strip().lower() for a in
+                                                        text.split(",") if a.strip()],
+                        default=None, help="only these attacks, comma-separated (simba, nes, "
+                                           "bandits, zoo, zooattack); default all")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--note", default="nothing else noted",
                         help="what else ran on the machine (for the record)")
