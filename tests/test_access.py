@@ -25,6 +25,7 @@ CONFIGS = {
     "apgd": ("linf", 0.1, {"steps": 5, "restarts": 2}),
     "apgdt": ("linf", 0.1, {"steps": 5, "n_target_classes": 2}),
     "malt": ("linf", 0.1, {"steps": 5, "n_target_classes": 2}),
+    "a3": ("linf", 0.1, {"budget": 10, "min_steps": 2, "keep_min": 2}),
     "square": ("linf", 0.1, {"n_queries": 20}),
     "deepfool": ("l2", float("inf"), {"steps": 5}),
     "fab": ("linf", float("inf"), {"steps": 5, "restarts": 2}),

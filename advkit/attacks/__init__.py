@@ -4,6 +4,7 @@ Every attack returns an :class:`AttackResult` whose ``success`` comes from a fre
 forward pass. ``REGISTRY`` maps each attack's name to its class.
 """
 
+from advkit.attacks.a3 import A3
 from advkit.attacks.apgd import APGD, APGDT
 from advkit.attacks.bandits import Bandits
 from advkit.attacks.base import Attack, AttackResult, Taxonomy
@@ -31,7 +32,7 @@ from advkit.attacks.universal import UniversalPerturbation
 from advkit.attacks.zoo import ZOO
 
 REGISTRY: dict[str, type[Attack]] = {
-    cls.name.lower(): cls for cls in (FGSM, BIM, ILLC, PGD, MIFGSM, APGD, APGDT, MALT, Square,
+    cls.name.lower(): cls for cls in (FGSM, BIM, ILLC, PGD, MIFGSM, APGD, APGDT, MALT, A3, Square,
                                       DeepFool, FAB, CarliniWagnerL2, CarliniWagnerLinf, EAD,
                                       JSMA, HotCold, FeatureAdversary, UniversalPerturbation,
                                       OrthogonalPGD, HopSkipJump, Boundary, GenAttack, OnePixel,
@@ -48,7 +49,7 @@ def get(name: str) -> type[Attack]:
 
 
 __all__ = ["Attack", "AttackResult", "Taxonomy", "REGISTRY", "get",
-           "FGSM", "BIM", "ILLC", "PGD", "MIFGSM", "APGD", "APGDT", "MALT", "Square", "JSMA", "HotCold",
+           "FGSM", "BIM", "ILLC", "PGD", "MIFGSM", "APGD", "APGDT", "MALT", "A3", "Square", "JSMA", "HotCold",
            "FeatureAdversary", "UniversalPerturbation", "DeepFool", "FAB",
            "CarliniWagnerL2", "CarliniWagnerLinf", "EAD", "OrthogonalPGD", "HopSkipJump",
            "Boundary", "GenAttack", "OnePixel",

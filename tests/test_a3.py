@@ -1,0 +1,67 @@
+"""A3, Adaptive Auto Attack (Liu et al., 2022): margin PGD restarts from adaptive output-space
+directions, with discarding, within a total gradient budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from toys import distance_to_boundary, random_batch, toy_cnn
+
+from advkit import ThreatModel
+from advkit.attacks import A3
+
+
+def affine(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+
+
+def labelled(model: nn.Module, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    x, _ = random_batch(n)
+    with torch.no_grad():
+        return x, model(x).argmax(1)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_on_an_affine_model_it_breaks_what_lies_within_eps_and_nothing_else(norm):
+    model = affine()
+    x, y = labelled(model, 64)
+    nearest = distance_to_boundary(model, x, y, norm)
+    eps = float(nearest.median())
+    threat = ThreatModel(norm, eps, bounds=(-10.0, 10.0))  # the box out of the way
+    result = A3(threat, budget=60, keep_min=8)(model, x, y)
+    assert result.success[nearest < 0.95 * eps].all()
+    assert not result.success[nearest > 1.0001 * eps].any()
+    assert (result.norms <= eps * (1 + 1e-5)).all()
+
+
+@pytest.mark.parametrize("budget", [5, 30])
+def test_the_gradient_budget_is_never_exceeded(budget):
+    model = toy_cnn()
+    x, y = labelled(model, 16)
+    threat = ThreatModel("linf", 1e-4)  # nothing breaks: every restart runs in full
+    result = A3(threat, budget=budget, min_steps=2, keep_min=4)(model, x, y)
+    assert not result.success.any()
+    assert result.backward_passes <= budget * len(x)
+    # It spends most of it (a restart that would overrun is cut to what is left).
+    assert result.backward_passes >= 0.5 * budget * len(x)
+
+
+def test_same_seed_same_result_and_discarding_leaves_the_worst_images_out():
+    model = toy_cnn()
+    x, y = labelled(model, 32)
+    threat = ThreatModel("linf", 0.02)
+    one = A3(threat, budget=40, keep_min=4, seed=3)(model, x, y)
+    two = A3(threat, budget=40, keep_min=4, seed=3)(model, x, y)
+    assert torch.equal(one.x_adv, two.x_adv) and torch.equal(one.queries, two.queries)
+    # With discarding, images do not all get the same share of the budget.
+    assert len(set(one.queries[~one.success].tolist())) > 1
+
+
+def test_targets_are_refused_and_bad_settings_too():
+    model, (x, y) = toy_cnn(), random_batch(4)
+    with pytest.raises(ValueError, match="untargeted"):
+        A3(ThreatModel("linf", 0.1))(model, x, y, targets=(y + 1) % 10)
+    with pytest.raises(ValueError, match="budget"):
+        A3(ThreatModel("linf", 0.1), budget=0)
