@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import advkit
+from advkit import attacks
 from advkit.evaluation import SUITES, Stage, Store, Suite, get_suite, read_report
 from advkit.threat import ThreatModel
 
@@ -83,6 +84,39 @@ def test_standard_suite_is_autoattacks_published_configuration():
         {name: s.params for name, s in stages.items()}
     kinds = [s.attack_class.taxonomy.black_box for s in thorough]
     assert kinds == sorted(kinds) and kinds[-1]
+    # and a decision-based stage (labels only) among them
+    assert any(s.attack_class.access == "labels" for s in thorough)
+
+
+class _Plateau(torch.nn.Module):
+    """A model whose scores say nothing but the decision: a one-hot of its argmax (the
+    scores are flat around every input, so gradients and Square's score search see no
+    slope), while its decisions are a real classifier's."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.net(x)
+        return 10.0 * torch.nn.functional.one_hot(z.argmax(1), z.shape[1]).to(z.dtype) + 0 * z
+
+
+def test_thoroughs_decision_based_stage_breaks_what_square_cannot_on_flat_scores(
+        mnist_model, data):
+    x, y = data[0][:10], data[1][:10]
+    model = _Plateau(mnist_model).eval()
+    threat = ThreatModel("linf", 0.3)
+    stage = next(s for s in SUITES["thorough"].stages if s.attack == "hopskipjump")
+    square = next(s for s in SUITES["thorough"].stages if s.attack == "square")
+    # Budgets cut to keep the test short; the stages' configurations otherwise.
+    hsj = attacks.get(stage.attack)(threat, **{**stage.params, "max_queries": 1000})
+    sq = attacks.get(square.attack)(threat, **{**square.params, "n_queries": 200})
+    decided = hsj(model, x, y)
+    scored = sq(model, x, y)
+    # A flat score gives Square no direction: it breaks only what its first random
+    # stripes happen to break; the decision-based search follows the boundary.
+    assert int(decided.success.sum()) >= int(scored.success.sum()) + 3
 
 
 def test_suite_from_toml_and_json(tmp_path):

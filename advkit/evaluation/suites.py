@@ -172,8 +172,11 @@ def _standard() -> list[Stage]:
 SUITES: dict[str, Suite] = {
     "fast": Suite("fast", (Stage("apgd-ce", "apgd", {"steps": 100, "loss": "ce"}),)),
     "standard": Suite("standard", tuple(_standard())),
-    # Square comes last: the black-box check asks whether it broke images that every
-    # white-box attack missed, which is only true of images it gets after all of them.
+    # The black-box stages come last: the black-box check asks whether they broke images
+    # that every white-box attack missed, which is only true of images they get after all
+    # of them. HopSkipJump reads labels only: a model whose scores say nothing (flat,
+    # quantised or saturated) stops Square as it stops the gradients, not a decision-based
+    # attack.
     "thorough": Suite("thorough", tuple(_standard()[:-1] + [
         Stage("apgd-ce-restarts", "apgd", {"steps": 100, "loss": "ce", "restarts": 5}),
         Stage("apgd-dlr", "apgd", {"steps": 100, "loss": "dlr", "restarts": 5}),
@@ -182,6 +185,7 @@ SUITES: dict[str, Suite] = {
         Stage("cw-l2", "carliniwagnerl2", {}, norms=("l2",)),
         Stage("cw-linf", "carliniwagnerlinf", {}, norms=("linf",)),
         Stage("ead", "ead", {}, norms=("l1",)),
+        Stage("hopskipjump", "hopskipjump", {"max_queries": 5000}),
     ] + _standard()[-1:])),
     # For randomised models (AutoAttack's "rand" version): APGD on the expected logits.
     "rand": Suite("rand", (
