@@ -72,3 +72,16 @@ def test_a_model_without_a_linear_readout_and_an_unbounded_eps_are_refused(few):
     with pytest.raises(ValueError, match="finite eps"):
         binarization_test(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), x, y,
                           ThreatModel("linf", float("inf")))
+
+
+def test_the_engine_runs_it_as_a_check_and_a_masked_model_is_marked_unreliable(mnist_model,
+                                                                               few):
+    import advkit
+
+    x, y = few
+    report = advkit.evaluate(Saturated(mnist_model).eval(), x, y, LINF, "fast",
+                             progress=False, check_samples=6, binarization=6)
+    check = next(c for c in report.checks if c.name == "binarization")
+    assert check.status == "fail" and not report.reliable
+    with pytest.raises(ValueError, match="binarization must be"):
+        advkit.evaluate(mnist_model, x, y, LINF, "fast", progress=False, binarization=-1)

@@ -41,7 +41,7 @@ from advkit.evaluation import DEFAULT_STORE, accuracy, curve_rows, curves, run_a
 #: What a suite run records and ``--resume`` takes from the run instead of the command line.
 _RUN_SETTINGS = ("model", "attack_names", "norm", "eps", "seed", "dataset", "limit",
                  "batch_size", "suite", "checks", "check_samples", "pipeline", "access",
-                 "remote")
+                 "remote", "binarization")
 
 
 def evaluate(
@@ -75,6 +75,10 @@ def evaluate(
         help="continue the interrupted suite run RUN (see `advkit runs`)")] = None,
     checks: Annotated[bool, typer.Option(help="suite runs: gradient-masking checks")] = True,
     check_samples: Annotated[int, typer.Option(help="images the checks attack")] = 100,
+    binarization: Annotated[int, typer.Option(
+        help="suite runs: with the checks, run the binarization test (Zimmermann et al. "
+             "2022: does the suite find an adversarial example that provably exists?) on "
+             "this many images; 0: off")] = 0,
     pipeline: Annotated[Path | None, typer.Option(
         help="evaluate the model behind the transforms and detectors of this pipeline file "
              "(.toml/.json; see advkit.defenses.spec): detectors are fitted on training "
@@ -117,7 +121,7 @@ def evaluate(
                         batch_size=batch_size, seed=seed, store=store, resume=resume,
                         checks=checks, check_samples=check_samples, trust=trust,
                         device=device, as_json=as_json, pipeline=pipeline, access=access,
-                        remote=remote, api_key=api_key)
+                        remote=remote, api_key=api_key, binarization=binarization)
         return
     attack_names = attack_names or ["pgd"]
     eps_list = eps or [0.3]
@@ -208,7 +212,8 @@ def evaluate_suite(*, model: str, suite: str, norm: str, eps: float, dataset: st
                    batch_size: int, seed: int, store: Path, resume: int | None, checks: bool,
                    check_samples: int, trust: bool, device: str, quiet: bool, log,
                    pipeline: Path | None = None, access: str = "gradients",
-                   remote: str | None = None, api_key: str | None = None) -> dict:
+                   remote: str | None = None, api_key: str | None = None,
+                   binarization: int = 0) -> dict:
     """Run (or resume) one suite evaluation; return its JSON summary."""
     from advkit import data, models
     from advkit.evaluation import Store
@@ -232,6 +237,7 @@ def evaluate_suite(*, model: str, suite: str, norm: str, eps: float, dataset: st
         suite_arg: object = config["suite"]
         seed, batch_size = config["seed"], config["batch_size"]
         checks, check_samples = config["checks"], config["check_samples"]
+        binarization = config.get("binarization", 0)
     else:
         threat, split, suite_arg = ThreatModel(norm, eps), "test", suite
         pipeline_spec = None
@@ -261,7 +267,8 @@ def evaluate_suite(*, model: str, suite: str, norm: str, eps: float, dataset: st
         suite_arg = Suite.from_dict(suite_arg)
     report = evaluate_model(net, x, y, threat, suite_arg, seed=seed, batch_size=batch_size,
                             store=store, resume=resume, checks=checks,
-                            check_samples=check_samples, device=device, progress=not quiet,
+                            check_samples=check_samples, binarization=binarization,
+                            device=device, progress=not quiet,
                             log=log, describe_model={"spec": model, **(
                                 {"pipeline": pipeline_spec} if pipeline_spec else {}), **(
                                 {"access": access} if access != "gradients" else {}), **(

@@ -168,6 +168,7 @@ def evaluate(
     checks: bool = True, check_samples: int = 100, device: str | torch.device | None = None,
     progress: bool = True, log: Callable[[str], None] | None = None,
     describe_model: dict | None = None, describe_data: dict | None = None,
+    binarization: int = 0,
 ) -> EvaluationReport:
     """Evaluate ``model`` on (x, y) under ``threat`` with an attack suite.
 
@@ -193,6 +194,10 @@ def evaluate(
             threat model, suite, seed and batch size must match the original.
         checks: run the gradient-masking checks on ``check_samples`` correctly
             classified images.
+        binarization: with the checks, also run the binarization test (Zimmermann et al.
+            2022; :mod:`advkit.evaluation.binarization`) with the run's suite on this many
+            correctly classified images (0: not run; it attacks one binarised model per
+            image).
         device: where the model runs (default: its parameters' device).
         describe_model / describe_data: recorded with the run (the CLI records the
             model spec and data slice, so ``--resume`` can reload them).
@@ -240,6 +245,10 @@ def evaluate(
         "checks": checks, "check_samples": check_samples,
         "model": describe_model or {}, "data": describe_data or {},
     }
+    if isinstance(binarization, bool) or not isinstance(binarization, int) or binarization < 0:
+        raise ValueError(f"binarization must be a number of images >= 0 (got {binarization!r})")
+    if binarization:
+        config["binarization"] = binarization
     if rejects(model):
         config["rejects"] = True  # clean and adversarial predictions may be REJECT
     if black_box:
@@ -523,6 +532,17 @@ class _Engine:
                                                     self.config["seed"])
             else:
                 yield checks_lib.Check("eps_monotone", "skip", "No finite eps to vary.")
+        wanted = self.config.get("binarization", 0)
+        if wanted and "binarization" not in done:
+            if self.suite.kind != "budgeted" or not self.threat.bounded:
+                yield checks_lib.Check("binarization", "skip", "The binarization test needs a "
+                                       "budgeted suite and a finite eps.")
+                return
+            from advkit.evaluation.binarization import binarization_test
+            some = torch.tensor(correct[:wanted], dtype=torch.long)
+            yield binarization_test(probed, self.x[some].to(self.device),
+                                    self.y[some].to(self.device), self.threat, self.suite,
+                                    samples=wanted, seed=self.config["seed"])
 
 
 # --- reading a run back ---------------------------------------------------------------------
