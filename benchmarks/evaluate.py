@@ -17,7 +17,15 @@ trained with PGD by the shipped MNIST preset: ``advkit train --defense pgd
 --preset mnist``, about 55 minutes on a 2-core CPU), ``masked`` (the
 standard model with its logits multiplied by 10^4: the softmax saturates, so
 cross-entropy gradients vanish — gradient masking by temperature, as in
-defensive distillation).
+defensive distillation), and the training presets' runs as ``benchmarks/defenses.py``
+trains them (``mnist-pgd``, ``mnist-trades``, ``mnist-mart`` at Linf 0.3,
+``fashion-mnist-*`` at 0.1, from ``~/.cache/advkit/recipes``).
+
+Libraries: ``advkit`` (the ``standard`` suite), ``lean`` (advkit's ``lean`` suite), the
+reference, torchattacks' and ART's AutoAttack. Every row gives the images sent forward and
+the images a gradient flowed back through (advkit: its access layer's count; the peers: a
+counting module around the model), and ``lean`` says how many images it and the reference
+each break that the other does not.
 
 Run ``python benchmarks/evaluate.py --help``. The run rewrites only its own
 sections of ``benchmarks/RESULTS.md``.
