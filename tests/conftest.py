@@ -20,6 +20,17 @@ settings.register_profile("dev", derandomize=False, print_blob=True)
 _in_ci = os.environ.get("CI", "").lower() not in ("", "0", "false")
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if _in_ci else "dev"))
 
+@pytest.fixture
+def batch():
+    """Random 1x8x8 images labelled as toy_cnn() classifies them, so every one needs
+    attacking (the black-box attacks' tests share it)."""
+    from toys import toy_cnn
+
+    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return x, toy_cnn()(x).argmax(1)
+
+
 #: Where the trained test model is cached (kept between runs; CI trains it once, ~70 s).
 TEST_CACHE = Path(os.environ.get("ADVKIT_TEST_CACHE",
                                  Path.home() / ".cache" / "advkit" / "test-models"))

@@ -18,14 +18,6 @@ LINF = ThreatModel("linf", 0.1)
 PIXELS = {"tile_size": 1}
 
 
-@pytest.fixture
-def batch():
-    """Random images labelled as toy_cnn() classifies them, so every one needs attacking."""
-    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return x, toy_cnn()(x).argmax(1)
-
-
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_no_sample_spends_more_than_max_queries_and_the_access_layer_counts_them_all(
         norm, batch):

@@ -15,14 +15,6 @@ from advkit.models.access import AccessError, QueryBudgetExceeded
 LINF = ThreatModel("linf", 0.1)
 
 
-@pytest.fixture
-def batch():
-    """Random images labelled as toy_cnn() classifies them, so every one needs attacking."""
-    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return x, toy_cnn()(x).argmax(1)
-
-
 @pytest.mark.parametrize("targeted", [False, True])
 def test_no_sample_spends_more_than_max_queries_plus_the_success_pass(batch, targeted):
     x, y = batch

@@ -17,14 +17,6 @@ from advkit.models.access import Oracle, QueryBudgetExceeded
 UNCAPPED = {"l2": ThreatModel("l2", math.inf), "linf": ThreatModel("linf", math.inf)}
 
 
-@pytest.fixture
-def batch():
-    """Random images labelled as toy_cnn() classifies them, so every one needs attacking."""
-    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return x, toy_cnn()(x).argmax(1)
-
-
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_no_sample_spends_more_than_max_queries_plus_the_success_pass(norm, batch):
     x, y = batch

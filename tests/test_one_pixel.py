@@ -15,14 +15,6 @@ from advkit.models.access import AccessError, QueryBudgetExceeded
 ANY = ThreatModel("linf", 1.0)
 
 
-@pytest.fixture
-def batch():
-    """Random images labelled as toy_cnn() classifies them, so every one needs attacking."""
-    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return x, toy_cnn()(x).argmax(1)
-
-
 def changed_pixels(x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (x_adv != x).any(dim=1).flatten(1).sum(dim=1)
 
