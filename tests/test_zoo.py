@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from detection import one_thread
+from torch import nn
 from toys import toy_cnn
 
 from advkit import ThreatModel, models
@@ -15,15 +16,8 @@ from advkit.attacks import ZOO
 from advkit.models.access import QueryBudgetExceeded
 
 UNCAPPED = ThreatModel("l2", math.inf)
-
-
-# toy_cnn()'s logits are far apart: a larger C&W constant than MNIST's default.
-@pytest.fixture
-def batch():
-    """Random images labelled as toy_cnn() classifies them, so every one needs attacking."""
-    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return x, toy_cnn()(x).argmax(1)
+# toy_cnn()'s logits are far apart: the toy tests take a larger C&W constant (10) than
+# MNIST's default.
 
 
 def test_no_sample_spends_more_than_max_queries_plus_the_success_pass(batch):
@@ -55,12 +49,14 @@ def test_the_norm_after_each_budget_never_grows_and_ends_at_the_result(batch):
     torch.testing.assert_close(at[:, -1], result.norms)
 
 
-def test_a_cap_ends_a_sample_at_its_first_example_inside_it(batch):
+@pytest.mark.parametrize("binary_steps", [1, 3])
+def test_a_cap_ends_a_sample_at_its_first_example_inside_it(binary_steps, batch):
     x, y = batch
-    uncapped = ZOO(UNCAPPED, max_queries=1000, coordinates=16, const=10.0)(toy_cnn(), x, y)
+    uncapped = ZOO(UNCAPPED, max_queries=1000, coordinates=16, const=10.0,
+                   binary_steps=binary_steps)(toy_cnn(), x, y)
     cap = float(uncapped.norms.max()) * 1.5
-    capped = ZOO(ThreatModel("l2", cap), max_queries=1000, coordinates=16, const=10.0)(
-        toy_cnn(), x, y)
+    capped = ZOO(ThreatModel("l2", cap), max_queries=1000, coordinates=16, const=10.0,
+                 binary_steps=binary_steps)(toy_cnn(), x, y)
     assert bool(capped.success.all()) and bool((capped.norms <= cap).all())
     assert int(capped.queries.sum()) < int(uncapped.queries.sum())
 
@@ -95,6 +91,50 @@ def test_the_same_seed_gives_the_same_result_and_another_seed_another(batch):
     assert not torch.equal(runs[0].x_adv, runs[2].x_adv)
 
 
+def affine_two_class() -> nn.Module:
+    """Logits ``(sum(x) - 2 + 1e-6, 0)`` on 1x2x2 images: the all-0.5 image is class 0 by a
+    margin of 1e-6 (any probe that lowers a pixel by h crosses), the all-ones image by 2 (an
+    L2 distance of 1 to the boundary)."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]))
+        model[1].bias.copy_(torch.tensor([-2.0 + 1e-6, 0.0]))
+    return model
+
+
+def test_the_constant_moves_by_the_carlini_wagner_rule_after_each_segment():
+    x = torch.stack([torch.full((1, 2, 2), 0.5), torch.ones(1, 2, 2)])
+    result = ZOO(UNCAPPED, max_queries=151, const=0.5, coordinates=4, binary_steps=3)(
+        models.scores_only(affine_two_class()), x, torch.tensor([0, 0]))
+    # Segments of 50 queries. Sample 0 crosses in every segment: 0.5, then (0 + 0.5) / 2,
+    # then (0 + 0.25) / 2. Sample 1 fails at 0.5 (the minimiser of ||d||^2 + 0.5 f stays
+    # short of the boundary), so 5 (tenfold: no upper bound yet), crosses at 5, so
+    # (0.5 + 5) / 2 = 2.75 for its last segment.
+    assert result.extras["const"].tolist() == [0.125, 2.75]
+    assert bool(result.success.all())
+
+
+def test_one_binary_step_runs_the_whole_budget_at_the_given_constant(batch):
+    x, y = batch
+    one = ZOO(UNCAPPED, max_queries=300, coordinates=16, const=10.0, binary_steps=1)(
+        toy_cnn(), x, y)
+    default = ZOO(UNCAPPED, max_queries=300, coordinates=16, const=10.0)(toy_cnn(), x, y)
+    assert torch.equal(one.x_adv, default.x_adv) and torch.equal(one.queries, default.queries)
+    assert bool((one.extras["const"] == 10.0).all())
+
+
+def test_with_binary_steps_no_sample_spends_more_than_max_queries_plus_the_success_pass(
+        batch):
+    x, y = batch
+    box = models.scores_only(toy_cnn(), budget=301)
+    result = ZOO(UNCAPPED, max_queries=300, coordinates=16, const=10.0, binary_steps=4)(
+        box, x, y)
+    assert int(result.queries.max()) <= 301
+    assert int(result.queries.sum()) == box.queries == result.forward_passes
+    # Uncapped, every sample spends its budget: each segment ends at most one pair short.
+    assert int(result.queries.min()) >= 301 - 4 * 2
+
+
 @pytest.mark.parametrize(("options", "message"), [
     ({"max_queries": -5}, "max_queries must be an integer >= 1"),
     ({"const": 0}, "const must be > 0"),
@@ -102,6 +142,7 @@ def test_the_same_seed_gives_the_same_result_and_another_seed_another(batch):
     ({"coordinates": 0}, "coordinates must be an integer >= 1"),
     ({"reduced_size": 0}, "reduced_size must be an integer >= 1"),
     ({"h": float("nan")}, "h must be > 0"),
+    ({"binary_steps": 0}, "binary_steps must be an integer >= 1"),
 ])
 def test_bad_options_are_refused_with_the_fix(options, message):
     with pytest.raises(ValueError, match=message):
