@@ -65,3 +65,19 @@ def test_targets_are_refused_and_bad_settings_too():
         A3(ThreatModel("linf", 0.1))(model, x, y, targets=(y + 1) % 10)
     with pytest.raises(ValueError, match="budget"):
         A3(ThreatModel("linf", 0.1), budget=0)
+
+
+def test_the_polish_spends_squares_queries_on_the_share_closest_to_breaking_only():
+    model = toy_cnn()
+    x, y = labelled(model, 16)
+    threat = ThreatModel("linf", 1e-4)  # nothing breaks
+    plain = A3(threat, budget=5, min_steps=2, keep_min=4)(model, x, y)
+    polished = A3(threat, budget=5, min_steps=2, keep_min=4, polish_queries=20,
+                  polish_share=0.25)(model, x, y)
+    extra = polished.queries - plain.queries
+    # 4 of 16 images: Square's 20 queries (its first look included) and one look at its
+    # result; the others nothing more.
+    assert sorted(extra.tolist()) == [0] * 12 + [21] * 4
+    assert torch.equal(polished.x_adv[extra == 0], plain.x_adv[extra == 0])
+    with pytest.raises(ValueError, match="polish_share"):
+        A3(threat, polish_share=0)
