@@ -50,10 +50,14 @@ def mnist_model() -> torch.nn.Module:
 
     previous = os.environ.get("ADVKIT_MODEL_DIR")
     os.environ["ADVKIT_MODEL_DIR"] = str(TEST_CACHE)
+    threads = torch.get_num_threads()
     try:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         return demo_model(progress=False, log=lambda _: None)
     finally:
+        # Training takes every core; the tests after it run with the threads they had
+        # (OMP_NUM_THREADS=1 keeps small tensors off the thread pool's spin-waits).
+        torch.set_num_threads(threads)
         if previous is None:
             del os.environ["ADVKIT_MODEL_DIR"]
         else:

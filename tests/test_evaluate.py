@@ -445,3 +445,22 @@ def test_store_round_trip_and_export(mnist_model, data, tmp_path):
     assert len(doc["per_sample"]) == 50 and doc["summary"]["robust_accuracy"] == pytest.approx(
         report.robust_accuracy)
     assert {c["name"] for c in doc["checks"]} >= {"gradients", "unbounded"}
+
+
+def test_lean_is_apgd_and_a3_with_its_polish_and_never_weaker_than_standard_on_the_test_model(
+        mnist_model, data):
+    """Seeded and small: 40 MNIST images at Linf 0.08 (the test CNN is not robust there:
+    some images stand, some fall), ``lean`` against ``standard``."""
+    first, stage = SUITES["lean"].stages
+    assert first.attack == "apgd" and stage.attack == "a3"
+    assert stage.params["polish_queries"] > 0
+    x, y = data[0][:40], data[1][:40]
+    threat = ThreatModel("linf", 0.08)
+    lean = advkit.evaluate(mnist_model, x, y, threat, "lean", progress=False, checks=False)
+    standard = advkit.evaluate(mnist_model, x, y, threat, "standard", progress=False,
+                               checks=False)
+    assert 0 < standard.robust_accuracy < standard.clean_accuracy
+    assert lean.robust_accuracy <= standard.robust_accuracy
+    # and for fewer gradient passes
+    assert sum(s["backward_passes"] for s in lean.stages) < sum(
+        s["backward_passes"] for s in standard.stages)
