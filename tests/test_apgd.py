@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from toys import random_batch, toy_cnn
+from toys import Saturated, random_batch, toy_cnn
 
 from advkit import ThreatModel
 from advkit.attacks import PGD
@@ -92,19 +92,8 @@ def test_per_sample_passes_add_up_to_the_counted_passes(batch, attack):
         assert passes[result.success].min() <= passes[~result.success].max()
 
 
-class _Saturated(nn.Module):
-    """Logits x 10^4: the softmax is exactly one-hot, so cross-entropy gradients are 0."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(x) * 1e4
-
-
 def test_a_sample_at_a_fixed_point_leaves_the_run(batch):
-    model, (x, _) = _Saturated(toy_cnn()).eval(), batch
+    model, (x, _) = Saturated(toy_cnn()).eval(), batch
     with torch.no_grad():
         y = model(x).argmax(1)
     threat = ThreatModel("linf", 0.01)

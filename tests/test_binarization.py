@@ -6,23 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from toys import Saturated
 
 from advkit import ThreatModel
 from advkit.evaluation.binarization import _features, _readout, binarization_test, binarize
 
 LINF = ThreatModel("linf", 0.3)
-
-
-class Saturated(nn.Module):
-    """The model with its logits times 10^4: the softmax saturates, cross-entropy gradients
-    vanish (gradient masking by temperature, as defensive distillation)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x) * 1e4
 
 
 @pytest.fixture(scope="module")

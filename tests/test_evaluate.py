@@ -8,6 +8,7 @@ import sqlite3
 import pytest
 import torch
 from torch import nn
+from toys import Saturated
 
 import advkit
 from advkit import attacks
@@ -25,18 +26,6 @@ def quick_suite() -> Suite:
         Stage("fab-t", "fab", {"steps": 20, "target_classes": 2}),
         Stage("square", "square", {"n_queries": 100}),
     ))
-
-
-class Scaled(nn.Module):
-    """Logits times a huge temperature: the softmax saturates and CE gradients vanish
-    (the classic gradient-masking trap, as in defensive distillation)."""
-
-    def __init__(self, model: nn.Module, factor: float = 1e4) -> None:
-        super().__init__()
-        self.model, self.factor = model, factor
-
-    def forward(self, x):
-        return self.model(x) * self.factor
 
 
 class Noisy(nn.Module):
@@ -326,7 +315,7 @@ def test_masked_model_is_flagged_and_a_margin_attack_recovers_the_true_figure(mn
                                                                                data):
     x, y = data
     x, y = x[:100], y[:100]
-    masked = Scaled(mnist_model).eval()
+    masked = Saturated(mnist_model).eval()
     ce = Suite("ce", (Stage("apgd-ce", "apgd", {"steps": 20, "loss": "ce"}),))
     fast = advkit.evaluate(masked, x, y, LINF, ce, progress=False, check_samples=20)
     status = {c.name: c.status for c in fast.checks}

@@ -6,24 +6,12 @@ import math
 
 import pytest
 import torch
-from torch import nn
-from toys import distance_to_boundary, random_batch, toy_cnn
+from toys import affine, distance_to_boundary, labelled, random_batch, toy_cnn
 
 from advkit import ThreatModel
 from advkit.attacks import MALT
 from advkit.attacks.malt import linearised_distances
 from advkit.models.access import Oracle
-
-
-def affine(classes: int = 10, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, classes)).eval()
-
-
-def labelled(model: nn.Module, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    x, _ = random_batch(n)
-    with torch.no_grad():
-        return x, model(x).argmax(1)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])

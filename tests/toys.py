@@ -18,6 +18,33 @@ def toy_cnn(seed: int = 0) -> nn.Module:
                          nn.Linear(4 * 8 * 8, 10)).eval()
 
 
+def affine(classes: int = 10, seed: int = 0) -> nn.Module:
+    """An affine classifier ``Sequential(Flatten, Linear)`` on 1x8x8 inputs, eval mode: its
+    exact distances to the decision boundary are :func:`distance_to_boundary`'s."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, classes)).eval()
+
+
+class Saturated(nn.Module):
+    """A model with its logits times ``factor`` (10^4): the softmax is one-hot, so
+    cross-entropy gradients vanish (gradient masking by temperature, as in defensive
+    distillation)."""
+
+    def __init__(self, model: nn.Module, factor: float = 1e4) -> None:
+        super().__init__()
+        self.model, self.factor = model, factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) * self.factor
+
+
+def labelled(model: nn.Module, n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` uniform 1x8x8 images labelled as ``model`` classifies them."""
+    x, _ = random_batch(n, seed)
+    with torch.no_grad():
+        return x, model(x).argmax(1)
+
+
 def random_batch(n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` uniform 1x8x8 images in [0, 1] with uniform labels in 0..9."""
     g = torch.Generator().manual_seed(seed)
