@@ -1,8 +1,10 @@
-"""What the score-based attacks with a per-sample query budget (SimBA, NES, ZOO) share.
+"""What the score-based attacks with a per-sample query budget (SimBA, NES, ZOO, Bandits)
+share.
 
-Each sees the model through its scores only, spends at most ``max_queries`` queries per
-sample (counted by the oracle: the access layer, never the attack), and keeps, per sample,
-the adversarial points it was shown. This module holds the common part:
+Each sees the model through its scores only (NES's label-only setting: its labels), spends
+at most ``max_queries`` queries per sample (counted by the oracle: the access layer, never
+the attack), and keeps, per sample, the adversarial points it was shown. This module holds
+the common part:
 
 - :class:`ScoreAttack`: the configuration (``max_queries``, ``checkpoints``, ``batch_size``),
   the budget check before any query, the first look at ``x`` (samples already at their goal
@@ -11,9 +13,10 @@ the adversarial points it was shown. This module holds the common part:
   queries each sample took to reach its goal. A subclass writes only its search
   (``_search``).
 - :class:`ScoreSearch`: one call's state, the decision-based :class:`Search` asked for
-  scores: every query goes through :meth:`ScoreSearch.ask`, which asks the oracle in
-  batches of at most ``batch_size`` images, keeps the closest point at the goal per sample
-  and records the norms at the checkpoints.
+  scores: every query goes through :meth:`ScoreSearch.ask` (or, for NES's label-only
+  setting, :meth:`ScoreSearch.ask_labels`), which asks the oracle in batches of at most
+  ``batch_size`` images, keeps the closest point at the goal per sample, the queries a
+  sample took to reach it, and records the norms at the checkpoints.
 - :func:`class_log_prob`: the log-probability of one class as far as the scores show it
   (the objective of SimBA and NES).
 """
@@ -66,8 +69,10 @@ class ScoreSearch(Search):
                  batch_size: int | None, in_ball: bool) -> None:
         super().__init__(model, x, y, targets, threat, max_queries, checkpoints, batch_size)
         self.in_ball = in_ball
-        #: The scores of every sample at ``x`` (the first look), once asked.
+        #: The first look at ``x``, once asked: every sample's scores, or (an attack that
+        #: asks labels only) their labels.
         self.first_scores: Tensor | None = None
+        self.first_labels: Tensor | None = None
         self.found_at = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
 
     def ask(self, points: Tensor, rows: Tensor) -> Tensor:
@@ -75,17 +80,30 @@ class ScoreSearch(Search):
         points = points.clamp(*self.threat.bounds)
         scores = self.model.logits(points, rows=rows, batch_size=self.batch_size)
         targets = self.targets[rows] if self.targets is not None else None
-        hit = goal_reached(scores, self.y[rows], targets)
+        self._record(points, rows, goal_reached(scores, self.y[rows], targets))
+        return scores
+
+    def ask_labels(self, points: Tensor, rows: Tensor) -> Tensor:
+        """The labels of ``points`` (one query each, charged to the sample in ``rows``), for
+        a search that asks no scores (NES's label-only setting); kept as :meth:`ask` keeps
+        its points."""
+        points = points.clamp(*self.threat.bounds)
+        labels = self.model.labels(points, rows=rows, batch_size=self.batch_size)
+        self._record(points, rows, self.adversarial(labels, rows))
+        return labels
+
+    def _record(self, points: Tensor, rows: Tensor, hit: Tensor) -> None:
+        """Keep the ``points`` seen at their goal (``hit``; inside the ball if budgeted),
+        and the query count of a sample's first."""
         if self.in_ball:
             # A relative tolerance: a projected point lands on the sphere up to rounding.
             size = self.threat.norms(points - self.x[rows])
-            hit &= size <= self.threat.eps * (1 + 1e-5) + 1e-7
+            hit = hit & (size <= self.threat.eps * (1 + 1e-5) + 1e-7)
         self.offer(points, rows, hit)
         if hit.any():
             first = rows[hit]
             self.found_at[first] = torch.where(self.found_at[first] < 0,
                                                self.model.queries[first], self.found_at[first])
-        return scores
 
     def found(self, rows: Tensor) -> Tensor:
         """Whether each of ``rows`` has a point at its goal (inside the ball if budgeted)."""
@@ -131,18 +149,28 @@ class ScoreAttack(Attack):
         search = ScoreSearch(model, x, y, targets, self.threat, self.max_queries,
                              self.checkpoints, self.batch_size, self.in_ball)
         everyone = torch.arange(x.shape[0], device=x.device)
-        scores = search.first_scores = search.ask(x, everyone)
+        if self._asks_labels(model.level):
+            first = search.first_labels = search.ask_labels(x, everyone)
+        else:
+            first = search.first_scores = search.ask(x, everyone)
         rows = (~search.found(everyone)).nonzero().squeeze(1)
         last = x.clone()
         if rows.numel():
-            last[rows] = self._search(search, rows, scores[rows], generator, **options)
+            last[rows] = self._search(search, rows, first[rows], generator, **options)
         found = search.found(everyone).view(-1, *([1] * (x.dim() - 1)))
         return torch.where(found, search.best, last), {
             "norm_at_queries": search.norm_at, "queries_to_success": search.found_at}
 
+    def _asks_labels(self, level: str) -> bool:
+        """Whether a call on a model given with ``level`` access asks it for labels only
+        (NES's label-only setting): the first look is then ``search.ask_labels``, and
+        ``_search`` gets labels instead of scores."""
+        return False
+
     @abstractmethod
     def _search(self, search: ScoreSearch, rows: Tensor, scores: Tensor,
                 generator: torch.Generator | None, **options: Tensor | None) -> Tensor:
-        """Search from ``x`` for the samples ``rows`` (``scores``: theirs at ``x``), every
-        query through ``search.ask`` and within ``search.left``; return the last iterate of
-        each (inside the threat model)."""
+        """Search from ``x`` for the samples ``rows`` (``scores``: theirs at ``x``; their
+        labels where :meth:`_asks_labels`), every query through ``search.ask`` (or
+        ``search.ask_labels``) and within ``search.left``; return the last iterate of each
+        (inside the threat model)."""

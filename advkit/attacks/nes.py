@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from advkit.attacks._decision import check_access_budget, check_count
+from advkit.attacks._decision import check_count
 from advkit.attacks._score import ScoreAttack, ScoreSearch, class_log_prob
 from advkit.attacks.base import Taxonomy
 from advkit.models.access import LABELS, Oracle
@@ -19,25 +19,6 @@ from advkit.threat import ThreatModel
 #: A function of points and the samples they are charged to that asks the model about
 #: them: the value NES estimates the gradient of, or whether a step keeps the target.
 Query = Callable[[Tensor, Tensor], Tensor]
-
-
-class _LabelSearch(ScoreSearch):
-    """A :class:`ScoreSearch` that asks for labels, never scores (the label-only setting):
-    the same candidates (inside the ball), checkpoints and first successes."""
-
-    def ask(self, points: Tensor, rows: Tensor) -> Tensor:
-        """The labels of ``points`` (one query each, charged to the sample in ``rows``)."""
-        points = points.clamp(*self.threat.bounds)
-        labels = self.model.labels(points, rows=rows, batch_size=self.batch_size)
-        # As ScoreSearch.ask: inside the ball up to the rounding of a projected point.
-        size = self.threat.norms(points - self.x[rows])
-        hit = self.adversarial(labels, rows) & (size <= self.threat.eps * (1 + 1e-5) + 1e-7)
-        self.offer(points, rows, hit)
-        if hit.any():
-            first = rows[hit]
-            self.found_at[first] = torch.where(self.found_at[first] < 0,
-                                               self.model.queries[first], self.found_at[first])
-        return labels
 
 
 class NES(ScoreAttack):
@@ -219,7 +200,7 @@ class NES(ScoreAttack):
                                dtype=points.dtype, generator=generator)
             copies = (points[at, None] + self.mu * (2 * noise - 1)).flatten(0, 1)
             whose = owners[at].repeat_interleave(k)
-            labels = search.ask(copies, whose)
+            labels = search.ask_labels(copies, whose)
             shares.append((labels == search.targets[whose]).view(-1, k).to(points.dtype)
                           .mean(dim=1))
         return torch.cat(shares)
@@ -253,6 +234,8 @@ class NES(ScoreAttack):
     def _search(self, search: ScoreSearch, rows: Tensor, scores: Tensor,
                 generator: torch.Generator | None,
                 starting_points: Tensor | None = None) -> Tensor:
+        if search.first_labels is not None:
+            return self._label_search(search, rows, generator, starting_points)
         x0 = search.x[rows]
         eps = torch.full((len(rows),), self.threat.eps, device=x0.device, dtype=x0.dtype)
         current = x0.clone()
@@ -371,51 +354,41 @@ class NES(ScoreAttack):
         return search.x[dist.argmin(dim=1)], has
 
     # -- the label-only setting ----------------------------------------------------------
+    def _asks_labels(self, level: str) -> bool:
+        return self.label_only is True or (self.label_only is None and level == LABELS)
+
     def _run(self, model: Oracle, x: Tensor, y: Tensor, targets: Tensor | None,
              clean_logits: Tensor | None, generator: torch.Generator | None,
              **options: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
-        if self.label_only is False or (self.label_only is None and model.level != LABELS):
-            return super()._run(model, x, y, targets, clean_logits, generator, **options)
-        if targets is None:
-            raise ValueError("label-only NES is targeted (it starts from an image of the "
-                             "target class and shrinks the box while the label stays the "
-                             "target): pass targets=; for an untargeted attack on a "
-                             "label-only model use HopSkipJump or Boundary")
-        if self.threat.norm != "linf":
-            raise ValueError("the label-only setting shrinks a Linf box (the paper's): use "
-                             "norm='linf', or HopSkipJump for L2 with labels only")
-        if self.partial is False:
-            raise ValueError("the label-only setting runs the partial-information schedule: "
-                             "leave partial=None, or give the model with scores")
-        # As ScoreAttack._run, with labels: the first look, then the search.
-        check_access_budget(self.name, model, self.max_queries)
-        search = _LabelSearch(model, x, y, targets, self.threat, self.max_queries,
-                              self.checkpoints, self.batch_size, in_ball=True)
-        everyone = torch.arange(x.shape[0], device=x.device)
-        labels = search.ask(x, everyone)
-        rows = (~search.found(everyone)).nonzero().squeeze(1)
-        last = x.clone()
-        if rows.numel():
-            last[rows] = self._label_search(search, rows, labels, generator, **options)
-        found = search.found(everyone).view(-1, *([1] * (x.dim() - 1)))
-        return torch.where(found, search.best, last), {
-            "norm_at_queries": search.norm_at, "queries_to_success": search.found_at}
+        if self._asks_labels(model.level):
+            if targets is None:
+                raise ValueError("label-only NES is targeted (it starts from an image of the "
+                                 "target class and shrinks the box while the label stays the "
+                                 "target): pass targets=; for an untargeted attack on a "
+                                 "label-only model use HopSkipJump or Boundary")
+            if self.threat.norm != "linf":
+                raise ValueError("the label-only setting shrinks a Linf box (the paper's): use "
+                                 "norm='linf', or HopSkipJump for L2 with labels only")
+            if self.partial is False:
+                raise ValueError("the label-only setting runs the partial-information "
+                                 "schedule: leave partial=None, or give the model with scores")
+        return super()._run(model, x, y, targets, clean_logits, generator, **options)
 
-    def _label_search(self, search: ScoreSearch, rows: Tensor, labels: Tensor,
+    def _label_search(self, search: ScoreSearch, rows: Tensor,
                       generator: torch.Generator | None,
                       starting_points: Tensor | None = None) -> Tensor:
         x0 = search.x[rows]
-        start, has = self._starts(search, rows, starting_points, labels)
+        start, has = self._starts(search, rows, starting_points, search.first_labels)
         # Each start is asked once: it must carry the target's label (and is a candidate).
         if has.any():
             at = has.nonzero().squeeze(1)
-            has[at] = search.ask(start[at], rows[at]) == search.targets[rows[at]]
+            has[at] = search.ask_labels(start[at], rows[at]) == search.targets[rows[at]]
         if not has.all():
             warnings.warn(
                 f"NES found no image labelled as the target to start {int((~has).sum())} of "
                 f"{len(has)} samples from (no starting_points= the model labels as the "
                 "target, and no input of the batch labelled so): with labels only they stay "
-                "at x, unbroken", stacklevel=4)
+                "at x, unbroken", stacklevel=6)
         current = torch.where(has.view(-1, 1, 1, 1), start, x0)
         # The box starts at the start's Linf distance (at most the box's width).
         eps = self.threat.norms(current - x0).clamp_min(self.threat.eps)
@@ -424,7 +397,7 @@ class NES(ScoreAttack):
             return self._proxy(search, probes, owners, generator)
 
         def labelled(candidates: Tensor, owners: Tensor) -> Tensor:
-            return search.ask(candidates, owners) == search.targets[owners]
+            return search.ask_labels(candidates, owners) == search.targets[owners]
 
         return self._iterate(search, rows, has.nonzero().squeeze(1), current, eps, generator,
                              value, labelled, self.samples * self.mc_samples + 1)
