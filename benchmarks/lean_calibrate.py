@@ -1,7 +1,8 @@
 """How the `lean` suite was chosen: AutoAE's greedy over candidate stages, measured on
 held-out test images of the adversarially trained presets.
 
-    python benchmarks/lean_calibrate.py --models mnist-pgd fashion-mnist-pgd --start 5000 --limit 500
+    python benchmarks/lean_calibrate.py --models mnist-pgd fashion-mnist-pgd \
+        --start 5000 --limit 500
 
 Each candidate (``CANDIDATES``: AutoAttack's stages, APGD with other losses, MALT with 1 to 3
 targets, A3 at three budgets, Square at two budgets) runs once on images

@@ -32,7 +32,8 @@ from advkit.attacks.universal import UniversalPerturbation
 from advkit.attacks.zoo import ZOO
 
 REGISTRY: dict[str, type[Attack]] = {
-    cls.name.lower(): cls for cls in (FGSM, BIM, ILLC, PGD, MIFGSM, APGD, APGDT, MALT, A3, Square,
+    cls.name.lower(): cls for cls in (FGSM, BIM, ILLC, PGD, MIFGSM, APGD, APGDT, MALT, A3,
+                                      Square,
                                       DeepFool, FAB, CarliniWagnerL2, CarliniWagnerLinf, EAD,
                                       JSMA, HotCold, FeatureAdversary, UniversalPerturbation,
                                       OrthogonalPGD, HopSkipJump, Boundary, GenAttack, OnePixel,
@@ -49,7 +50,8 @@ def get(name: str) -> type[Attack]:
 
 
 __all__ = ["Attack", "AttackResult", "Taxonomy", "REGISTRY", "get",
-           "FGSM", "BIM", "ILLC", "PGD", "MIFGSM", "APGD", "APGDT", "MALT", "A3", "Square", "JSMA", "HotCold",
+           "FGSM", "BIM", "ILLC", "PGD", "MIFGSM", "APGD", "APGDT", "MALT", "A3", "Square",
+           "JSMA", "HotCold",
            "FeatureAdversary", "UniversalPerturbation", "DeepFool", "FAB",
            "CarliniWagnerL2", "CarliniWagnerLinf", "EAD", "OrthogonalPGD", "HopSkipJump",
            "Boundary", "GenAttack", "OnePixel",

@@ -3,8 +3,8 @@ has found after each query budget (median norm versus queries), and optionally r
 accuracy at one eps versus queries.
 
 The numbers come from attacks that record the norm reached at each budget of their
-``checkpoints`` (HopSkipJump, Boundary, SimBA, NES, ZOO: ``result.norms_at(q)``), or from
-a benchmark that measured them itself.
+``checkpoints`` (HopSkipJump, Boundary, SimBA, NES, ZOO, Bandits: ``result.norms_at(q)``),
+or from a benchmark that measured them itself.
 """
 
 from __future__ import annotations
