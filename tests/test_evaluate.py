@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 import torch
 from torch import nn
-from toys import Saturated
+from toys import Saturated, toy_cnn
 
 import advkit
 from advkit import attacks
@@ -159,6 +159,18 @@ def test_a_bad_suite_fails_before_any_work_and_names_the_stage(tmp_path):
         with pytest.raises(ValueError, match=message):
             advkit.evaluate(model, x, y, LINF, suite, store=store, progress=False)
     assert not store.exists()  # nothing was started, so nothing was stored
+
+
+def test_a_targeted_only_stage_is_refused_before_a_run_is_stored(tmp_path, batch):
+    """The engine attacks without targets: JSMA (targeted only) cannot be a stage (it
+    used to fail at its first chunk, the clean pass stored)."""
+    x, y = batch  # all classified as labelled: the stage would have images to attack
+    suite = Suite("jsma", (Stage("jsma", "jsma", {"gamma": 0.05}),), kind="minimal")
+    with pytest.raises(ValueError, match=r"stage 'jsma' \(jsma\) cannot run in an evaluation, "
+                                         r"which attacks without targets=: JSMA is targeted"):
+        advkit.evaluate(toy_cnn(), x, y, ThreatModel("l1", 10.0), suite=suite,
+                        store=tmp_path / "runs.db", progress=False)
+    assert not (tmp_path / "runs.db").exists()
 
 
 def test_out_of_range_labels_are_refused_before_a_run_is_stored(tmp_path):

@@ -8,6 +8,7 @@ import json
 import httpx
 import pytest
 import torch
+from toys import toy_cnn
 
 import advkit
 from advkit.evaluation import Stage, Store, Suite
@@ -70,6 +71,52 @@ def test_the_blackbox_suite_fits_the_access():
     assert [s.attack for s in get_suite("blackbox", scores_only(model)).stages] == ["square"]
     assert [s.attack for s in get_suite("blackbox", labels_only(model)).stages] == [
         "hopskipjump"]
+
+
+# -- a stage as configured: NES's label-only setting -------------------------------------
+def _nes(**options) -> Suite:
+    return Suite("nes", (Stage("nes", "nes", {"max_queries": 100, "samples": 10, **options}),))
+
+
+@pytest.mark.parametrize("label_only", [None, True])
+def test_a_label_only_nes_stage_passes_the_access_check_and_is_refused_as_targeted(
+        label_only, batch):
+    """The configured NES makes do with labels, so a label-only model passes the access
+    check; its label-only setting is targeted, and the engine attacks without targets."""
+    x, y = batch
+    box = labels_only(toy_cnn())
+    with pytest.raises(ValueError, match=r"stage 'nes' \(nes\) cannot run in an evaluation, "
+                                         r"which attacks without targets=: label-only NES is "
+                                         r"targeted.*HopSkipJump or Boundary"):
+        advkit.evaluate(box, x, y, ThreatModel("linf", 0.1), suite=_nes(label_only=label_only),
+                        progress=False)
+    assert box.queries == 0
+
+
+@pytest.mark.parametrize("view", [scores_only, lambda model: model])
+def test_a_nes_stage_with_label_only_true_is_refused_on_any_model(view, batch):
+    x, y = batch
+    with pytest.raises(ValueError, match="label-only NES is targeted"):
+        advkit.evaluate(view(toy_cnn()), x, y, ThreatModel("linf", 0.1),
+                        suite=_nes(label_only=True), progress=False)
+
+
+def test_nes_without_the_label_only_setting_is_refused_a_label_only_model(batch):
+    x, y = batch
+    box = labels_only(toy_cnn())
+    with pytest.raises(ValueError, match=r"labels access cannot run: nes \(NES needs scores\)"):
+        advkit.evaluate(box, x, y, ThreatModel("linf", 0.1), suite=_nes(label_only=False),
+                        progress=False)
+    assert box.queries == 0
+
+
+def test_a_default_nes_stage_runs_on_a_score_black_box_with_every_query_counted(batch):
+    x, y = batch
+    box = scores_only(toy_cnn())
+    report = advkit.evaluate(box, x, y, ThreatModel("linf", 0.1), suite=_nes(),
+                             batch_size=8, progress=False)
+    assert report.finished and report.clean_accuracy == 1.0
+    assert box.queries == _queries(report)
 
 
 def test_a_label_black_box_runs_hopskipjump_with_one_hot_answers(mnist_model, mnist_test):

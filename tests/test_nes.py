@@ -210,6 +210,29 @@ def test_label_only_refuses_what_it_cannot_do_before_any_query(threat, targeted,
     assert box.queries == 0
 
 
+def test_the_configured_attack_needs_labels_unless_label_only_is_false():
+    assert NES.access == "scores"  # what the registry lists
+    assert NES(LINF).access == NES(LINF, label_only=True).access == "labels"
+    assert NES(LINF, label_only=False).access == "scores"
+    # The configuration records label_only, which says it.
+    assert NES(LINF).config()["label_only"] is None and "access" not in NES(LINF).config()
+
+
+@pytest.mark.parametrize(("label_only", "level", "refused"), [
+    (None, "labels", True), (None, "scores", False), (None, "gradients", False),
+    (True, "scores", True), (True, "gradients", True), (False, "labels", False),
+])
+def test_an_untargeted_call_is_refused_where_the_label_only_setting_is_taken(
+        label_only, level, refused):
+    attack = NES(LINF, label_only=label_only)
+    attack.check_call(level, targeted=True)
+    if refused:
+        with pytest.raises(ValueError, match="label-only NES is targeted"):
+            attack.check_call(level, targeted=False)
+    else:
+        attack.check_call(level, targeted=False)
+
+
 def test_label_only_false_refuses_a_label_only_model(batch):
     x, y, targets = label_only_batch(batch)
     with pytest.raises(AccessError, match="needs scores access"):

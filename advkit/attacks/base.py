@@ -255,7 +255,10 @@ class Attack(ABC):
     """Base class: subclasses set the class attributes and implement ``_run``.
 
     ``name`` is the class name; ``access`` (the model access the attack needs) follows
-    from ``taxonomy.knowledge``.
+    from ``taxonomy.knowledge``. A configuration may need less than its class (NES's
+    label-only setting makes do with labels): what decides whether a model can be
+    attacked is the configured attack's ``access`` and :meth:`check_call`, the class's
+    is what the registry lists.
     """
 
     name: ClassVar[str]
@@ -329,8 +332,7 @@ class Attack(ABC):
                 f"access, but the model was given with {access.level} access only. "
                 f"{_ACCESS_HINT[access.level]}")
         x, y, targets = check_inputs(access, x, y, targets, self.threat)
-        if self.targeted_only and targets is None:
-            raise ValueError(f"{self.name} is targeted: pass targets=")
+        self.check_call(access.level, targeted=targets is not None)
         if self.kind == "budgeted":
             self.threat.check_eps_for(x)
         oracle = Oracle(access, x.shape[0], device=x.device, who=self.name)
@@ -378,6 +380,15 @@ class Attack(ABC):
             seconds=time.perf_counter() - start, attack=self.name, threat=self.threat,
             kind=self.kind, config=self.config(), extras=extras,
         )
+
+    def check_call(self, level: str, *, targeted: bool) -> None:
+        """Refuse (ValueError, naming the fix) a call this configured attack cannot make on
+        a model given with ``level`` access, targeted or not; the access itself is checked
+        apart (:class:`~advkit.models.access.AccessError`). ``__call__`` runs it before any
+        query, and the evaluation engine, which attacks without targets, on every stage
+        before its run. Here: a ``targeted_only`` attack needs targets."""
+        if self.targeted_only and not targeted:
+            raise ValueError(f"{self.name} is targeted: pass targets=")
 
     def _choose_targets(self, clean_logits: Tensor, y: Tensor,
                         targets: Tensor | None) -> Tensor | None:

@@ -13,7 +13,7 @@ from torch import Tensor
 from advkit.attacks._decision import check_count
 from advkit.attacks._score import ScoreAttack, ScoreSearch, class_log_prob
 from advkit.attacks.base import Taxonomy
-from advkit.models.access import LABELS, Oracle
+from advkit.models.access import LABELS
 from advkit.threat import ThreatModel
 
 #: A function of points and the samples they are charged to that asks the model about
@@ -71,12 +71,15 @@ class NES(ScoreAttack):
     model labels the candidate the target. A sample with no start stays at ``x``, unbroken
     (warned). ``label_only=None`` (default) takes this setting when the model is given with
     labels only; True takes it on any model (asking only for labels); False refuses a
-    label-only model (as the class does: ``NES.access``, what the registry and the
-    evaluation engine read, stays "scores"). Untargeted, it is refused: for an untargeted
-    attack on labels use HopSkipJump or Boundary. Costly by nature (the paper's ImageNet
-    attacks took millions of queries), and the paper's ``sigma = mu = 0.001`` suit large
-    images: on MNIST they leave ``S`` at 1 on every probe (a zero estimate) until the
-    shrinking box has pushed the point to within a few thousandths of the boundary.
+    label-only model. The configured attack says so: its ``access`` is "labels" unless
+    ``label_only=False`` (``NES.access``, what the registry lists, stays "scores"), and
+    the attack call and the evaluation engine read that. Untargeted, it is refused (an
+    evaluation, which attacks without targets, refuses such a stage before its run): for
+    an untargeted attack on labels use HopSkipJump or Boundary. Costly by nature (the
+    paper's ImageNet attacks took millions of queries), and the paper's ``sigma = mu =
+    0.001`` suit large images: on MNIST they leave ``S`` at 1 on every probe (a zero
+    estimate) until the shrinking box has pushed the point to within a few thousandths of
+    the boundary.
     Measured on the MNIST test CNN (10 test images, targeted ``y + 1``, Linf 0.3, 100,000
     queries, each started from another test image the model labels as its target, seed
     0, one thread; the command is in the README): the paper's values broke 2 of 10 (one
@@ -170,8 +173,9 @@ class NES(ScoreAttack):
         self.mc_samples = check_count("mc_samples", mc_samples)
         self.mu = float(mu)
         if label_only is not False:
-            # This configuration makes do with labels: Attack.__call__ lets a label-only
-            # model in (the class, as the registry lists it, needs scores).
+            # This configuration makes do with labels: the attack call and the evaluation
+            # engine let a label-only model in (the class, as the registry lists it, needs
+            # scores).
             self.access = LABELS
 
     def config(self) -> dict:
@@ -258,7 +262,7 @@ class NES(ScoreAttack):
                     f"NES found no image of the target class to start {int((~has).sum())} "
                     f"of {len(has)} samples from (no starting_points=, and no input of the "
                     "batch was classified as the target): they start from x with the "
-                    "query-limited steps", stacklevel=5)
+                    "query-limited steps", stacklevel=4)
 
         def value(probes: Tensor, owners: Tensor) -> Tensor:
             return self._objective(search, search.ask(probes, owners), owners)
@@ -357,22 +361,23 @@ class NES(ScoreAttack):
     def _asks_labels(self, level: str) -> bool:
         return self.label_only is True or (self.label_only is None and level == LABELS)
 
-    def _run(self, model: Oracle, x: Tensor, y: Tensor, targets: Tensor | None,
-             clean_logits: Tensor | None, generator: torch.Generator | None,
-             **options: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
-        if self._asks_labels(model.level):
-            if targets is None:
-                raise ValueError("label-only NES is targeted (it starts from an image of the "
-                                 "target class and shrinks the box while the label stays the "
-                                 "target): pass targets=; for an untargeted attack on a "
-                                 "label-only model use HopSkipJump or Boundary")
-            if self.threat.norm != "linf":
-                raise ValueError("the label-only setting shrinks a Linf box (the paper's): use "
-                                 "norm='linf', or HopSkipJump for L2 with labels only")
-            if self.partial is False:
-                raise ValueError("the label-only setting runs the partial-information "
-                                 "schedule: leave partial=None, or give the model with scores")
-        return super()._run(model, x, y, targets, clean_logits, generator, **options)
+    def check_call(self, level: str, *, targeted: bool) -> None:
+        """As the base's, and where the label-only setting is taken: targeted, Linf, with
+        the partial-information schedule."""
+        super().check_call(level, targeted=targeted)
+        if not self._asks_labels(level):
+            return
+        if not targeted:
+            raise ValueError("label-only NES is targeted (it starts from an image of the "
+                             "target class and shrinks the box while the label stays the "
+                             "target): pass targets=; for an untargeted attack on a "
+                             "label-only model use HopSkipJump or Boundary")
+        if self.threat.norm != "linf":
+            raise ValueError("the label-only setting shrinks a Linf box (the paper's): use "
+                             "norm='linf', or HopSkipJump for L2 with labels only")
+        if self.partial is False:
+            raise ValueError("the label-only setting runs the partial-information schedule: "
+                             "leave partial=None, or give the model with scores")
 
     def _label_search(self, search: ScoreSearch, rows: Tensor,
                       generator: torch.Generator | None,
@@ -388,7 +393,7 @@ class NES(ScoreAttack):
                 f"NES found no image labelled as the target to start {int((~has).sum())} of "
                 f"{len(has)} samples from (no starting_points= the model labels as the "
                 "target, and no input of the batch labelled so): with labels only they stay "
-                "at x, unbroken", stacklevel=6)
+                "at x, unbroken", stacklevel=5)
         current = torch.where(has.view(-1, 1, 1, 1), start, x0)
         # The box starts at the start's Linf distance (at most the box's width).
         eps = self.threat.norms(current - x0).clamp_min(self.threat.eps)

@@ -218,8 +218,7 @@ def evaluate(
     suite = get_suite(suite, model).for_norm(threat.norm)
     suite.check(_stage_threat(threat, suite))  # bad option values: an error before any work
     black_box = isinstance(model, ModelAccess)
-    if black_box:
-        _check_suite_access(model, suite)
+    _check_stages(model, suite, _stage_threat(threat, suite))
     x, y, _ = check_inputs(model, x, y, None, threat)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
@@ -281,15 +280,26 @@ def evaluate(
     return report
 
 
-def _check_suite_access(access: ModelAccess, suite: Suite) -> None:
-    """Every stage's attack must make do with the black box's access level."""
-    refused = [f"{s.name} ({s.attack_class.__name__} needs {s.attack_class.access})"
-               for s in suite.stages if not allows(access.level, s.attack_class.access)]
+def _check_stages(model: nn.Module | ModelAccess, suite: Suite, threat: ThreatModel) -> None:
+    """Every stage, as configured, must make do with the model's access (a black box's level,
+    gradients for a module) and run without targets (the engine attacks untargeted): the
+    configured attack decides (NES with ``label_only`` needs only labels, and targets)."""
+    level = model.level if isinstance(model, ModelAccess) else GRADIENTS
+    attacks = [(stage, stage.build(threat, seed=0)) for stage in suite.stages]
+    refused = [f"{stage.name} ({attack.name} needs {attack.access})"
+               for stage, attack in attacks if not allows(level, attack.access)]
     if refused:
-        raise ValueError(f"suite {suite.name!r} has stages the model's {access.level} access "
+        raise ValueError(f"suite {suite.name!r} has stages the model's {level} access "
                          f"cannot run: {', '.join(refused)}; use suite='blackbox' (or a suite "
                          "of score-based or decision-based attacks: advkit attacks lists each "
                          "attack's access)")
+    for stage, attack in attacks:
+        try:
+            attack.check_call(level, targeted=False)
+        except ValueError as err:
+            raise ValueError(f"suite {suite.name!r}: stage {stage.name!r} ({stage.attack}) "
+                             f"cannot run in an evaluation, which attacks without targets=: "
+                             f"{err}") from err
 
 
 def _fingerprint(model: nn.Module | ModelAccess) -> str:
