@@ -156,10 +156,10 @@ def test_runs_lists_and_report_renders_in_chromium(mnist_model, mnist_test, tmp_
 
 
 def test_unreliable_run_is_marked_in_the_report_and_the_list(mnist_model, mnist_test, tmp_path):
-    from test_evaluate import Scaled
+    from toys import Saturated
     x, y = mnist_test
     store = tmp_path / "runs.sqlite"
-    report = advkit.evaluate(Scaled(mnist_model).eval(), x[:40], y[:40],
+    report = advkit.evaluate(Saturated(mnist_model).eval(), x[:40], y[:40],
                              ThreatModel("linf", 0.1), Suite("q", (Stage("a", "apgd",
                                                                          {"steps": 5}),)),
                              store=store, progress=False, check_samples=20)
