@@ -8,7 +8,8 @@ import math
 import torch
 from torch import Tensor
 
-from advkit.attacks._logits import best_other, top_other_classes
+from advkit.attacks._logits import margin as cw_margin
+from advkit.attacks._logits import top_other_classes
 from advkit.attacks.ascent import steepest_direction
 from advkit.attacks.base import Attack, Oracle, Taxonomy, goal_reached, require_at_least
 from advkit.attacks.square import Square
@@ -225,5 +226,6 @@ class A3(Attack):
 
 
 def _margin(logits: Tensor, y: Tensor) -> Tensor:
-    """``max_{j != y} z_j - z_y``: positive once the image is misclassified."""
-    return best_other(logits, y) - logits.gather(1, y[:, None]).squeeze(1)
+    """``max_{j != y} z_j - z_y``: positive once the image is misclassified (the negated
+    untargeted C&W margin of :func:`advkit.attacks._logits.margin`)."""
+    return -cw_margin(logits, y, None)
