@@ -1,0 +1,10 @@
+"""Verification and certification: certified lower bounds beside attacks' upper bounds.
+
+* bound propagation (IBP, CROWN, alpha-CROWN): incomplete, sound, fast;
+* complete verification (MILP) and the Ground-Truth Attack: exact, small networks;
+* randomised smoothing (Cohen et al. 2019): a probabilistic L2 certificate.
+"""
+
+from __future__ import annotations
+
+__all__: list[str] = []
