@@ -7,4 +7,16 @@
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from advkit.verify.smoothing import (
+    ABSTAIN,
+    SmoothedClassifier,
+    SmoothingResult,
+    certified_accuracy,
+    clopper_pearson_lower,
+    max_radius,
+)
+
+__all__: list[str] = [
+    "ABSTAIN", "SmoothedClassifier", "SmoothingResult", "certified_accuracy",
+    "clopper_pearson_lower", "max_radius",
+]
