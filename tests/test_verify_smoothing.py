@@ -11,10 +11,12 @@ from scipy.stats import binom, binomtest, norm
 from torch import nn
 from toys import affine, toy_cnn
 
+from advkit.threat import ThreatModel
 from advkit.verify import (
     ABSTAIN,
     SmoothedClassifier,
     certified_accuracy,
+    certify_smoothing,
     clopper_pearson_lower,
     max_radius,
 )
@@ -171,7 +173,7 @@ def test_result_certified_accuracy_is_the_same_curve():
     radii = [0.0, 0.1, 0.2, 0.5]
     assert torch.equal(result.certified_accuracy(radii),
                        certified_accuracy(result.radius, result.correct, radii))
-    assert result.verified(0.05).tolist() == [True, True, False, False]
+    assert result.verified_at(0.05).tolist() == [True, True, False, False]
 
 
 def test_certified_accuracy_needs_labels():
@@ -179,6 +181,32 @@ def test_certified_accuracy_needs_labels():
     result = SmoothedClassifier(model, 0.25).certify(at_distances(w, b, [0.1]), n=100)
     with pytest.raises(ValueError, match="pass y to certify"):
         result.certified_accuracy([0.0])
+
+
+def test_certify_smoothing_verifies_within_the_threat_models_eps():
+    model, w, b = binary_linear()
+    x, y = at_distances(w, b, [0.1, 0.3, -0.2, 0.0]), torch.tensor([1, 1, 1, 0])
+    cert = certify_smoothing(model, x, y, ThreatModel("l2", 0.05), sigma=0.25, n=2000)
+    direct = SmoothedClassifier(model, 0.25).certify(x, y, n=2000)
+    assert torch.equal(cert.radius, direct.radius)  # same seed, same draws
+    assert cert.verified.tolist() == direct.verified_at(0.05).tolist() == \
+        [True, True, False, False]
+    assert cert.verified_accuracy == 0.5 and cert.method == "smoothing"
+
+
+def test_certify_smoothing_refuses_a_norm_other_than_l2():
+    model, w, b = binary_linear()
+    with pytest.raises(ValueError, match="certifies L2 balls"):
+        certify_smoothing(model, at_distances(w, b, [0.1]), torch.tensor([1]),
+                          ThreatModel("linf", 0.1), sigma=0.25, n=10)
+
+
+def test_verified_without_a_threat_model_names_the_fix():
+    model, w, b = binary_linear()
+    result = SmoothedClassifier(model, 0.25).certify(at_distances(w, b, [0.1]),
+                                                     torch.tensor([1]), n=10)
+    with pytest.raises(ValueError, match=r"verified_at\(eps\)"):
+        _ = result.verified
 
 
 # --- sampling: seeds, batches, noise, cost ---------------------------------------------------

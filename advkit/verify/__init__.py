@@ -12,11 +12,12 @@ from advkit.verify.smoothing import (
     SmoothedClassifier,
     SmoothingResult,
     certified_accuracy,
+    certify_smoothing,
     clopper_pearson_lower,
     max_radius,
 )
 
 __all__: list[str] = [
     "ABSTAIN", "SmoothedClassifier", "SmoothingResult", "certified_accuracy",
-    "clopper_pearson_lower", "max_radius",
+    "certify_smoothing", "clopper_pearson_lower", "max_radius",
 ]

@@ -41,7 +41,7 @@ from advkit.progress import progress_bar
 from advkit.threat import ThreatModel
 
 __all__ = ["ABSTAIN", "SmoothedClassifier", "SmoothingResult", "certified_accuracy",
-           "clopper_pearson_lower", "max_radius"]
+           "certify_smoothing", "clopper_pearson_lower", "max_radius"]
 
 #: The label :meth:`SmoothedClassifier.predict` and :meth:`~SmoothedClassifier.certify`
 #: give where the smoothed classifier abstains (no class is significantly on top).
@@ -126,6 +126,8 @@ class SmoothingResult:
         correct: ``predictions == labels`` (never where abstained), else None.
         forward_passes: images sent through the base model (``N * (1 + n0 + n)``: one
             clean pass for the entry checks).
+        threat: the L2 threat model :func:`certify_smoothing` certified against (None from
+            :meth:`SmoothedClassifier.certify`); :attr:`verified` reads its eps.
     """
 
     predictions: Tensor
@@ -142,6 +144,8 @@ class SmoothingResult:
     forward_passes: int
     seconds: float
     config: dict = field(default_factory=dict)
+    threat: ThreatModel | None = None
+    method: str = "smoothing"
 
     def __len__(self) -> int:
         return self.predictions.shape[0]
@@ -157,11 +161,25 @@ class SmoothingResult:
             raise ValueError("certified accuracy needs the true labels: pass y to certify()")
         return certified_accuracy(self.radius, self.correct, radii)
 
-    def verified(self, eps: float) -> Tensor:
+    def verified_at(self, eps: float) -> Tensor:
         """Per image: certified correct on the whole L2 ball of radius ``eps``."""
         if self.correct is None:
             raise ValueError("verified needs the true labels: pass y to certify()")
         return self.correct & (self.radius >= eps)
+
+    @property
+    def verified(self) -> Tensor:
+        """Per image: certified correct within the threat model's eps (as
+        :class:`advkit.verify.certify`'s certificates say it), from :func:`certify_smoothing`."""
+        if self.threat is None:
+            raise ValueError("no threat model was given: use verified_at(eps), or "
+                             "certify_smoothing(model, x, y, threat, sigma=...)")
+        return self.verified_at(self.threat.eps)
+
+    @property
+    def verified_accuracy(self) -> float:
+        """The share of images certified correct within the threat model's eps."""
+        return float(self.verified.float().mean()) if len(self) else 0.0
 
 
 class SmoothedClassifier:
@@ -319,6 +337,31 @@ class SmoothedClassifier:
                 bar.advance(steps=finished)
         assert counts is not None  # num >= 1 and N >= 1: at least one batch ran
         return counts.view(len(x), -1).cpu()
+
+
+def certify_smoothing(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
+                      sigma: float, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
+                      batch_size: int = 1000, seed: int = 0,
+                      progress: bool = False) -> SmoothingResult:
+    """Certify the smoothed version of ``model`` on ``threat``'s L2 ball: the
+    ``advkit.verify.certify(..., method="smoothing")`` form of
+    :meth:`SmoothedClassifier.certify` (same arguments; ``verified`` reads ``threat.eps``).
+
+    The certificate is about the *smoothed* classifier ``g``, not ``model`` itself: an
+    attack on the base model may break an image certified here without contradicting it
+    (compare it with attacks on ``g``, e.g. EOT over the same noise).
+
+    Raises:
+        ValueError: a threat model other than L2 (Gaussian smoothing certifies L2 balls),
+            and every error of :meth:`SmoothedClassifier.certify`.
+    """
+    if not isinstance(threat, ThreatModel) or threat.norm != "l2":
+        raise ValueError(f"randomised smoothing with Gaussian noise certifies L2 balls: use "
+                         f"ThreatModel('l2', eps) (got {threat!r})")
+    result = SmoothedClassifier(model, sigma).certify(
+        x, y, n0=n0, n=n, alpha=alpha, batch_size=batch_size, seed=seed, progress=progress)
+    result.threat = threat
+    return result
 
 
 def _batches(x: Tensor, num: int, stream: int, batch_size: int, seed: int, sigma: float
