@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy.stats import binom, binomtest, norm
@@ -86,6 +87,26 @@ def test_certified_radius_is_sound_and_converges_to_the_distance_to_the_boundary
     # bound sits about 3.1 standard errors (< 0.005 in pA) below pA, i.e. < 0.01 in radius.
     assert gaps[2] < 0.01
     assert gaps[2] < gaps[1] < gaps[0]
+
+
+def test_radii_exceed_the_true_distance_no_more_often_than_theory_allows():
+    # A radius is unsound when the Clopper-Pearson bound overshoots pA: for the linear model
+    # that has an exact probability per image, at most alpha. Over many images at a loose
+    # alpha and a small n, the share of unsound radii must not exceed its expectation
+    # (plus 3 standard errors), and that expectation must not exceed alpha.
+    model, w, b = binary_linear()
+    sigma, n, alpha = 0.25, 100, 0.2
+    g = torch.Generator().manual_seed(5)
+    distances = (0.05 + 0.3 * torch.rand(300, generator=g)).double()
+    result = SmoothedClassifier(model, sigma).certify(
+        at_distances(w, b, distances.tolist(), seed=5), n0=20, n=n, alpha=alpha, seed=11)
+    unsound = (result.radius > distances).double().mean().item()
+    k = np.arange(n + 1)
+    bound = clopper_pearson_lower(k, n, alpha)
+    p_a = norm.cdf(distances.numpy() / sigma)
+    expected = np.mean([binom.pmf(k[bound > p], n, p).sum() for p in p_a])
+    assert expected <= alpha
+    assert unsound <= expected + 3 * math.sqrt(expected * (1 - expected) / len(distances))
 
 
 def test_all_votes_for_one_class_give_the_largest_radius_n_allows():
