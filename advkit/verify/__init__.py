@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from advkit.verify.certify import METHODS, Certificate, certify
 from advkit.verify.smoothing import (
     ABSTAIN,
     SmoothedClassifier,
@@ -18,6 +19,7 @@ from advkit.verify.smoothing import (
 )
 
 __all__: list[str] = [
+    "METHODS", "Certificate", "certify",
     "ABSTAIN", "SmoothedClassifier", "SmoothingResult", "certified_accuracy",
     "certify_smoothing", "clopper_pearson_lower", "max_radius",
 ]
