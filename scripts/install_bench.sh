@@ -13,6 +13,11 @@
 #                                       setuptools, typing-extensions
 #   adversarial-robustness-toolbox 1.20.1  numpy, scipy, scikit-learn, six, setuptools, tqdm
 #                                       (+ multiprocess, imported by its AutoAttack)
+#   auto-lirpa 0.3 (benchmarks/verify_bounds.py)  numpy, appdirs; it declares torch<1.13,
+#                                       torchvision, pylint, pytest-order, ninja, pyyaml,
+#                                       none of which its IBP/CROWN import. On torch 2.13 and
+#                                       numpy 2 it imports only through three shims that the
+#                                       benchmark applies (so it is not import-checked below)
 # The lists below must equal the pyproject `bench` extra (checked before installing).
 # Idempotent: pip skips what is already installed at these versions. The script
 # refuses to run without torch, and fails if the torch version changed.
@@ -31,6 +36,7 @@ PEERS=(
     "foolbox==3.3.4"
     "eagerpy==0.30.0"
     "adversarial-robustness-toolbox==1.20.1"
+    "auto-lirpa==0.3"
 )
 RUNTIME=(
     "numpy>=1.24"
@@ -43,6 +49,7 @@ RUNTIME=(
     "requests>=2.24.0"
     "typing-extensions>=3.7.4.1"
     "multiprocess>=0.70"
+    "appdirs>=1.4"
 )
 
 # The pyproject `bench` extra documents the same list; refuse to install if they drift apart.
