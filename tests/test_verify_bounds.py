@@ -385,6 +385,25 @@ def test_max_pool_with_ceil_mode_is_refused_with_the_fix():
                 torch.tensor([0]), ThreatModel("linf", 0.1))
 
 
+@pytest.mark.parametrize("norm", ["l2", "l1"])
+def test_a_first_linear_layer_after_normalize_flatten_and_batchnorm_is_bounded_soundly(norm):
+    """IBP bounds a first Linear layer exactly over an L2/L1 ball, through the per-channel
+    and per-feature scalings before it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Normalize([0.4], [0.3]), nn.Flatten(), nn.BatchNorm1d(64),
+                          nn.Linear(64, 5), nn.ReLU(), nn.Linear(5, 3))
+    model[2].running_var.uniform_(0.2, 3.0)
+    model[2].running_mean.uniform_(-1, 1)
+    model = model.double().eval()
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    threat = ThreatModel(norm, 0.5)
+    net = network(model, x)
+    with torch.no_grad():
+        lower, upper = interval_bounds(net, InputSet.from_threat(x, threat))[4]
+        h = model[:4](points_in_set(x, threat).flatten(0, 1)).view(-1, 2, 5)
+    assert (h >= lower - TOL).all() and (h <= upper + TOL).all()
+
+
 def test_interval_bounds_are_sound_without_certify():
     """The lower-level API: interval_bounds on a float32 model, no certify wrapper."""
     model = random_net(seed=1, conv=True, pool="avg", batchnorm=True).float()

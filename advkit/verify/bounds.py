@@ -475,7 +475,9 @@ def _first_linear(net: Network, region: InputSet) -> tuple[int, Interval] | None
     scale = torch.ones(net.shapes[0], dtype=region.center.dtype, device=region.center.device)
     for i, op in enumerate(net.ops):
         if isinstance(op, _Scale):
-            scale = scale * op.scale
+            scale = scale * op.scale  # op.scale broadcasts against the current shape
+        elif isinstance(op, _Reshape):
+            scale = scale.expand(op.in_shape).reshape(op.out_shape)
         elif isinstance(op, _Linear):
             weight = op.weight * scale.flatten()
             dual = weight.norm(dim=1) if region.norm == "l2" else weight.abs().amax(dim=1)
@@ -483,7 +485,7 @@ def _first_linear(net: Network, region: InputSet) -> tuple[int, Interval] | None
             for before in net.ops[:i + 1]:
                 center = before.forward(center)
             return i + 1, (center - region.eps * dual, center + region.eps * dual)
-        elif not isinstance(op, _Reshape):
+        else:
             return None
     return None
 
