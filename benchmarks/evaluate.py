@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import importlib.metadata
+import json
 import os
 import platform
 import shlex
@@ -168,7 +170,8 @@ def measure(args: argparse.Namespace, name: str, log: Callable[[str], None]) -> 
     device = torch.device("cpu")
     model = get_model(name, device, log)
     dataset, eps = dataset_and_eps(name, args.eps)
-    x, y = advkit.data.load(dataset, split="test", limit=args.limit)
+    x, y = advkit.data.load(dataset, split="test", limit=args.start + args.limit)
+    x, y = x[args.start:], y[args.start:]
     threat = ThreatModel("linf", eps)
     rows = []
     advkit_robust = None  # advkit's per-sample verdicts, to compare on a peer's subset
@@ -217,10 +220,19 @@ def measure(args: argparse.Namespace, name: str, log: Callable[[str], None]) -> 
                                                 for s in deep.stages)})
             continue
         n = min(args.art_limit or args.limit, args.limit) if library == "art-aa" else args.limit
-        counted = Passes(model).eval()
-        x_adv = run_peer(library, counted, x[:n], y[:n], eps, args.batch_size)
-        seconds = time.perf_counter() - t0
-        per_sample = judge(model, x[:n], y[:n], x_adv, eps)
+        cache = _cache_path(args, name, library, n)
+        cached = _read_cache(cache, x[:n], y[:n]) if args.reuse else None
+        if cached is not None:  # an earlier run's verdicts, passes and time, said so
+            per_sample, seconds, forward, backward = cached["verdicts"], cached["seconds"], \
+                cached["forward"], cached["backward"]
+            log(f"{name}: {library}: reused {cache} ({cached['when']})")
+        else:
+            counted = Passes(model).eval()
+            x_adv = run_peer(library, counted, x[:n], y[:n], eps, args.batch_size)
+            seconds = time.perf_counter() - t0
+            per_sample = judge(model, x[:n], y[:n], x_adv, eps)
+            forward, backward = counted.forward_passes, counted.backward_passes
+            _write_cache(cache, x[:n], y[:n], per_sample, seconds, forward, backward, args)
         robust = per_sample.float().mean().item()
         if n == args.limit:
             verdicts[library] = per_sample
@@ -234,9 +246,13 @@ def measure(args: argparse.Namespace, name: str, log: Callable[[str], None]) -> 
                      "`standard` on the same images: " + (
                          f"{advkit_robust[:n].float().mean().item():.1%}"
                          if advkit_robust is not None else "not run"))
+        if cached is not None:
+            notes = (f"{notes}; " if notes else "") + (
+                f"reused from the run of {cached['when']} (source {cached['source']}, load "
+                f"{cached['load']:.2f} at its start), not rerun")
         rows.append({"library": label, "robust": robust, "seconds": seconds, "notes": notes,
-                     "forward": counted.forward_passes, "backward": counted.backward_passes})
-        log(f"{name}: {label}: robust {robust:.1%}, {time.perf_counter() - t0:.1f} s")
+                     "forward": forward, "backward": backward})
+        log(f"{name}: {label}: robust {robust:.1%}, {seconds:.1f} s")
     if "lean" in verdicts and "reference" in verdicts:
         lean, ref = verdicts["lean"], verdicts["reference"]
         row = next(r for r in rows if r["library"] == "advkit `lean`")
@@ -245,6 +261,36 @@ def measure(args: argparse.Namespace, name: str, log: Callable[[str], None]) -> 
     with torch.no_grad():
         clean = (model(x).argmax(1) == y).float().mean().item()
     return [{"clean": clean, **r} for r in rows]
+
+
+def _cache_path(args: argparse.Namespace, name: str, library: str, n: int) -> Path:
+    return args.cache / f"{name}-{library}-{args.start}-{n}.json"
+
+
+def _fingerprint(x: Tensor, y: Tensor) -> str:
+    """The images and labels a cached peer run was measured on (reuse only on the same)."""
+    return hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()[:16]
+
+
+def _read_cache(path: Path, x: Tensor, y: Tensor) -> dict | None:
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if data.get("inputs") != _fingerprint(x, y):
+        return None  # other images (or another model's data): run the peer again
+    return {**data, "verdicts": torch.tensor(data["verdicts"], dtype=torch.bool)}
+
+
+def _write_cache(path: Path, x: Tensor, y: Tensor, verdicts: Tensor, seconds: float,
+                 forward: int, backward: int, args: argparse.Namespace) -> None:
+    """A peer's per-sample verdicts, passes and time: ``--reuse`` compares a changed advkit
+    suite with them without rerunning the peer (the peers are seeded and unchanged)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "inputs": _fingerprint(x, y), "verdicts": verdicts.tolist(), "seconds": seconds,
+        "forward": forward, "backward": backward, "source": args.source,
+        "when": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "load": args.load_before, "threads": torch.get_num_threads()}))
 
 
 def _passes(stages: list[dict]) -> dict[str, int]:
@@ -264,7 +310,8 @@ def section(name: str, rows: list[dict], args: argparse.Namespace, started: floa
     dataset, eps = dataset_and_eps(name, args.eps)
     lines = [
         f"<!-- benchmarks/evaluate.py {name}: begin -->",
-        f"## Evaluation, model `{name}`: {dataset} Linf eps {eps}, {args.limit} test images",
+        f"## Evaluation, model `{name}`: {dataset} Linf eps {eps}, {args.limit} test images"
+        + (f" from test[{args.start}]" if args.start else ""),
         "",
         f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
@@ -320,6 +367,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
     parser.add_argument("--limit", type=int, default=1000, help="test images")
+    parser.add_argument("--start", type=int, default=0,
+                        help="first test image (held-out slices for tuning: e.g. 5000)")
+    parser.add_argument("--cache", type=Path,
+                        default=Path.home() / ".cache" / "advkit" / "bench" / "evaluate",
+                        help="where each peer run's per-sample verdicts, passes and time are "
+                             "kept")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse a peer's kept run on the same model and images instead of "
+                             "rerunning it (its time comes from that run: the section says so)")
     parser.add_argument("--eps", type=float, default=0.3,
                         help="eps of the MNIST models that are not presets (a preset has its "
                              "own: 0.3 MNIST, 0.1 Fashion-MNIST)")
@@ -342,7 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         started = time.perf_counter()
         rows = measure(args, name, log)
-        write_section(args.out, name, section(name, rows, args, started))
+        key = f"{name} from test[{args.start}]" if args.start else name  # held out: its own
+        write_section(args.out, key, section(name, rows, args, started).replace(
+            f"evaluate.py {name}: ", f"evaluate.py {key}: "))
         log(f"wrote the {name} section of {args.out}")
     return 0
 
