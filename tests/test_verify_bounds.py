@@ -374,8 +374,8 @@ def test_labels_out_of_range_are_refused():
 
 def test_an_unknown_method_is_refused():
     model, x, y = small()
-    with pytest.raises(ValueError, match="unknown method 'milp'.*ibp, crown, alpha-crown"):
-        certify(model, x, y, ThreatModel("linf", 0.1), "milp")
+    with pytest.raises(ValueError, match="unknown method 'lp'.*ibp, crown, alpha-crown, milp"):
+        certify(model, x, y, ThreatModel("linf", 0.1), "lp")
 
 
 def test_max_pool_with_ceil_mode_is_refused_with_the_fix():

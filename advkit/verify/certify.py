@@ -43,7 +43,7 @@ class Certificate:
     """What bound propagation proved about each image.
 
     Attributes:
-        method: ``"ibp"``, ``"crown"`` or ``"alpha-crown"``.
+        method: ``"ibp"``, ``"crown"``, ``"alpha-crown"`` or ``"milp"``.
         threat: the threat model certified against.
         verified: (N,) bool: every margin lower bound is > 0, so every point of the set is
             classified as the label (and the clean image too).
@@ -97,9 +97,15 @@ def _alpha_crown(net: Network, region: InputSet, spec: Tensor, *, margin_rows: i
     return lower
 
 
+def _milp(net: Network, region: InputSet, spec: Tensor, **options: object) -> Tensor:
+    from advkit.verify.milp import milp_lower  # scipy's MILP: imported when asked for
+
+    return milp_lower(net, region, spec, **options)
+
+
 #: Certification methods by name (see the module docstring for the signature).
 METHODS: dict[str, Callable[..., Tensor]] = {
-    "ibp": _ibp, "crown": _crown, "alpha-crown": _alpha_crown,
+    "ibp": _ibp, "crown": _crown, "alpha-crown": _alpha_crown, "milp": _milp,
 }
 
 
@@ -141,7 +147,8 @@ def _check(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> None:
 
 def certify(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
             method: str = "crown", *, steps: int = 20, lr: float = 0.1,
-            batch_size: int | None = None, progress: bool = False) -> Certificate:
+            time_limit: float = 60.0, batch_size: int | None = None,
+            progress: bool = False) -> Certificate:
     """Certify each image's label against every perturbation in ``threat``'s set.
 
     Args:
@@ -153,9 +160,14 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
         threat: the norm (linf, l2, l1), eps and box.
         method: ``"ibp"`` (interval bound propagation, Gowal et al. 2018), ``"crown"``
             (backward linear relaxation, Zhang et al. 2018) or ``"alpha-crown"`` (CROWN
-            with lower slopes optimised, Xu et al. 2021), or any name in :data:`METHODS`.
+            with lower slopes optimised, Xu et al. 2021), ``"milp"`` (complete: each margin
+            CROWN leaves unproven minimised exactly by HiGHS, Tjeng et al. 2019; Linf and
+            L1 only, small ReLU networks; :func:`advkit.verify.milp.verify` also returns
+            counter-examples), or any name in :data:`METHODS`.
         steps, lr: alpha-CROWN's Adam steps and learning rate on the slopes (only for the
             images CROWN leaves unverified).
+        time_limit: MILP's solver seconds per image; where it runs out, the margin's
+            bound is the solver's proven one and the image may stay unverified.
         batch_size: images bounded at once (all by default); a smaller one saves memory.
         progress: a progress bar over batches.
 
@@ -181,7 +193,8 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
     if len(y) and (y.min() < 0 or y.max() >= classes):
         raise ValueError(f"labels must lie in [0, {classes - 1}] for a model of {classes} "
                          f"classes (got {int(y.min())}..{int(y.max())})")
-    options = {"steps": steps, "lr": lr} if method == "alpha-crown" else {}
+    options = ({"steps": steps, "lr": lr} if method == "alpha-crown"
+               else {"time_limit": time_limit} if method == "milp" else {})
     size = batch_size or max(1, len(x))
     spec = _spec(y.to(x.device), classes, x.dtype)
     lower = []

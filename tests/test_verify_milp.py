@@ -1,0 +1,153 @@
+"""Complete verification (MILP) and the Ground-Truth Attack: hand-computed answers on a
+2-neuron network, counter-examples confirmed by fresh forward passes, agreement with CROWN
+and with attacks on a small trained-free MLP, clear errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from advkit.attacks import PGD
+from advkit.threat import ThreatModel
+from advkit.verify import certify
+from advkit.verify.milp import ground_truth, verify
+
+
+def absolute_value_net() -> nn.Module:
+    """z0 = relu(x) + relu(-x) = |x|, z1 = 0.5: class 0 exactly where |x| > 0.5."""
+    first, second = nn.Linear(1, 2), nn.Linear(2, 2)
+    with torch.no_grad():
+        first.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        first.bias.zero_()
+        second.weight.copy_(torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+        second.bias.copy_(torch.tensor([0.0, 0.5]))
+    return nn.Sequential(first, nn.ReLU(), second).eval()
+
+
+BOX = (-2.0, 2.0)
+
+
+def test_two_neurons_verified_with_the_exact_minimum_margin():
+    # x0 = 1, eps 0.4: x in [0.6, 1.4], min |x| - 0.5 = 0.1.
+    result = verify(absolute_value_net(), torch.tensor([[1.0]]), torch.tensor([0]),
+                    ThreatModel("linf", 0.4, BOX))
+    assert result.status == ["verified"]
+    assert result.lower_bounds[0, 1].item() == pytest.approx(0.1, abs=1e-6)
+    assert math.isinf(result.lower_bounds[0, 0].item())
+
+
+def test_two_neurons_falsified_across_the_kink():
+    # eps 1.2: x in [-0.2, 2.2]; both neurons are unstable and min |x| = 0 at x = 0.
+    model = absolute_value_net()
+    result = verify(model, torch.tensor([[1.0]]), torch.tensor([0]),
+                    ThreatModel("linf", 1.2, BOX))
+    assert result.status == ["falsified"]
+    assert result.lower_bounds[0, 1].item() == pytest.approx(-0.5, abs=1e-6)
+    example = result.counterexamples[0]
+    assert abs(example.item() - 1.0) <= 1.2 + 1e-6
+    assert model(example.unsqueeze(0)).argmax(1).item() == 1  # a fresh forward pass
+
+
+def test_ground_truth_on_two_neurons_is_the_hand_computed_distance():
+    # The nearest x with z1 - z0 >= delta: |x| <= 0.5 - delta, so Linf and L1 distance
+    # from x0 = 1 is 0.5 + delta (for x0 = -1.5: 1 + delta).
+    delta = 1e-3
+    x = torch.tensor([[1.0], [-1.5]])
+    for norm in ("linf", "l1"):
+        gt = ground_truth(absolute_value_net(), x, torch.tensor([0, 0]), norm, cap=1.9,
+                          delta=delta, bounds=BOX)
+        assert gt.status == ["optimal", "optimal"]
+        assert gt.distance.tolist() == pytest.approx([0.5 + delta, 1.0 + delta], abs=1e-6)
+        assert gt.lower.tolist() == pytest.approx(gt.distance.tolist())
+    none = ground_truth(absolute_value_net(), x[:1], torch.tensor([0]), "linf", cap=0.3,
+                        delta=delta, bounds=BOX)
+    assert none.status == ["none within cap"] and math.isinf(none.distance.item())
+
+
+def small_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 10),
+                         nn.ReLU(), nn.Linear(10, 3)).eval()
+
+
+@pytest.fixture(scope="module")
+def mlp_data():
+    model = small_mlp()
+    x = torch.rand(12, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    return model, x, y
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.05), ("linf", 0.2), ("l1", 0.5)])
+def test_milp_agrees_with_crown_and_attacks(mlp_data, norm, eps):
+    """Sound and complete: whatever CROWN verifies MILP verifies, whatever PGD breaks MILP
+    falsifies, every falsified sample's counter-example is adversarial by a fresh forward
+    pass inside the set, and MILP's exact margins are never below CROWN's bounds."""
+    model, x, y = mlp_data
+    threat = ThreatModel(norm, eps)
+    result = verify(model, x, y, threat, time_limit=30)
+    assert set(result.status) == {"verified", "falsified"}  # both outcomes exercised
+    crown = certify(model, x, y, threat, "crown")
+    assert not (crown.verified & ~result.verified).any()
+    assert (result.lower_bounds >= crown.lower_bounds.double() - 1e-5).all()
+    broken = PGD(threat, steps=50, restarts=3)(model, x, y).success
+    assert not (broken & result.verified).any()
+    for i in result.falsified.nonzero().squeeze(1).tolist():
+        example = result.counterexamples[i]
+        assert model(example.unsqueeze(0)).argmax(1).item() != y[i].item()
+        assert threat.norms(example - x[i]).item() <= eps * (1 + 1e-5)
+        assert example.min() >= 0 and example.max() <= 1
+    for i in result.verified.nonzero().squeeze(1).tolist():
+        assert (result.lower_bounds[i] > 0).all()
+    # certify(method="milp") gives the same verdicts and exact margins.
+    same = certify(model, x, y, threat, "milp", time_limit=30)
+    assert torch.equal(same.verified, result.verified)
+    assert torch.allclose(same.lower_bounds.double(), result.lower_bounds, atol=1e-5)
+
+
+def test_ground_truth_is_below_every_attack_and_adversarial(mlp_data):
+    model, x, y = mlp_data
+    gt = ground_truth(model, x, y, "linf", cap=0.5, time_limit=30)
+    assert set(gt.status) <= {"optimal", "none within cap"}
+    found = gt.distance < math.inf
+    for i in found.nonzero().squeeze(1).tolist():
+        assert model(gt.x_adv[i:i + 1]).argmax(1).item() != y[i].item()
+        assert (gt.x_adv[i] - x[i]).abs().max().item() <= gt.distance[i].item() + 1e-6
+    # Nothing reaches the margin delta below the ground truth: not PGD (on the logit
+    # margin), and MILP's exact minimum margins over the smaller ball say so.
+    delta = 1e-4
+    for i in found.nonzero().squeeze(1).tolist():
+        threat = ThreatModel("linf", gt.distance[i].item() * 0.999)
+        attack = PGD(threat, steps=100, restarts=5, loss="margin")(model, x[i:i + 1],
+                                                                     y[i:i + 1])
+        logits = model(attack.x_adv)[0]
+        others = torch.cat([logits[:y[i]], logits[y[i] + 1:]])
+        assert (others.max() - logits[y[i]]).item() < delta
+        exact = verify(model, x[i:i + 1], y[i:i + 1], threat)
+        assert exact.status in (["verified"], ["falsified"])
+        assert exact.lower_bounds[0].min().item() > -delta
+
+
+def test_errors_are_clear(mlp_data):
+    model, x, y = mlp_data
+    with pytest.raises(ValueError, match="quadratic"):
+        verify(model, x, y, ThreatModel("l2", 0.1))
+    with pytest.raises(ValueError, match="max pooling"):
+        verify(nn.Sequential(nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4, 3)).eval(), x, y,
+               ThreatModel("linf", 0.1))
+    with pytest.raises(ValueError, match="train mode"):
+        verify(small_mlp().train(), x, y, ThreatModel("linf", 0.1))
+    with pytest.raises(ValueError, match="time_limit"):
+        verify(model, x, y, ThreatModel("linf", 0.1), time_limit=0)
+    with pytest.raises(ValueError, match="delta"):
+        ground_truth(model, x, y, delta=0)
+    with pytest.raises(ValueError, match="cap"):
+        ground_truth(model, x, y, cap=math.inf)
+    wrong = y.clone()
+    wrong[0] = (y[0] + 1) % 3
+    with pytest.raises(ValueError, match="misclassified"):
+        ground_truth(model, x, wrong)
