@@ -1,7 +1,7 @@
 """The ``advkit`` command: a thin shell over the Python API, one command per job.
 
 Each job has its module (``attacks_list``, ``attack``, ``evaluate``, ``train``, ``defend``,
-``demo``, ``report``, ``runs``, ``universal``, ``serve``); ``_common`` holds what they
+``certify``, ``demo``, ``report``, ``runs``, ``universal``, ``serve``); ``_common`` holds what they
 share. This module only mounts them, in the order ``advkit --help`` lists them.
 """
 
@@ -14,6 +14,7 @@ import typer
 from advkit.cli import (
     attack,
     attacks_list,
+    certify,
     defend,
     demo,
     evaluate,
@@ -32,6 +33,7 @@ app.command("attack")(attack.attack)
 app.command("evaluate")(evaluate.evaluate)
 app.command("train")(train.train_cmd)
 app.command("defend")(defend.defend)
+app.command("certify")(certify.certify)
 app.command("demo")(demo.demo)
 app.add_typer(universal.universal_app, name="universal")
 app.add_typer(runs.runs_app, name="runs")

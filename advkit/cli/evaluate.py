@@ -41,7 +41,7 @@ from advkit.evaluation import DEFAULT_STORE, accuracy, curve_rows, curves, run_a
 #: What a suite run records and ``--resume`` takes from the run instead of the command line.
 _RUN_SETTINGS = ("model", "attack_names", "norm", "eps", "seed", "dataset", "limit",
                  "batch_size", "suite", "checks", "check_samples", "pipeline", "access",
-                 "remote", "binarization")
+                 "remote", "binarization", "certify")
 
 
 def evaluate(
@@ -79,6 +79,11 @@ def evaluate(
         help="suite runs: with the checks, run the binarization test (Zimmermann et al. "
              "2022: does the suite find an adversarial example that provably exists?) on "
              "this many images; 0: off")] = 0,
+    certify: Annotated[str | None, typer.Option(
+        help="suite runs: after the attacks, certify every image (ibp, crown, alpha-crown, "
+             "milp) and record its certified radius beside the smallest perturbation found "
+             "(verified <= robust <= clean curves; a certified image an attack broke fails "
+             "the run)")] = None,
     pipeline: Annotated[Path | None, typer.Option(
         help="evaluate the model behind the transforms and detectors of this pipeline file "
              "(.toml/.json; see advkit.defenses.spec): detectors are fitted on training "
@@ -121,7 +126,8 @@ def evaluate(
                         batch_size=batch_size, seed=seed, store=store, resume=resume,
                         checks=checks, check_samples=check_samples, trust=trust,
                         device=device, as_json=as_json, pipeline=pipeline, access=access,
-                        remote=remote, api_key=api_key, binarization=binarization)
+                        remote=remote, api_key=api_key, binarization=binarization,
+                        certify=certify)
         return
     attack_names = attack_names or ["pgd"]
     eps_list = eps or [0.3]
@@ -213,7 +219,7 @@ def evaluate_suite(*, model: str, suite: str, norm: str, eps: float, dataset: st
                    check_samples: int, trust: bool, device: str, quiet: bool, log,
                    pipeline: Path | None = None, access: str = "gradients",
                    remote: str | None = None, api_key: str | None = None,
-                   binarization: int = 0) -> dict:
+                   binarization: int = 0, certify: str | None = None) -> dict:
     """Run (or resume) one suite evaluation; return its JSON summary."""
     from advkit import data, models
     from advkit.evaluation import Store
@@ -238,6 +244,7 @@ def evaluate_suite(*, model: str, suite: str, norm: str, eps: float, dataset: st
         seed, batch_size = config["seed"], config["batch_size"]
         checks, check_samples = config["checks"], config["check_samples"]
         binarization = config.get("binarization", 0)
+        certify = (config.get("certify") or {}).get("method")
     else:
         threat, split, suite_arg = ThreatModel(norm, eps), "test", suite
         pipeline_spec = None
@@ -268,6 +275,7 @@ def evaluate_suite(*, model: str, suite: str, norm: str, eps: float, dataset: st
     report = evaluate_model(net, x, y, threat, suite_arg, seed=seed, batch_size=batch_size,
                             store=store, resume=resume, checks=checks,
                             check_samples=check_samples, binarization=binarization,
+                            certify=certify,
                             device=device, progress=not quiet,
                             log=log, describe_model={"spec": model, **(
                                 {"pipeline": pipeline_spec} if pipeline_spec else {}), **(

@@ -168,7 +168,7 @@ def evaluate(
     checks: bool = True, check_samples: int = 100, device: str | torch.device | None = None,
     progress: bool = True, log: Callable[[str], None] | None = None,
     describe_model: dict | None = None, describe_data: dict | None = None,
-    binarization: int = 0,
+    binarization: int = 0, certify: str | None = None, certify_steps: int = 8,
 ) -> EvaluationReport:
     """Evaluate ``model`` on (x, y) under ``threat`` with an attack suite.
 
@@ -198,6 +198,14 @@ def evaluate(
             2022; :mod:`advkit.evaluation.binarization`) with the run's suite on this many
             correctly classified images (0: not run; it attacks one binarised model per
             image).
+        certify: after the attacks, certify every image with this method of
+            :data:`advkit.verify.METHODS` (``"ibp"``, ``"crown"``, ``"alpha-crown"``,
+            ``"milp"``): the check ``certification`` records each image's certified radius
+            beside the smallest perturbation an attack found, the verified, robust and
+            clean accuracy curves, and *fails* (the run is unreliable) if any certified
+            image was broken within its radius (:mod:`advkit.evaluation.certification`).
+            The model must be an ``nn.Sequential`` chain bound propagation reads.
+        certify_steps: bisection steps of each certified radius (resolution eps / 2^steps).
         device: where the model runs (default: its parameters' device).
         describe_model / describe_data: recorded with the run (the CLI records the
             model spec and data slice, so ``--resume`` can reload them).
@@ -248,6 +256,9 @@ def evaluate(
         raise ValueError(f"binarization must be a number of images >= 0 (got {binarization!r})")
     if binarization:
         config["binarization"] = binarization
+    if certify is not None:
+        _check_certifiable(model, x, suite, threat, certify, certify_steps)
+        config["certify"] = {"method": certify, "steps": certify_steps}
     if rejects(model):
         config["rejects"] = True  # clean and adversarial predictions may be REJECT
     if black_box:
@@ -269,7 +280,7 @@ def evaluate(
                          log)
         with eval_mode(model.module if black_box else model):
             engine.run_stages()
-            if checks:
+            if checks or certify is not None:
                 engine.run_checks()
         report = world.from_root(lambda: read_report(db, run_id, finish=True))
     finally:
@@ -300,6 +311,26 @@ def _check_stages(model: nn.Module | ModelAccess, suite: Suite, threat: ThreatMo
             raise ValueError(f"suite {suite.name!r}: stage {stage.name!r} ({stage.attack}) "
                              f"cannot run in an evaluation, which attacks without targets=: "
                              f"{err}") from err
+
+
+def _check_certifiable(model: nn.Module | ModelAccess, x: Tensor, suite: Suite,
+                       threat: ThreatModel, method: str, steps: int) -> None:
+    """Certification's requirements, before any work: the weights, a chain bound
+    propagation reads, a known method, a finite eps, a budgeted suite."""
+    from advkit.verify import METHODS
+    from advkit.verify.bounds import network
+
+    if method not in METHODS:
+        raise ValueError(f"unknown certification method {method!r}: use one of "
+                         f"{', '.join(METHODS)}")
+    if isinstance(model, ModelAccess):
+        raise ValueError("certification reads the model's weights; a black box has none to "
+                         "give: drop certify (or evaluate the local model itself)")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"certify_steps must be an integer >= 0 (got {steps!r})")
+    if not threat.bounded:
+        raise ValueError("certification needs a finite eps (the radius is searched up to it)")
+    network(model, x[:1])  # an unsupported layer or a train-mode model: its own clear error
 
 
 def _fingerprint(model: nn.Module | ModelAccess) -> str:
@@ -502,6 +533,9 @@ class _Engine:
         self.world.barrier()
 
     def _checks(self, done: set[str]):
+        if not self.config["checks"]:  # certification only: the masking checks count as done
+            done = done | {"randomness", "logits", "gradients", "black_box", "eps_monotone",
+                           "unbounded", "restarts", "binarization"}
         rows = self.db.samples(self.run_id)
         correct = [idx for idx, label, pred, _ in rows if pred == label]
         pick = torch.tensor(correct[:self.config["check_samples"]], dtype=torch.long)
@@ -542,6 +576,13 @@ class _Engine:
                                                     self.config["seed"])
             else:
                 yield checks_lib.Check("eps_monotone", "skip", "No finite eps to vary.")
+        certify = self.config.get("certify")
+        if certify and "certification" not in done:
+            from advkit.evaluation.certification import sandwich
+            self.log(f"certifying every image ({certify['method']}) ...")
+            yield sandwich(self.model, self.x.to(self.device), self.y.to(self.device),
+                           self.threat, self.db.per_sample_rows(self.run_id),
+                           certify["method"], steps=certify["steps"])
         wanted = self.config.get("binarization", 0)
         if wanted and "binarization" not in done:
             if self.suite.kind != "budgeted" or not self.threat.bounded:
@@ -674,4 +715,9 @@ def _curves(rows: Sequence[dict], suite: Suite, threat: ThreatModel, clean: floa
             pts = [(0.0, 1.0)] + [tuple(p) for p in c.details["points"][:len(
                 checks_lib.EPS_FACTORS)]]
             curves[f"APGD-CE probe ({c.details['samples']} correct images)"] = pts
+        if c.name == "certification" and "curves" in c.details:
+            # The sandwich: verified <= robust (attacks) <= clean, at every eps.
+            for key, pts in c.details["curves"].items():
+                curves[f"{key}, per image" if key != "clean" else "clean"] = [
+                    tuple(p) for p in pts]
     return curves

@@ -351,7 +351,12 @@ def _sample_program(layers: _Layers, bounds: list[Interval], region: InputSet, i
                     region.center[i].flatten().double().cpu().numpy(),
                     (region.lower[i].flatten().double().cpu().numpy(),
                      region.upper[i].flatten().double().cpu().numpy()),
-                    region.norm, region.eps, minimise_distance)
+                    region.norm, _radius(region.eps, i), minimise_distance)
+
+
+def _radius(eps: float | Tensor, i: int) -> float:
+    """Sample ``i``'s radius: the set's one eps, or its own (a tensor, one per sample)."""
+    return float(eps.flatten()[i]) if isinstance(eps, Tensor) else float(eps)
 
 
 def milp_lower(net: Network, region: InputSet, spec: Tensor, *, margin_rows: int,
