@@ -3,15 +3,16 @@
 The trainer (:func:`train`, configured by :class:`TrainConfig`) seeds, checkpoints,
 resumes and runs data parallel under ``torchrun``; a recipe turns a batch into a
 loss: standard training, PGD and fast (FGSM-RS) adversarial training, TRADES, MART,
-defensive distillation (teacher temperature training + student), Gaussian
-augmentation, and the denoising autoencoder of MagNet's reformer and detector
-(``denoising``: a recipe that reconstructs instead of classifying). Lipschitz-bounded
-layers are an architecture option (``lipschitz=True``). Presets are the shipped
-settings behind the defense figures in ``benchmarks/RESULTS.md``; :func:`train_defense`
-trains a defense from its settings.
+IBP and CROWN-IBP certified training, defensive distillation (teacher temperature
+training + student), Gaussian augmentation, and the denoising autoencoder of MagNet's
+reformer and detector (``denoising``: a recipe that reconstructs instead of
+classifying). Lipschitz-bounded layers are an architecture option (``lipschitz=True``).
+Presets are the shipped settings behind the defense figures in ``benchmarks/RESULTS.md``;
+:func:`train_defense` trains a defense from its settings.
 """
 
 from advkit.training.adversarial_training import FastAdversarialTraining, PGDTraining
+from advkit.training.certified import CROWNIBPTraining, IBPTraining
 from advkit.training.denoising import DenoisingAutoencoder
 from advkit.training.distillation import Distillation, TemperatureTraining
 from advkit.training.mart import MART
@@ -28,7 +29,8 @@ from advkit.training.trainer import (
     train_defense,
 )
 
-__all__ = ["MART", "PRESETS", "RECIPES", "TRADES", "TRAIN_DEFAULTS", "DenoisingAutoencoder",
+__all__ = ["MART", "PRESETS", "RECIPES", "TRADES", "TRAIN_DEFAULTS", "CROWNIBPTraining",
+           "DenoisingAutoencoder", "IBPTraining",
            "Distillation", "FastAdversarialTraining", "GaussianAugmentation", "PGDTraining",
            "Preset", "Recipe", "StopTraining", "TemperatureTraining", "TrainConfig",
            "TrainResult", "build_recipe", "config_record", "get_preset", "resolve", "train",

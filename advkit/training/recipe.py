@@ -23,7 +23,7 @@ class Recipe:
     """Standard training: cross-entropy on the clean batch.
 
     Subclasses override :meth:`loss` (and may override :meth:`start_epoch`,
-    :meth:`end_epoch`). Everything that changes the result must be in
+    :meth:`start_step`, :meth:`end_epoch`). Everything that changes the result must be in
     :meth:`params`: it is recorded in the checkpoint, and a resumed run with
     other parameters is refused.
     """
@@ -40,6 +40,11 @@ class Recipe:
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """Called before each epoch (``epoch`` counts from 0): schedules live here."""
+
+    def start_step(self, step: int, steps_per_epoch: int) -> None:
+        """Called before each batch (``step`` counts batches from 0 over the whole run,
+        resumed runs included): schedules that move per step live here (certified
+        training ramps eps every step, as its papers do)."""
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """The loss of a batch (the model is in train mode) and the logits whose

@@ -8,6 +8,7 @@ from torch import nn
 
 from advkit.threat import ThreatModel
 from advkit.training.adversarial_training import FastAdversarialTraining, PGDTraining
+from advkit.training.certified import CROWNIBPTraining, IBPTraining
 from advkit.training.denoising import DenoisingAutoencoder
 from advkit.training.distillation import Distillation, TemperatureTraining
 from advkit.training.mart import MART
@@ -18,7 +19,7 @@ from advkit.training.trades import TRADES
 #: Recipe classes by the name ``advkit train --defense`` takes.
 RECIPES: dict[str, type[Recipe]] = {cls.name: cls for cls in (
     Recipe, PGDTraining, FastAdversarialTraining, TRADES, MART, TemperatureTraining,
-    Distillation, GaussianAugmentation, DenoisingAutoencoder)}
+    Distillation, GaussianAugmentation, DenoisingAutoencoder, IBPTraining, CROWNIBPTraining)}
 
 
 def build_recipe(name: str, threat: ThreatModel | None = None, *,

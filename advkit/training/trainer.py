@@ -194,6 +194,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
                 batch = order[i * config.batch_size:(i + 1) * config.batch_size]
                 idx = world.shard(batch)
                 xb, yb = x_train[idx].to(device), y_train[idx].to(device)
+                recipe.start_step(epoch * steps_per_epoch + i, steps_per_epoch)
                 with torch.autocast(torch.device(device).type, dtype=autocast_dtype,
                                     enabled=autocast_dtype is not None):
                     loss, logits = recipe.loss(net, xb, yb)

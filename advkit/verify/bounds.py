@@ -340,20 +340,24 @@ def network(model: nn.Module, example: Tensor) -> Network:
     x = example[:1].detach()
     ops: list[_Op] = []
     shapes = [tuple(x.shape[1:])]
-    with torch.no_grad():
-        for position, (name, layer) in enumerate(_leaves(model, "")):
-            label = f"layer {name} ({type(layer).__name__}, position {position})"
+    for position, (name, layer) in enumerate(_leaves(model, "")):
+        label = f"layer {name} ({type(layer).__name__}, position {position})"
+        with torch.no_grad():
             out = layer(x)
-            op = _read_layer(layer, label, x, out)
-            if op is not None:
+        # Read in the caller's grad mode: an op's tensors derived from parameters (batch
+        # norm's scale, a spectrally normalised weight) then stay on autograd's graph, so a
+        # loss on the bounds trains them (certified training).
+        op = _read_layer(layer, label, x, out)
+        if op is not None:
+            with torch.no_grad():
                 mine = op.forward(x)
-                scale = 1e-4 * (1 + out.abs().max().item())
-                if mine.shape != out.shape or (mine - out).abs().max().item() > scale:
-                    raise ValueError(f"{label}: bound propagation reads this layer differently "
-                                     "from its forward; it is not supported as configured")
-                ops.append(op)
-                shapes.append(tuple(out.shape[1:]))
-            x = out
+            scale = 1e-4 * (1 + out.abs().max().item())
+            if mine.shape != out.shape or (mine - out).abs().max().item() > scale:
+                raise ValueError(f"{label}: bound propagation reads this layer differently "
+                                 "from its forward; it is not supported as configured")
+            ops.append(op)
+            shapes.append(tuple(out.shape[1:]))
+        x = out
     if len(shapes[-1]) != 1:
         raise ValueError(f"the model must return logits of shape (N, classes) (got per-sample "
                          f"shape {shapes[-1]}): end it with Flatten/Linear")
