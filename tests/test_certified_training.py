@@ -5,14 +5,17 @@ IBP-verifiable, recorded parameters, and clear errors."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typer.testing import CliRunner
 
 import advkit
+from advkit.cli import app
 from advkit.threat import ThreatModel
 from advkit.training import (
     CROWNIBPTraining,
@@ -269,3 +272,16 @@ def test_a_model_bounds_cannot_read_is_refused_with_the_layer_named():
     recipe.start_step(0, 1)
     with pytest.raises(ValueError, match="nn.Sequential"):
         recipe.loss(Own(), X, Y)
+
+
+def test_cli_trains_ibp_from_the_mnist_01_preset(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADVKIT_MODEL_DIR", str(tmp_path / "models"))
+    result = CliRunner().invoke(app, [
+        "train", "--defense", "ibp", "--preset", "mnist-0.1", "--epochs", "1",
+        "--train-limit", "256", "--no-card", "--out", str(tmp_path / "run"), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    config = advkit.models.read_metadata(summary["checkpoint"])["config"]
+    assert config["recipe"] == "ibp" and config["arch"] == "stride_cnn"
+    assert config["recipe_params"]["eps"] == 0.1 and config["recipe_params"]["eps_train"] == 0.2
+    assert 0 <= summary["history"][0]["ibp_verified"] <= 1

@@ -41,12 +41,14 @@ def train_cmd(
     seed: Annotated[int, typer.Option()] = 0,
     train_limit: Annotated[int | None, typer.Option(help="first N training images")] = None,
     defense: Annotated[str, typer.Option(
-        help="standard, pgd, fgsm_rs, trades, mart, distillation, noise; or denoising: "
+        help="standard, pgd, fgsm_rs, trades, mart, distillation, noise; ibp, crown_ibp "
+             "(certified training: use a preset, it sets eps_train and the ramp); or denoising: "
              "MagNet's denoising autoencoder for advkit.defenses.magnet (its reformer and "
              "detector); it defaults to --arch magnet_ae --lr 0.03 --batch-size 32")] = "standard",
     preset: Annotated[str | None, typer.Option(
-        help="shipped recipe settings: mnist (Linf 0.3) or fashion-mnist (Linf 0.1); "
-             "explicit options override them")] = None,
+        help="shipped recipe settings: mnist (Linf 0.3), fashion-mnist (Linf 0.1) or "
+             "mnist-0.1 (Linf 0.1: ibp and crown_ibp only); explicit options override them")
+    ] = None,
     norm: Annotated[str | None, typer.Option(help="adversarial recipes: linf, l2 or l1")] = None,
     eps: Annotated[float | None, typer.Option(help="adversarial recipes: budget [default: 0.3]")
                    ] = None,
