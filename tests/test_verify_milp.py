@@ -42,13 +42,18 @@ def test_two_neurons_verified_with_the_exact_minimum_margin():
 def test_two_neurons_falsified_across_the_kink():
     # eps 1.2: x in [-0.2, 2.2]; both neurons are unstable and min |x| = 0 at x = 0.
     model = absolute_value_net()
-    result = verify(model, torch.tensor([[1.0]]), torch.tensor([0]),
-                    ThreatModel("linf", 1.2, BOX))
-    assert result.status == ["falsified"]
-    assert result.lower_bounds[0, 1].item() == pytest.approx(-0.5, abs=1e-6)
-    example = result.counterexamples[0]
-    assert abs(example.item() - 1.0) <= 1.2 + 1e-6
-    assert model(example.unsqueeze(0)).argmax(1).item() == 1  # a fresh forward pass
+    # The solver alone (no attack first, to the exact minimum), then with both.
+    threat = ThreatModel("linf", 1.2, BOX)
+    exact = verify(model, torch.tensor([[1.0]]), torch.tensor([0]), threat, attack_steps=0,
+                   gap=0.0)
+    quick = verify(model, torch.tensor([[1.0]]), torch.tensor([0]), threat)
+    assert exact.status == quick.status == ["falsified"]
+    assert exact.lower_bounds[0, 1].item() == pytest.approx(-0.5, abs=1e-6)
+    assert quick.lower_bounds[0, 1].item() <= -0.5 + 1e-6  # a sound bound, not the minimum
+    for result in (exact, quick):
+        example = result.counterexamples[0]
+        assert abs(example.item() - 1.0) <= 1.2 + 1e-6
+        assert model(example.unsqueeze(0)).argmax(1).item() == 1  # a fresh forward pass
 
 
 def test_ground_truth_on_two_neurons_is_the_hand_computed_distance():
@@ -103,10 +108,13 @@ def test_milp_agrees_with_crown_and_attacks(mlp_data, norm, eps):
         assert example.min() >= 0 and example.max() <= 1
     for i in result.verified.nonzero().squeeze(1).tolist():
         assert (result.lower_bounds[i] > 0).all()
-    # certify(method="milp") gives the same verdicts and exact margins.
+    # The solver alone (no attack, exact minima) and certify(method="milp") decide alike;
+    # the exact minima lie above the quick run's bounds, and are negative where falsified.
+    alone = verify(model, x, y, threat, time_limit=30, attack_steps=0, gap=0.0)
+    assert alone.status == result.status
+    assert (alone.lower_bounds >= result.lower_bounds - 1e-6).all()
     same = certify(model, x, y, threat, "milp", time_limit=30)
     assert torch.equal(same.verified, result.verified)
-    assert torch.allclose(same.lower_bounds.double(), result.lower_bounds, atol=1e-5)
 
 
 def test_ground_truth_is_below_every_attack_and_adversarial(mlp_data):
@@ -127,7 +135,7 @@ def test_ground_truth_is_below_every_attack_and_adversarial(mlp_data):
         logits = model(attack.x_adv)[0]
         others = torch.cat([logits[:y[i]], logits[y[i] + 1:]])
         assert (others.max() - logits[y[i]]).item() < delta
-        exact = verify(model, x[i:i + 1], y[i:i + 1], threat)
+        exact = verify(model, x[i:i + 1], y[i:i + 1], threat, attack_steps=0, gap=0.0)
         assert exact.status in (["verified"], ["falsified"])
         assert exact.lower_bounds[0].min().item() > -delta
 
@@ -143,6 +151,8 @@ def test_errors_are_clear(mlp_data):
         verify(small_mlp().train(), x, y, ThreatModel("linf", 0.1))
     with pytest.raises(ValueError, match="time_limit"):
         verify(model, x, y, ThreatModel("linf", 0.1), time_limit=0)
+    with pytest.raises(ValueError, match="gap"):
+        verify(model, x, y, ThreatModel("linf", 0.1), gap=-1)
     with pytest.raises(ValueError, match="delta"):
         ground_truth(model, x, y, delta=0)
     with pytest.raises(ValueError, match="cap"):

@@ -262,11 +262,12 @@ class _Program:
         c[_cols(self.last)] = row @ self.w_out
         return c, float(row @ self.b_out)
 
-    def solve(self, c: np.ndarray, extra: list, time_limit: float):
+    def solve(self, c: np.ndarray, extra: list, time_limit: float, gap: float = 0.0):
         bounds = optimize.Bounds(np.concatenate(self.lower), np.concatenate(self.upper))
         return optimize.milp(c, integrality=np.concatenate(self.integer), bounds=bounds,
                              constraints=self.matrix(extra),
-                             options={"time_limit": max(time_limit, 1e-3), "disp": False})
+                             options={"time_limit": max(time_limit, 1e-3), "disp": False,
+                                      "mip_rel_gap": gap})
 
 
 def _cols(block: range) -> slice:
@@ -312,12 +313,14 @@ def _status(res) -> str:
 
 
 def _minimise_margins(program: _Program, rows: np.ndarray, crown: np.ndarray,
-                      time_limit: float, accept: Callable[[np.ndarray], bool]
+                      time_limit: float, accept: Callable[[np.ndarray], bool], gap: float
                       ) -> tuple[np.ndarray, str, np.ndarray | None]:
     """Minimise the margins ``rows · logits`` (S, classes) of one sample that CROWN's
     bounds ``crown`` (S,) leave unproven, least certain first, until one goes negative at
-    a point ``accept`` confirms. Returns the lower bounds (S,), the verdict and the
-    confirmed counter-example (the image's variables) or None."""
+    a point ``accept`` confirms. The solver stops once its proven bound is within the
+    relative ``gap`` of its best point (a bound above 0 decides a margin before the exact
+    minimum is known). Returns the lower bounds (S,), the verdict and the confirmed
+    counter-example (the image's variables) or None."""
     start = time.perf_counter()
     lower, verdict = crown.astype(float).copy(), "verified"
     for r in np.argsort(crown, kind="stable").tolist():
@@ -327,21 +330,25 @@ def _minimise_margins(program: _Program, rows: np.ndarray, crown: np.ndarray,
         if left <= 0:
             return lower, "timeout" if verdict == "verified" else verdict, None
         c, const = program.margin(rows[r])
-        res = program.solve(c, [], left)
+        res = program.solve(c, [], left, gap)
+        if (gap and _status(res) == "optimal" and res.fun + const >= 0
+                and not (res.mip_dual_bound or 0) + const > 0):
+            # Within the gap but not of one sign (HiGHS's gap is relative to max(1, |best|)
+            # or so): this margin needs the exact minimum.
+            res = program.solve(c, [], time_limit - (time.perf_counter() - start), 0.0)
         state = _status(res)
         if state == "infeasible":  # the set is never empty: a solver or encoding fault
             raise RuntimeError("the MILP of a non-empty input set was infeasible: report "
                                "this with the model and input")
-        dual = res.mip_dual_bound if res.mip_dual_bound is not None else -math.inf
-        lower[r] = res.fun + const if state == "optimal" else max(dual + const, crown[r])
-        if res.x is not None and res.fun + const < 0:
-            if accept(res.x[_cols(program.x)]):
-                return lower, "falsified", res.x[_cols(program.x)]
-            if state == "optimal":
-                verdict = "undecided"  # a minimum within the solver's tolerance of 0
-                continue
-        if state == "limit" and not lower[r] > 0 and verdict == "verified":
-            verdict = "timeout"
+        dual = res.mip_dual_bound if res.mip_dual_bound is not None else (
+            res.fun if state == "optimal" and gap == 0 else -math.inf)
+        lower[r] = max(dual + const, crown[r])
+        if res.x is not None and res.fun + const < 0 and accept(res.x[_cols(program.x)]):
+            return lower, "falsified", res.x[_cols(program.x)]
+        if not lower[r] > 0 and verdict == "verified":
+            # Out of time, or a minimum within the solver's tolerance of 0 that no forward
+            # pass confirms: neither side is proven.
+            verdict = "timeout" if state == "limit" else "undecided"
     return lower, verdict, None
 
 
@@ -360,7 +367,7 @@ def _radius(eps: float | Tensor, i: int) -> float:
 
 
 def milp_lower(net: Network, region: InputSet, spec: Tensor, *, margin_rows: int,
-               time_limit: float = 60.0, **_: object) -> Tensor:
+               time_limit: float = 60.0, gap: float = 0.0, **_: object) -> Tensor:
     """``certify``'s ``"milp"`` method: CROWN's lower bounds on ``spec · logits``, with
     each sample's first ``margin_rows`` rows that CROWN leaves at or below zero replaced
     by their exact minimum (or the solver's proven bound when ``time_limit`` seconds per
@@ -381,18 +388,23 @@ def milp_lower(net: Network, region: InputSet, spec: Tensor, *, margin_rows: int
         program = _sample_program(layers, bounds, region, i)
         rows = spec[i, :margin_rows].double().cpu().numpy()
         out[i, :margin_rows], _, _ = _minimise_margins(program, rows, head, time_limit,
-                                                       lambda _x: True)
+                                                       lambda _x: True, gap)
     return torch.from_numpy(out).to(lower)
 
 
 def verify(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
-           time_limit: float = 60.0, progress: bool = False) -> Verification:
+           time_limit: float = 60.0, gap: float = 0.5, attack_steps: int = 100,
+           progress: bool = False) -> Verification:
     """Complete verification: decide for each image whether any point of ``threat``'s set
     is classified other than ``y``.
 
-    Margins CROWN already proves positive are not sent to the solver; the others are
-    minimised in the order of CROWN's bounds (the least certain first), and a sample stops
-    at its first counter-example confirmed by a float64 forward pass of the model.
+    A sample is attacked first (PGD on the logit margin, 3 restarts of ``attack_steps``
+    steps): a counter-example it finds, confirmed by a float64 forward pass, settles the
+    sample without the solver. For the rest, margins CROWN already proves positive are not
+    sent to the solver; the others are minimised in the order of CROWN's bounds (the least
+    certain first), each until the solver's proven bound is within the relative ``gap`` of
+    its best point (``gap=0``: to the exact minimum; 0.5 decides the sign for a fraction
+    of the work), and a sample stops at its first confirmed counter-example.
 
     Args:
         model: an eval-mode ``nn.Sequential`` ReLU network (see
@@ -400,18 +412,24 @@ def verify(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
         x, y: images (N, ...) in ``threat.bounds`` and labels (N,).
         threat: a Linf or L1 threat model.
         time_limit: seconds of solver time per image (over all its margins).
+        gap: the solver's relative optimality gap (see above); ``lower_bounds`` are the
+            solver's proven bounds, exact minima only with ``gap=0``.
+        attack_steps: PGD steps per restart before the solver (0: no attack).
         progress: a progress bar over images.
 
     Raises:
         ValueError: an L2 threat, a layer the encoding does not support, a train-mode
-            model, x outside the box, bad shapes or labels, time_limit <= 0.
+            model, x outside the box, bad shapes or labels, time_limit <= 0, gap < 0.
     """
     from advkit.verify.certify import _check, _spec
 
     if not time_limit > 0:
         raise ValueError(f"time_limit must be > 0 seconds (got {time_limit})")
+    if not gap >= 0 or attack_steps < 0:
+        raise ValueError(f"gap and attack_steps must be >= 0 (got {gap}, {attack_steps})")
     _check(model, x, y, threat)
     net, checker = _prepare(model, x, y, threat.norm)
+    attacked = _attack(model, x, y, threat, attack_steps)
     params = list(model.parameters())
     x = x.to(params[0].dtype if params else x.dtype)
     layers = _layers(net, x.device, x.dtype)
@@ -428,6 +446,13 @@ def verify(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
             with torch.no_grad():
                 bounds = layer_bounds(net, region, "crown")
                 crown = backward_lower(net, region, bounds, spec[i:i + 1])[0]
+            lower_bounds[i, others[i].cpu()] = crown.double().cpu()
+            if attacked is not None and _adversarial(checker, attacked[i], y[i], threat, x[i]):
+                examples[i] = attacked[i]
+                status.append("falsified")
+                seconds[i] = time.perf_counter() - start
+                bar.advance()
+                continue
             program = _sample_program(layers, bounds, region, 0)
 
             def confirmed(values: np.ndarray, i: int = i, region: InputSet = region) -> bool:
@@ -436,7 +461,7 @@ def verify(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
 
             lower, verdict, found = _minimise_margins(
                 program, spec[i].double().cpu().numpy(), crown.double().cpu().numpy(),
-                time_limit, confirmed)
+                time_limit, confirmed, gap)
             lower_bounds[i, others[i].cpu()] = torch.from_numpy(lower)
             if found is not None:
                 examples[i] = _candidate(found, x[i], region)
@@ -445,6 +470,17 @@ def verify(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
             bar.advance()
     return Verification(threat=threat, status=status, lower_bounds=lower_bounds,
                         counterexamples=examples, seconds=seconds)
+
+
+def _attack(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, steps: int
+            ) -> Tensor | None:
+    """PGD's adversarial images (margin loss, 3 restarts); None with ``steps == 0`` or
+    for inputs that are not images (N, C, H, W), which advkit's attacks take."""
+    if steps == 0 or len(x) == 0 or x.dim() != 4:
+        return None
+    from advkit.attacks import PGD
+
+    return PGD(threat, steps=steps, restarts=3, loss="margin", seed=0)(model, x, y).x_adv
 
 
 def _candidate(values: np.ndarray, like: Tensor, region: InputSet) -> Tensor:
