@@ -43,9 +43,6 @@ from advkit.verify.bounds import (
     network,
 )
 
-#: How the worst-case margins are bounded.
-BOUNDS = ("ibp", "crown-ibp")
-
 
 def margin_lower_bounds(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
                         beta: float = 0.0) -> Tensor:
@@ -58,6 +55,8 @@ def margin_lower_bounds(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatMo
     """
     if not 0 <= beta <= 1:
         raise ValueError(f"beta must lie in [0, 1] (got {beta})")
+    # network() refuses train mode (batch norm would bound the batch's statistics); its
+    # ops hold the live parameters, so gradients still flow once train mode is restored.
     with attack_mode(model) as inner:
         net = network(inner, x)
     classes = net.num_classes
