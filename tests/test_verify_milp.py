@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from advkit.attacks import PGD
+from advkit.attacks import FAB, PGD
 from advkit.threat import ThreatModel
 from advkit.verify import certify
 from advkit.verify.milp import ground_truth, verify
@@ -121,6 +121,12 @@ def test_ground_truth_is_below_every_attack_and_adversarial(mlp_data):
     model, x, y = mlp_data
     gt = ground_truth(model, x, y, "linf", cap=0.5, time_limit=30)
     assert set(gt.status) <= {"optimal", "none within cap"}
+    # An attack's distances narrow the search, never the answer (even when too small).
+    fab = FAB(ThreatModel("linf", math.inf), steps=50)(model, x, y)
+    hinted = ground_truth(model, x, y, "linf", cap=0.5, time_limit=30,
+                          upper=torch.where(fab.success, fab.norms.double(), math.inf) * 0.5)
+    assert hinted.status == gt.status
+    assert torch.allclose(hinted.distance, gt.distance, atol=1e-6)
     found = gt.distance < math.inf
     for i in found.nonzero().squeeze(1).tolist():
         assert model(gt.x_adv[i:i + 1]).argmax(1).item() != y[i].item()

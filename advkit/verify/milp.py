@@ -502,8 +502,8 @@ def _adversarial(checker: nn.Module, candidate: Tensor, label: Tensor,
 
 
 def ground_truth(model: nn.Module, x: Tensor, y: Tensor, norm: str = "linf", *,
-                 cap: float = 1.0, delta: float = 1e-4, time_limit: float = 120.0,
-                 bounds: tuple[float, float] = (0.0, 1.0),
+                 cap: float = 1.0, upper: Tensor | None = None, delta: float = 1e-4,
+                 time_limit: float = 120.0, bounds: tuple[float, float] = (0.0, 1.0),
                  progress: bool = False) -> GroundTruth:
     """The Ground-Truth Attack (Carlini, Katz et al. 2017): the provably minimal Linf or L1
     adversarial perturbation of each image, up to ``cap``.
@@ -520,8 +520,11 @@ def ground_truth(model: nn.Module, x: Tensor, y: Tensor, norm: str = "linf", *,
         model: an eval-mode ``nn.Sequential`` ReLU network.
         x, y: images (N, ...) in ``bounds`` and labels (N,) the model predicts.
         norm: ``"linf"`` or ``"l1"``.
-        cap: the largest distance searched (big-M constants come from CROWN on the ball of
-            this radius: a smaller cap, such as an attack's distance, is faster).
+        cap: the largest distance searched.
+        upper: (N,) optional distances at which an attack found adversarial examples:
+            each image is searched first within ``1.05 * upper + 1e-3`` (a smaller ball
+            gives CROWN tighter big-M constants and fewer unstable neurons: much faster),
+            and within ``cap`` only if nothing is found there.
         delta: the logit margin a minimal example must reach (> 0).
         time_limit: seconds of solver time per image.
         bounds: the box images lie in.
@@ -534,10 +537,11 @@ def ground_truth(model: nn.Module, x: Tensor, y: Tensor, norm: str = "linf", *,
         raise ValueError(f"delta must be > 0 (got {delta}): a tie is not a misclassification")
     if not time_limit > 0:
         raise ValueError(f"time_limit must be > 0 seconds (got {time_limit})")
-    threat = ThreatModel(norm, cap, bounds)
+    if upper is not None and (upper.shape != (len(x),) or (upper < 0).any()):
+        raise ValueError(f"upper must hold one distance >= 0 per image (shape ({len(x)},))")
     from advkit.verify.certify import _check
 
-    _check(model, x, y, threat)
+    _check(model, x, y, ThreatModel(norm, cap, bounds))
     net, checker = _prepare(model, x, y, norm)
     params = list(model.parameters())
     dtype = params[0].dtype if params else x.dtype
@@ -548,6 +552,45 @@ def ground_truth(model: nn.Module, x: Tensor, y: Tensor, norm: str = "linf", *,
     lower = torch.zeros(n, dtype=torch.float64)
     x_adv = torch.full_like(x, math.nan)
     status, seconds = [], torch.zeros(n, dtype=torch.float64)
+
+    def search(i: int, radius: float, left: float) -> tuple[float, Tensor | None, float, bool]:
+        """Within ``radius`` of image i: the best distance, its image, the proven lower
+        bound where time ran out, and whether it did."""
+        start = time.perf_counter()
+        region = InputSet.from_threat(x[i:i + 1], ThreatModel(norm, radius, bounds))
+        with torch.no_grad():
+            layer_b = layer_bounds(net, region, "crown")
+            eye = torch.eye(classes, dtype=dtype, device=x.device)
+            crown = backward_lower(net, region, layer_b, (eye[y[i]] - eye).unsqueeze(0)
+                                   )[0].double().cpu()
+        program = _sample_program(layers, layer_b, region, 0, minimise_distance=True)
+        best, best_x, proven, timed_out = math.inf, None, math.inf, False
+        t_col = np.zeros(program.size)
+        t_col[_cols(program.t)] = 1.0
+        everything = range(program.size)
+        for j in crown.argsort().tolist():
+            if j == int(y[i]) or crown[j] > 0:
+                continue  # proven out of reach within the radius
+            remaining = left - (time.perf_counter() - start)
+            if remaining <= 0:
+                return best, best_x, 0.0, True
+            c_margin, const = program.margin(np.eye(classes)[j] - np.eye(classes)[int(y[i])])
+            # z_j - z_y >= delta, and (after a first answer) t <= best.
+            extra = [({everything: c_margin[None, :]}, delta - const, np.inf)]
+            if math.isfinite(best):
+                extra.append(({everything: t_col[None, :]}, -np.inf, best))
+            res = program.solve(t_col, extra, remaining)
+            state = _status(res)
+            if state == "infeasible":
+                continue  # no example of class j within the radius (or below best)
+            if state == "limit":
+                timed_out = True
+                proven = min(proven, res.mip_dual_bound if res.mip_dual_bound is not None
+                             else 0.0)
+            if res.x is not None and res.fun < best:
+                best, best_x = float(res.fun), _candidate(res.x[_cols(program.x)], x[i], region)
+        return best, best_x, proven, timed_out
+
     with progress_bar(progress, f"Ground-Truth Attack ({norm})", n) as bar:
         for i in range(n):
             start = time.perf_counter()
@@ -555,41 +598,14 @@ def ground_truth(model: nn.Module, x: Tensor, y: Tensor, norm: str = "linf", *,
                 if checker(x[i:i + 1].double()).argmax(1).item() != int(y[i]):
                     raise ValueError(f"image {i} is already misclassified: the Ground-Truth "
                                      "Attack measures images the model gets right")
-            region = InputSet.from_threat(x[i:i + 1], threat)
-            with torch.no_grad():
-                layer_b = layer_bounds(net, region, "crown")
-                eye = torch.eye(classes, dtype=dtype, device=x.device)
-                crown = backward_lower(net, region, layer_b, (eye[y[i]] - eye).unsqueeze(0)
-                                       )[0].double().cpu()
-            program = _sample_program(layers, layer_b, region, 0, minimise_distance=True)
-            best, best_x, proven, timed_out = math.inf, None, math.inf, False
-            for j in crown.argsort().tolist():
-                if j == int(y[i]) or crown[j] > 0:
-                    continue  # proven out of reach within the cap
+            radius = cap
+            if upper is not None and math.isfinite(float(upper[i])):
+                radius = min(cap, 1.05 * float(upper[i]) + 1e-3)
+            best, best_x, proven, timed_out = search(i, radius, time_limit)
+            if best_x is None and not timed_out and radius < cap:
                 left = time_limit - (time.perf_counter() - start)
-                if left <= 0:
-                    timed_out, proven = True, 0.0
-                    break
-                row = np.eye(classes)[j] - np.eye(classes)[int(y[i])]
-                c_margin, const = program.margin(row)
-                t_col = np.zeros(program.size)
-                t_col[_cols(program.t)] = 1.0
-                # z_j - z_y >= delta, and (after a first answer) t <= best.
-                everything = range(program.size)
-                extra = [({everything: c_margin[None, :]}, delta - const, np.inf)]
-                if math.isfinite(best):
-                    extra.append(({everything: t_col[None, :]}, -np.inf, best))
-                res = program.solve(t_col, extra, left)
-                state = _status(res)
-                if state == "infeasible":
-                    continue  # no example of class j within the cap (or below best)
-                if state == "limit":
-                    timed_out = True
-                    dual = res.mip_dual_bound if res.mip_dual_bound is not None else 0.0
-                    proven = min(proven, dual)
-                if res.x is not None and res.fun < best:
-                    best = float(res.fun)
-                    best_x = _candidate(res.x[_cols(program.x)], x[i], region)
+                best, best_x, proven, timed_out = search(i, cap, left)
+                proven = min(proven, radius) if timed_out else proven
             if best_x is not None:
                 distance[i] = float((best_x - x[i]).flatten().double().norm(
                     p=math.inf if norm == "linf" else 1))
