@@ -45,6 +45,7 @@ CONFIGS = {
     "nes": ("linf", 0.1, {"max_queries": 40, "samples": 10}),
     "zoo": ("l2", float("inf"), {"max_queries": 40, "coordinates": 8}),
     "bandits": ("linf", 0.1, {"max_queries": 40}),
+    "groundtruth": ("linf", float("inf"), {"cap": 0.1, "time_limit": 2}),
 }
 
 

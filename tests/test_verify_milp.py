@@ -167,3 +167,26 @@ def test_errors_are_clear(mlp_data):
     wrong[0] = (y[0] + 1) % 3
     with pytest.raises(ValueError, match="misclassified"):
         ground_truth(model, x, wrong)
+
+
+def test_the_ground_truth_attack_through_the_attack_contract():
+    """advkit.attacks.GroundTruth returns the MILP's minimal examples, counted as a minimal
+    attack, never farther than FAB's on the same images."""
+    from advkit.attacks import GroundTruth
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    torch.manual_seed(3)
+    model = model.eval()
+    x = torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    y = model(x).argmax(1)
+    y[0] = (y[0] + 1) % 3  # one misclassified image: returned as is, norm 0
+    unbounded = ThreatModel("linf", math.inf)
+    result = GroundTruth(unbounded, cap=0.6, time_limit=30)(model, x, y)
+    assert result.kind == "minimal" and result.success.all()
+    assert result.norms[0].item() == 0
+    direct = ground_truth(model, x[1:], y[1:], "linf", cap=0.6, time_limit=30)
+    assert torch.allclose(result.norms[1:].double(), direct.distance, atol=1e-6)
+    fab = FAB(unbounded, steps=100, restarts=3)(model, x, y)
+    assert (result.norms[fab.success] <= fab.norms[fab.success] + 1e-4).all()
+    with pytest.raises(ValueError, match="supports norms"):
+        GroundTruth(ThreatModel("l2", 1.0))

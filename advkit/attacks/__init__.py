@@ -17,6 +17,7 @@ from advkit.attacks.fab import FAB
 from advkit.attacks.feature_adversary import FeatureAdversary
 from advkit.attacks.fgsm import FGSM
 from advkit.attacks.gen_attack import GenAttack
+from advkit.attacks.ground_truth import GroundTruth
 from advkit.attacks.hop_skip_jump import HopSkipJump
 from advkit.attacks.hot_cold import HotCold
 from advkit.attacks.jsma import JSMA
@@ -37,7 +38,7 @@ REGISTRY: dict[str, type[Attack]] = {
                                       DeepFool, FAB, CarliniWagnerL2, CarliniWagnerLinf, EAD,
                                       JSMA, HotCold, FeatureAdversary, UniversalPerturbation,
                                       OrthogonalPGD, HopSkipJump, Boundary, GenAttack, OnePixel,
-                                      SimBA, NES, ZOO, Bandits)
+                                      SimBA, NES, ZOO, Bandits, GroundTruth)
 }
 
 
@@ -55,4 +56,4 @@ __all__ = ["Attack", "AttackResult", "Taxonomy", "REGISTRY", "get",
            "FeatureAdversary", "UniversalPerturbation", "DeepFool", "FAB",
            "CarliniWagnerL2", "CarliniWagnerLinf", "EAD", "OrthogonalPGD", "HopSkipJump",
            "Boundary", "GenAttack", "OnePixel",
-           "SimBA", "NES", "ZOO", "Bandits"]
+           "SimBA", "NES", "ZOO", "Bandits", "GroundTruth"]
