@@ -38,6 +38,29 @@ def unfinished_message(report, holder: int | None = None) -> str:
             f"most {high:.1%}.{clean}")
 
 
+#: Images listed in a report's certification table (the JSON twin has them all).
+SANDWICH_ROWS = 50
+
+
+def sandwich_rows(details: dict, per_sample: list[dict], names: list[str] | None,
+                  limit: int = SANDWICH_ROWS) -> list[dict]:
+    """Per image: the certified radius (a lower bound on the distance to the nearest
+    adversarial example) beside the norm of the smallest one the attacks found (an upper
+    bound), and where the truth lies between them."""
+    rows = []
+    for row, radius, found in zip(per_sample[:limit], details["radius"],
+                                  details["attack_norm"], strict=False):
+        correct = row["clean_pred"] == row["label"]
+        # The search stops at eps: a radius equal to it means "at least eps".
+        shown = (f">= {radius:g}" if radius >= details["eps"] else radius) if correct \
+            else "misclassified"
+        rows.append({"image": row["idx"], "label": _class_name(names, row["label"]),
+                     "certified_radius": shown,
+                     "smallest_found": "none" if found is None else found,
+                     "robust_at_eps": "yes" if row["robust"] else "no"})
+    return rows
+
+
 def write_run_report(store: str | Path, run_id: int, out: str | Path) -> tuple[Path, Path]:
     """Write ``out`` (HTML) and its JSON twin beside it (``.json``); return both paths."""
     from advkit.evaluation import Store, read_report
@@ -129,6 +152,12 @@ def write_run_report(store: str | Path, run_id: int, out: str | Path) -> tuple[P
             "banner": None if report.finished else unfinished_message(report, holder)}
     out = Path(out)
     tables = [("Stages", stages), ("Checks", checks), ("Per class", per_class)]
+    certified = next((c for c in report.checks if c.name == "certification"
+                      and "radius" in c.details), None)
+    if certified is not None:
+        tables.append((f"Certified radius beside the smallest perturbation found "
+                       f"({certified.details['method']}, first {SANDWICH_ROWS} images)",
+                       sandwich_rows(certified.details, report.per_sample, names)))
     card_file = report.config.get("model", {}).get("card")
     if card_file and Path(card_file).is_file():
         from advkit.card import card_rows, read_card
