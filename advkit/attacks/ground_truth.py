@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -47,13 +45,10 @@ class GroundTruth(Attack):
 
     def __init__(self, threat: ThreatModel, *, cap: float = 1.0, delta: float = 1e-4,
                  time_limit: float = 120.0, seed: int | None = 0) -> None:
+        from advkit.verify.milp import check_ground_truth_options
+
         super().__init__(threat, seed=seed)
-        if not (cap > 0 and math.isfinite(cap)):
-            raise ValueError(f"cap must be a finite distance > 0 (got {cap})")
-        if not delta > 0:
-            raise ValueError(f"delta must be > 0 (got {delta})")
-        if not time_limit > 0:
-            raise ValueError(f"time_limit must be > 0 seconds (got {time_limit})")
+        check_ground_truth_options(cap, delta, time_limit)
         self.cap, self.delta, self.time_limit = float(cap), float(delta), float(time_limit)
 
     def _run(self, model: Oracle, x: Tensor, y: Tensor, targets: Tensor | None,

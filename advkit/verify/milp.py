@@ -563,6 +563,16 @@ def _adversarial(checker: nn.Module, candidate: Tensor, label: Tensor,
     return inside and distance <= threat.eps * (1 + 1e-6) + 1e-9 and pred != int(label)
 
 
+def check_ground_truth_options(cap: float, delta: float, time_limit: float) -> None:
+    """The Ground-Truth Attack's settings, checked (the attack class checks them when built)."""
+    if not (cap > 0 and math.isfinite(cap)):
+        raise ValueError(f"cap must be a finite distance > 0 (got {cap})")
+    if not delta > 0:
+        raise ValueError(f"delta must be > 0 (got {delta}): a tie is not a misclassification")
+    if not time_limit > 0:
+        raise ValueError(f"time_limit must be > 0 seconds (got {time_limit})")
+
+
 def ground_truth(model: nn.Module, x: Tensor, y: Tensor, norm: str = "linf", *,
                  cap: float = 1.0, upper: Tensor | None = None, delta: float = 1e-4,
                  time_limit: float = 120.0, bounds: tuple[float, float] = (0.0, 1.0),
@@ -593,12 +603,7 @@ def ground_truth(model: nn.Module, x: Tensor, y: Tensor, norm: str = "linf", *,
         progress: a progress bar over images.
     """
     norm = canonical_norm(norm)
-    if not (cap > 0 and math.isfinite(cap)):
-        raise ValueError(f"cap must be a finite distance > 0 (got {cap})")
-    if not delta > 0:
-        raise ValueError(f"delta must be > 0 (got {delta}): a tie is not a misclassification")
-    if not time_limit > 0:
-        raise ValueError(f"time_limit must be > 0 seconds (got {time_limit})")
+    check_ground_truth_options(cap, delta, time_limit)
     if upper is not None and (upper.shape != (len(x),) or (upper < 0).any()):
         raise ValueError(f"upper must hold one distance >= 0 per image (shape ({len(x)},))")
     from advkit.verify.certify import _check
