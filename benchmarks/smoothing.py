@@ -149,6 +149,9 @@ def section(args: argparse.Namespace, rows: list[dict], started: float, planned:
         "alpha = 0.001; computed from the per-image logs they released "
         "(github.com/jh-jeong/smoothing-consistency `data/certify/mnist/cohen/noise_*`, "
         "commit bc2b1a7; mean of 5 logs per sigma, spread <= 0.5 points)",
+        f"- cost of the rows as measured (kept with each certification, so a rerun that "
+        f"reuses them still shows it): training {sum(r['train_minutes'] for r in rows):.1f}"
+        f" min, certification {sum(r['seconds'] for r in rows) / 60:.1f} min",
         f"- with {args.limit} images one image is {100 / args.limit:.1f} points; the "
         "binomial standard error of a 90% accuracy is "
         f"{100 * (0.9 * 0.1 / args.limit) ** 0.5:.1f} points",
