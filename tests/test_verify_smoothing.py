@@ -360,3 +360,23 @@ def test_mnist_cnn_keeps_its_clean_predictions_under_smoothing(mnist_model, mnis
     decided = ~result.abstained
     assert decided.sum() >= 6
     assert (result.predictions[decided] == clean[decided]).float().mean() >= 0.8
+
+
+def test_certify_dispatches_smoothing_and_refuses_its_options_elsewhere():
+    """certify(method="smoothing") is certify_smoothing with the same seed; sigma is
+    required there and refused with the bound methods."""
+    from advkit.threat import ThreatModel
+    from advkit.verify import certify, certify_smoothing
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
+    x = torch.rand(4, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    y = model(x).argmax(1)
+    threat = ThreatModel("l2", 0.1)
+    via = certify(model, x, y, threat, "smoothing", sigma=0.25, n0=50, n=500, seed=3)
+    direct = certify_smoothing(model, x, y, threat, sigma=0.25, n0=50, n=500, seed=3)
+    assert torch.equal(via.radius, direct.radius) and torch.equal(via.verified, direct.verified)
+    with pytest.raises(ValueError, match="needs sigma"):
+        certify(model, x, y, threat, "smoothing")
+    with pytest.raises(ValueError, match="go with method='smoothing'"):
+        certify(model, x, y, threat, "crown", sigma=0.25)

@@ -148,7 +148,8 @@ def _check(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> None:
 def certify(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
             method: str = "crown", *, steps: int = 20, lr: float = 0.1,
             time_limit: float = 60.0, batch_size: int | None = None,
-            progress: bool = False) -> Certificate:
+            progress: bool = False, sigma: float | None = None,
+            **smoothing: object) -> Certificate:
     """Certify each image's label against every perturbation in ``threat``'s set.
 
     Args:
@@ -168,6 +169,11 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
             images CROWN leaves unverified).
         time_limit: MILP's solver seconds per image; where it runs out, the margin's
             bound is the solver's proven one and the image may stay unverified.
+        sigma, smoothing: with ``method="smoothing"`` (L2 only): the noise level and
+            :func:`advkit.verify.smoothing.certify_smoothing`'s options (``n0``, ``n``,
+            ``alpha``, ``batch_size``, ``seed``); the result is a
+            :class:`~advkit.verify.smoothing.SmoothingResult` about the *smoothed*
+            classifier (``verified``, ``verified_accuracy`` at ``threat.eps``).
         batch_size: images bounded at once (all by default); a smaller one saves memory.
         progress: a progress bar over batches.
 
@@ -181,8 +187,21 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
             bound propagation does not support (named with its position).
     """
     start = time.perf_counter()
+    if method == "smoothing":
+        # Randomised smoothing certifies another classifier (the smoothed one), by sampling:
+        # not a bound method, so not in METHODS (the sandwich check refuses it).
+        from advkit.verify.smoothing import certify_smoothing
+
+        if sigma is None:
+            raise ValueError("method='smoothing' needs sigma= (the noise the base model was "
+                             "trained with, e.g. 0.25)")
+        return certify_smoothing(model, x, y, threat, sigma=sigma, progress=progress,
+                                 **smoothing)
+    if sigma is not None or smoothing:
+        raise ValueError("sigma= and the sampling options go with method='smoothing'")
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+        raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}, "
+                         "smoothing")
     _check(model, x, y, threat)
     params = list(model.parameters())
     if params:
