@@ -46,6 +46,9 @@ CONFIGS = {
     "zoo": ("l2", float("inf"), {"max_queries": 40, "coordinates": 8}),
     "bandits": ("linf", 0.1, {"max_queries": 40}),
     "groundtruth": ("linf", float("inf"), {"cap": 0.1, "time_limit": 2}),
+    "transfer": ("linf", 0.1, {"surrogates": [toy_cnn(1), toy_cnn(2)], "steps": 3}),
+    "mea": ("linf", 0.1, {"surrogates": [toy_cnn(1), toy_cnn(2)], "steps": 3}),
+    "substitute": ("linf", 0.1, {"substitute": toy_cnn(3), "rounds": 2, "epochs": 1}),
 }
 
 

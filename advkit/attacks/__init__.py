@@ -29,6 +29,8 @@ from advkit.attacks.orthogonal_pgd import OrthogonalPGD
 from advkit.attacks.pgd import PGD
 from advkit.attacks.simba import SimBA
 from advkit.attacks.square import Square
+from advkit.attacks.substitute import Substitute
+from advkit.attacks.transfer import MEA, Ensemble, Transfer
 from advkit.attacks.universal import UniversalPerturbation
 from advkit.attacks.zoo import ZOO
 
@@ -38,7 +40,8 @@ REGISTRY: dict[str, type[Attack]] = {
                                       DeepFool, FAB, CarliniWagnerL2, CarliniWagnerLinf, EAD,
                                       JSMA, HotCold, FeatureAdversary, UniversalPerturbation,
                                       OrthogonalPGD, HopSkipJump, Boundary, GenAttack, OnePixel,
-                                      SimBA, NES, ZOO, Bandits, GroundTruth)
+                                      SimBA, NES, ZOO, Bandits, GroundTruth,
+                                      Transfer, MEA, Substitute)
 }
 
 
@@ -56,4 +59,5 @@ __all__ = ["Attack", "AttackResult", "Taxonomy", "REGISTRY", "get",
            "FeatureAdversary", "UniversalPerturbation", "DeepFool", "FAB",
            "CarliniWagnerL2", "CarliniWagnerLinf", "EAD", "OrthogonalPGD", "HopSkipJump",
            "Boundary", "GenAttack", "OnePixel",
-           "SimBA", "NES", "ZOO", "Bandits", "GroundTruth"]
+           "SimBA", "NES", "ZOO", "Bandits", "GroundTruth",
+           "Transfer", "MEA", "Substitute", "Ensemble"]
