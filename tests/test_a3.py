@@ -69,3 +69,23 @@ def test_the_polish_spends_squares_queries_on_the_share_closest_to_breaking_only
     assert torch.equal(polished.x_adv[extra == 0], plain.x_adv[extra == 0])
     with pytest.raises(ValueError, match="polish_share"):
         A3(threat, polish_share=0)
+
+
+def test_the_targeted_finish_only_adds_to_what_the_restarts_broke(batch):
+    """The targeted finish runs after the restarts (same seed, same restarts): it can only
+    break more images, each pass counted; its settings are checked."""
+    from toys import toy_cnn
+
+    x, y = batch
+    model = toy_cnn()
+    threat = ThreatModel("linf", 0.03)
+    plain = A3(threat, budget=20, keep_min=2, min_steps=2)(model, x, y)
+    finish = A3(threat, budget=20, keep_min=2, min_steps=2, targeted_share=1.0,
+                targeted_steps=20)(model, x, y)
+    assert (finish.success >= plain.success).all()
+    assert finish.backward_passes > plain.backward_passes
+    assert int(finish.queries.sum()) == finish.forward_passes + finish.backward_passes
+    with pytest.raises(ValueError, match="targeted_share"):
+        A3(threat, targeted_share=1.5)
+    with pytest.raises(ValueError, match="targeted_classes"):
+        A3(threat, targeted_classes=0)
