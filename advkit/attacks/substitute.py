@@ -99,6 +99,8 @@ class Substitute(Attack):
         epochs, batch_size, lr: the substitute's training per substitute epoch (Adam).
         attack: the attack crafted on the trained substitute (a configured attack or a
             registry name; default FGSM, the paper's), with ``attack_options``.
+        seed: seeds the substitute's initialisation (for a zoo name), its training and the
+            reservoir draws.
     """
 
     paper = "Papernot et al. 2017, Practical Black-Box Attacks against Machine Learning"
@@ -124,7 +126,10 @@ class Substitute(Attack):
         if isinstance(substitute, str):
             from advkit.models import zoo
 
-            substitute = zoo.create(substitute)
+            # Initialised from the attack's seed: the same configuration, the same substitute.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed if seed is not None else torch.seed())
+                substitute = zoo.create(substitute)
         if not isinstance(substitute, nn.Module):
             raise TypeError(f"substitute must be an nn.Module or a zoo name (got "
                             f"{type(substitute).__name__})")
