@@ -196,3 +196,38 @@ def test_the_matrix_diagonal_is_the_white_box_success():
         white = pgd(LINF)(model, x[correct], y[correct])
         assert matrix.rate("PGD", name, name) == pytest.approx(white.success_rate)
     assert set(matrix.rows()[0]) >= {"attack", "source", "a", "b", "c"}
+
+
+def test_the_transfer_command_writes_the_matrix_and_its_heat_map(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from advkit.cli import app
+    from advkit.models import zoo
+    from advkit.models.checkpoint import save
+
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        paths.append(str(save(zoo.create("mlp"), tmp_path / f"mlp{seed}.safetensors",
+                              architecture="mlp")))
+    html = tmp_path / "transfer.html"
+    result = CliRunner().invoke(app, ["transfer", "-m", paths[0], "-m", paths[1], "--attacks",
+                                      "fgsm", "--no-mea", "--limit", "40", "--device", "cpu",
+                                      "--json", "--html", str(html)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [(r["attack"], r["source"]) for r in report["rows"]] == [("FGSM", "mlp0"),
+                                                                    ("FGSM", "mlp1")]
+    page = html.read_text()
+    assert "Transferability heat map" in page and "<svg" in page
+
+
+def test_the_transfer_command_needs_two_models():
+    from typer.testing import CliRunner
+
+    from advkit.cli import app
+
+    result = CliRunner().invoke(app, ["transfer", "-m", "mlp"])
+    assert result.exit_code != 0 and "at least two models" in result.output

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advkit.attacks.base import Attack, Oracle, Taxonomy, require_at_least
-from advkit.attacks.transfer import Transfer, _white_box
+from advkit.attacks.transfer import Transfer, white_box_attack
 from advkit.threat import ThreatModel
 
 
@@ -144,7 +144,7 @@ class Substitute(Attack):
         self._seed_images = None if seed_images is None else seed_images.detach()
         self.rounds, self.lam, self.tau, self.sigma, self.kappa = rounds, lam, tau, sigma, kappa
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
-        self._attack = _white_box(attack, threat, attack_options)
+        self._attack = white_box_attack(attack, threat, attack_options)
 
     def config(self) -> dict:
         cfg = super().config()

@@ -97,7 +97,7 @@ class Ensemble(nn.Module):
         return torch.logsumexp(stacked + log_w.view(-1, 1, 1), dim=0)
 
 
-def _white_box(attack: Attack | str, threat: ThreatModel, options: dict) -> Attack:
+def white_box_attack(attack: Attack | str, threat: ThreatModel, options: dict) -> Attack:
     """The crafting attack: a configured one, or the registry's ``attack`` built on ``threat``
     with ``options`` (early exit off where the attack has it: stopping as soon as the
     surrogate is fooled leaves examples at its boundary, which transfer worst)."""
@@ -153,7 +153,7 @@ class Transfer(Attack):
             threat, attack = threat.threat, threat
         super().__init__(threat, seed=seed)
         self._surrogate = Ensemble(surrogates, weights, fuse)
-        self._attack = _white_box(attack, threat, attack_options)
+        self._attack = white_box_attack(attack, threat, attack_options)
         if self._attack.threat != threat:
             raise ValueError(f"the crafting attack's threat model ({self._attack.threat}) "
                              f"differs from the transfer attack's ({threat})")

@@ -1,8 +1,9 @@
 """The ``advkit`` command: a thin shell over the Python API, one command per job.
 
 Each job has its module (``attacks_list``, ``attack``, ``evaluate``, ``train``, ``defend``,
-``certify``, ``demo``, ``report``, ``runs``, ``universal``, ``serve``); ``_common`` holds what they
-share. This module only mounts them, in the order ``advkit --help`` lists them.
+``certify``, ``demo``, ``report``, ``runs``, ``universal``, ``transfer``, ``serve``);
+``_common`` holds what they share. This module only mounts them, in the order ``advkit
+--help`` lists them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from advkit.cli import (
     runs,
     serve,
     train,
+    transfer,
     universal,
 )
 from advkit.cli._common import console, guard
@@ -35,6 +37,7 @@ app.command("train")(train.train_cmd)
 app.command("defend")(defend.defend)
 app.command("certify")(certify.certify)
 app.command("demo")(demo.demo)
+app.command("transfer")(transfer.transfer)
 app.add_typer(universal.universal_app, name="universal")
 app.add_typer(runs.runs_app, name="runs")
 app.command("report")(report.report)

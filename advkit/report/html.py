@@ -113,7 +113,8 @@ def write_html_report(path: str | Path, *, title: str, summary: Sequence[Mapping
                       notes: Sequence[str] = (),
                       tables: Sequence[tuple[str, Sequence[Mapping[str, object]]]] = (),
                       banner: str | None = None,
-                      query_efficiency: QueryEfficiency | None = None) -> Path:
+                      query_efficiency: QueryEfficiency | None = None,
+                      figures: Sequence[tuple[str, str, str]] = ()) -> Path:
     """Write a self-contained HTML robustness report.
 
     Args:
@@ -138,6 +139,9 @@ def write_html_report(path: str | Path, *, title: str, summary: Sequence[Mapping
         query_efficiency: median norm (and robust accuracy) versus queries per image for
             query-based black-box attacks (:meth:`QueryEfficiency.from_results`), drawn
             after the eps plot; None leaves that section out.
+        figures: further plots after the tables, each ``(heading, svg, caption)`` with
+            ``svg`` inline SVG markup made by :mod:`advkit.report.images` (e.g.
+            :func:`~advkit.report.images.heatmap_svg`).
 
     Returns:
         ``Path(path)``.
@@ -154,6 +158,11 @@ def write_html_report(path: str | Path, *, title: str, summary: Sequence[Mapping
             raise ValueError(f"a table heading must be a non-empty string (got {heading!r})")
         keys, checked = _validate_summary(table_rows)
         sections.append((heading, *_table(keys, checked)))
+    for figure in figures:
+        if (len(figure) != 3 or not all(isinstance(part, str) for part in figure)
+                or not figure[1].lstrip().startswith("<svg")):
+            raise ValueError("a figure must be (heading, svg markup, caption), all strings, "
+                             "the svg from advkit.report.images")
     html = _template().render(
         title=fields["title"],
         banner=banner,
@@ -161,6 +170,7 @@ def write_html_report(path: str | Path, *, title: str, summary: Sequence[Mapping
         columns=columns,
         rows=rows,
         sections=sections,
+        figures=[(heading, Markup(svg), caption) for heading, svg, caption in figures],
         plot=Markup(curves_svg(fields["curves"])) if fields["curves"] else None,
         curve_names=list(fields["curves"]),
         queries_plot=(Markup(query_efficiency_svg(query_efficiency))
@@ -189,7 +199,8 @@ def write_json_report(path: str | Path, *, title: str, summary: Sequence[Mapping
                       notes: Sequence[str] = (),
                       tables: Sequence[tuple[str, Sequence[Mapping[str, object]]]] = (),
                       banner: str | None = None,
-                      query_efficiency: QueryEfficiency | None = None) -> Path:
+                      query_efficiency: QueryEfficiency | None = None,
+                      figures: Sequence[tuple[str, str, str]] = ()) -> Path:
     """Write the machine-readable twin of :func:`write_html_report`.
 
     Takes the same arguments and validates them the same way. The gallery is

@@ -154,6 +154,31 @@ def curves_svg(curves: Mapping[str, Sequence[tuple[float, float]]]) -> str:
     return _inline_svg(figure)
 
 
+def heatmap_svg(rows: Sequence[str], columns: Sequence[str], values: Sequence[Sequence[float]],
+                xlabel: str, ylabel: str) -> str:
+    """Draw a matrix of fractions in [0, 1] (NaN: not measured, left blank) as a heat map
+    with each cell's percentage written in it, as an inline ``<svg>`` (the transferability
+    matrix: source rows, target columns)."""
+    grid = np.array(values, dtype=float).reshape(len(rows), len(columns))
+    with matplotlib.rc_context(_STYLE):
+        figure = Figure(figsize=(1.3 * len(columns) + 3.0, 0.45 * len(rows) + 1.6),
+                        layout="constrained")
+        axes = figure.add_subplot()
+        image = axes.imshow(np.ma.masked_invalid(grid), cmap="viridis", vmin=0.0, vmax=1.0,
+                            aspect="auto")
+        for (i, j), value in np.ndenumerate(grid):
+            if not math.isnan(value):
+                # Dark cells get white text, light cells black: the number stays legible.
+                axes.text(j, i, f"{value:.0%}", ha="center", va="center",
+                          color="white" if value < 0.6 else "black")
+        axes.set_xticks(range(len(columns)), list(columns), rotation=20, ha="right")
+        axes.set_yticks(range(len(rows)), list(rows))
+        axes.set_xlabel(xlabel)
+        axes.set_ylabel(ylabel)
+        figure.colorbar(image, ax=axes, format=PercentFormatter(xmax=1.0, decimals=0))
+    return _inline_svg(figure)
+
+
 def query_efficiency_svg(efficiency: QueryEfficiency) -> str:
     """Draw median norm versus queries (log-x), one line per attack, and, when the data
     has it, robust accuracy at eps versus queries beside it, as an inline ``<svg>``.
