@@ -472,8 +472,8 @@ class InputSet:
 
 def _first_linear(net: Network, region: InputSet) -> tuple[int, Interval] | None:
     """For an L2 or L1 ball and a model that starts with per-channel scalings and
-    reshapes, then a Linear layer: that layer's exact bounds over the ball,
-    ``W' x + b' ± eps ||W'_i||_*`` (``W'`` the composed map), and its position."""
+    reshapes, then a Linear or Conv2d layer (L1: ungrouped): that layer's exact bounds over
+    the ball, ``W' x + b' ± eps ||W'_i||_*`` (``W'`` the composed map), and its position."""
     if region.norm == "linf":
         return None
     scale = torch.ones(net.shapes[0], dtype=region.center.dtype, device=region.center.device)
@@ -485,21 +485,42 @@ def _first_linear(net: Network, region: InputSet) -> tuple[int, Interval] | None
         elif isinstance(op, _Linear):
             weight = op.weight * scale.flatten()
             dual = weight.norm(dim=1) if region.norm == "l2" else weight.abs().amax(dim=1)
-            center = region.center
-            for before in net.ops[:i + 1]:
-                center = before.forward(center)
-            return i + 1, (center - region.eps * dual, center + region.eps * dual)
+            return i + 1, _around_center(net, region, i, dual)
+        elif isinstance(op, _Conv) and (region.norm == "l2" or op.groups == 1):
+            # Each output's row of the convolution is its kernel times the scalings over
+            # its receptive field (zero where the padding is): the dual norm of that row.
+            s = scale.expand(op.in_shape).unsqueeze(0)
+            if region.norm == "l2":
+                dual = op._conv(s * s, op.weight * op.weight, None).clamp_min(0).sqrt()[0]
+            else:
+                patches = F.unfold(s, op.weight.shape[-2:], op.dilation, op.padding,
+                                   op.stride)[0]                      # (C*k*k, L)
+                dual = (op.weight.abs().flatten(1)[:, :, None] * patches[None]).amax(1)
+                dual = dual.view(op.out_shape)
+            return i + 1, _around_center(net, region, i, dual)
         else:
             return None
     return None
+
+
+def _around_center(net: Network, region: InputSet, i: int, dual: Tensor) -> Interval:
+    """``f(center) ± eps * dual`` for the affine chain ``ops[:i + 1]`` (``eps`` one per
+    sample or one for all)."""
+    center = region.center
+    for before in net.ops[:i + 1]:
+        center = before.forward(center)
+    eps = region.eps
+    if isinstance(eps, Tensor):
+        eps = eps.reshape(-1, *([1] * (center.dim() - 1)))
+    return center - eps * dual, center + eps * dual
 
 
 def interval_bounds(net: Network, region: InputSet) -> list[Interval]:
     """IBP: an interval at every position (``len(net.ops) + 1`` of them).
 
     It starts from the box containing the input set. For an L2 or L1 ball, the first
-    Linear layer (after Normalize/Flatten only) is bounded exactly over the ball instead
-    where that is tighter (as auto_LiRPA's IBP does); a first Conv2d is not.
+    Linear or Conv2d layer (after Normalize/Flatten only; for L1 an ungrouped Conv2d) is
+    bounded exactly over the ball instead where that is tighter (as auto_LiRPA's IBP does).
     """
     first = _first_linear(net, region)
     bounds = [(region.lower, region.upper)]
