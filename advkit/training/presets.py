@@ -49,7 +49,8 @@ class Preset:
 
 
 #: Certified training (IBP, CROWN-IBP) on a 2-core CPU: the papers' MNIST schedule shrunk
-#: from 100-200 GPU epochs to 15 (about 30 minutes each on one thread): clean warm-up for
+#: from 100-200 GPU epochs to 15 (on one idle thread, from step timings: about 15 minutes
+#: for ibp, 45 for crown_ibp, whose CROWN pass runs while beta > 0): clean warm-up for
 #: 1 epoch, eps (and kappa, and CROWN-IBP's beta) ramped over the next 6, the learning rate
 #: divided by 10 at 50% and 75% (Gowal et al. decay it soon after the ramp too). The
 #: recipes' own defaults keep the papers' kappa: 0.5 for IBP, 0 for CROWN-IBP.
