@@ -1,7 +1,9 @@
 """Attacks: configured objects called as ``attack(model, x, y, targets=None)``.
 
 Every attack returns an :class:`AttackResult` whose ``success`` comes from a fresh
-forward pass. ``REGISTRY`` maps each attack's name to its class.
+forward pass. ``REGISTRY`` maps each attack's name to its class. :class:`CPPNFooling`
+(fooling images evolved from nothing, one per class) is exported but not registered: it
+takes no images and succeeds per class, not per sample.
 """
 
 from advkit.attacks.a3 import A3
@@ -11,6 +13,7 @@ from advkit.attacks.base import Attack, AttackResult, Taxonomy
 from advkit.attacks.bim import BIM, ILLC
 from advkit.attacks.boundary import Boundary
 from advkit.attacks.carlini_wagner import CarliniWagnerL2, CarliniWagnerLinf
+from advkit.attacks.cppn import CPPNFooling, FoolingResult
 from advkit.attacks.deepfool import DeepFool
 from advkit.attacks.ead import EAD
 from advkit.attacks.fab import FAB
@@ -60,4 +63,4 @@ __all__ = ["Attack", "AttackResult", "Taxonomy", "REGISTRY", "get",
            "CarliniWagnerL2", "CarliniWagnerLinf", "EAD", "OrthogonalPGD", "HopSkipJump",
            "Boundary", "GenAttack", "OnePixel",
            "SimBA", "NES", "ZOO", "Bandits", "GroundTruth",
-           "Transfer", "MEA", "Substitute", "Ensemble"]
+           "Transfer", "MEA", "Substitute", "Ensemble", "CPPNFooling", "FoolingResult"]
