@@ -160,5 +160,7 @@ def test_bad_input_is_refused():
         CPPNFooling().evolve(model, SHAPE, classes=[3, 3])
     with pytest.raises(ValueError, match="non-empty list of class indices"):
         CPPNFooling().evolve(model, SHAPE, classes=[])
+    with pytest.raises(ValueError, match="without top_k"):
+        CPPNFooling().evolve(scores_only(toy_cnn(), top_k=3), SHAPE)
     with pytest.raises(AccessError, match="scores"):
         CPPNFooling().evolve(labels_only(toy_cnn()), SHAPE)

@@ -326,6 +326,12 @@ class CPPNFooling:
         if access.level not in (SCORES, "gradients"):
             raise AccessError("CPPNFooling needs the model's scores (advkit.models."
                               f"scores_only(model)); it was given {access.level} access")
+        if access.top_k is not None:
+            # The softmax over the k shown scores alone would overstate the confidence (with
+            # k = 1 every image would be 100% confident): the target needs every score.
+            raise ValueError(f"CPPNFooling needs every score to compute confidences; it was "
+                             f"given the top {access.top_k} only: use scores_only(model) "
+                             "without top_k")
         rng = random.Random(self.seed)
         gen = torch.Generator().manual_seed(self.seed)
         start = time.perf_counter()
