@@ -49,6 +49,7 @@ CONFIGS = {
     "transfer": ("linf", 0.1, {"surrogates": [toy_cnn(1), toy_cnn(2)], "steps": 3}),
     "mea": ("linf", 0.1, {"surrogates": [toy_cnn(1), toy_cnn(2)], "steps": 3}),
     "substitute": ("linf", 0.1, {"substitute": toy_cnn(3), "rounds": 2, "epochs": 1}),
+    "eot": ("linf", 0.1, {"steps": 2, "samples": 2, "eval_transforms": 3}),
 }
 
 

@@ -16,6 +16,7 @@ from advkit.attacks.carlini_wagner import CarliniWagnerL2, CarliniWagnerLinf
 from advkit.attacks.cppn import CPPNFooling, FoolingResult
 from advkit.attacks.deepfool import DeepFool
 from advkit.attacks.ead import EAD
+from advkit.attacks.eot import EOT
 from advkit.attacks.fab import FAB
 from advkit.attacks.feature_adversary import FeatureAdversary
 from advkit.attacks.fgsm import FGSM
@@ -44,7 +45,7 @@ REGISTRY: dict[str, type[Attack]] = {
                                       JSMA, HotCold, FeatureAdversary, UniversalPerturbation,
                                       OrthogonalPGD, HopSkipJump, Boundary, GenAttack, OnePixel,
                                       SimBA, NES, ZOO, Bandits, GroundTruth,
-                                      Transfer, MEA, Substitute)
+                                      Transfer, MEA, Substitute, EOT)
 }
 
 
