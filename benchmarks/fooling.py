@@ -3,7 +3,8 @@ every class has an evolved image the model labels with >= 99% confidence.
 
     python benchmarks/fooling.py                       # both encodings, seed 0 (~15 s)
     python benchmarks/fooling.py --seeds 0 1 2 --json  # several seeds, machine-readable
-    python benchmarks/fooling.py --save fooling.npz    # the images, to look at
+    python benchmarks/fooling.py --save fooling.npz    # the images, as arrays
+    python benchmarks/fooling.py --png fooling.png     # the images: one row per run
 
 The model is the cached MNIST test CNN (~/.cache/advkit/test-models/
 small_cnn-mnist.safetensors) unless --model names another (any advkit.models.load spec).
@@ -62,12 +63,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="per run (default 120)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--save", help="write the images and confidences to this .npz")
+    parser.add_argument("--png", help="write the images, one row per run, to this .png")
     args = parser.parse_args(argv)
 
     model = advkit.models.load(args.model)
     digits, digit_labels = advkit.data.load("mnist", "test")
     spread = real_digit_spread(digits)
-    rows, saved = [], {}
+    rows, saved, grids = [], {}, []
     for encoding in args.encodings:
         for seed in args.seeds:
             run = CPPNFooling(encoding, generations=args.generations,
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             near, near_label = nearest_digits(result.images, digits, digit_labels)
             rows[-1]["nearest_digit_distance"] = [round(v, 3) for v in near.tolist()]
             rows[-1]["nearest_digit_label"] = near_label.tolist()
+            grids.append(result.grid(gap=2))
             saved[f"{encoding}_{seed}_images"] = result.images.numpy()
             saved[f"{encoding}_{seed}_confidences"] = result.confidences.numpy()
     machine = {"python": sys.version.split()[0], "torch": torch.__version__,
@@ -95,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.save:
         import numpy as np
         np.savez_compressed(args.save, **saved)
+    if args.png:
+        from PIL import Image
+        sheet = torch.cat([torch.cat([g, torch.full((1, 2, g.shape[2]), 0.5)], dim=1)
+                           for g in grids], dim=1)[0]
+        Image.fromarray((sheet * 255).round().byte().numpy()).save(args.png)
     if args.json:
         print(json.dumps({"model": args.model, "machine": machine,
                           "real_digit_nearest_median": round(spread, 3), "runs": rows},

@@ -164,3 +164,15 @@ def test_bad_input_is_refused():
         CPPNFooling().evolve(scores_only(toy_cnn(), top_k=3), SHAPE)
     with pytest.raises(AccessError, match="scores"):
         CPPNFooling().evolve(labels_only(toy_cnn()), SHAPE)
+
+
+def test_the_grid_tiles_the_images_in_class_order():
+    result = CPPNFooling("direct", generations=2, population=5).evolve(
+        scores_only(toy_cnn()), SHAPE, classes=[0, 1, 2])
+    grid = result.grid(columns=2, gap=1)
+    assert grid.shape == (1, 17, 17)
+    assert torch.equal(grid[:, 9:17, 0:8], result.images[2])
+    assert (grid[:, 9:, 9:] == 0.5).all()  # the empty cell
+    assert result.grid().shape == (1, 8, 26)
+    with pytest.raises(ValueError, match="columns must be"):
+        result.grid(columns=0)

@@ -198,6 +198,25 @@ class FoolingResult:
     def __len__(self) -> int:
         return self.classes.shape[0]
 
+    def grid(self, columns: int | None = None, gap: int = 1) -> Tensor:
+        """The images tiled in class order, ``columns`` per row (None: all in one row),
+        ``gap`` pixels of mid-grey between them: (C, H', W') in [0, 1], to save or show."""
+        if columns is not None and (isinstance(columns, bool) or not isinstance(columns, int)
+                                    or columns < 1):
+            raise ValueError(f"columns must be an integer >= 1, or None for one row "
+                             f"(got {columns!r})")
+        if isinstance(gap, bool) or not isinstance(gap, int) or gap < 0:
+            raise ValueError(f"gap must be an integer >= 0 (got {gap!r})")
+        k, c, h, w = self.images.shape
+        columns = min(columns or k, k)
+        rows = math.ceil(k / columns)
+        out = torch.full((c, rows * (h + gap) - gap, columns * (w + gap) - gap), 0.5)
+        for i in range(k):
+            r, col = divmod(i, columns)
+            out[:, r * (h + gap):r * (h + gap) + h, col * (w + gap):col * (w + gap) + w] = \
+                self.images[i]
+        return out
+
 
 class CPPNFooling:
     """Evolve fooling images: unrecognisable images the model labels with high confidence.
