@@ -176,3 +176,24 @@ def test_the_grid_tiles_the_images_in_class_order():
     assert result.grid().shape == (1, 8, 26)
     with pytest.raises(ValueError, match="columns must be"):
         result.grid(columns=0)
+
+
+@pytest.mark.parametrize("encoding", ["cppn", "direct"])
+def test_colour_images_evolve_with_one_cppn_output_per_channel(encoding):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5)).eval()
+    result = CPPNFooling(encoding, generations=5, population=8).evolve(
+        scores_only(model), (3, 8, 8))
+    assert result.images.shape == (5, 3, 8, 8) and len(result) == 5
+    if encoding == "cppn":
+        assert torch.equal(result.genomes[0].render(8, 8), result.images[0])
+
+
+class NaNModel(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0], 10), float("nan"))
+
+
+def test_nan_scores_are_refused():
+    with pytest.raises(ValueError, match="NaN scores"):
+        CPPNFooling(generations=2, population=3).evolve(scores_only(NaNModel().eval()), SHAPE)

@@ -373,6 +373,11 @@ class CPPNFooling:
                 rows = torch.zeros(x.shape[0], dtype=torch.long, device=device)
                 probs = oracle.logits(x, rows=rows, batch_size=self.batch_size).float() \
                     .softmax(dim=1).cpu()
+                if torch.isnan(probs).any():
+                    # A NaN would never beat an elite and would silently leave cells empty.
+                    raise ValueError("the model returned NaN scores for an evolved image; "
+                                     "check that it accepts images of shape "
+                                     f"{shape} in [0, 1]")
                 if wanted is None:
                     wanted = self._classes(classes, probs.shape[1])
                     k = wanted.shape[0]
