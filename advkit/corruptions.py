@@ -265,8 +265,10 @@ SEVERITIES: dict[str, tuple] = {
     "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),
     "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),
     "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),
-    "elastic_transform": ((0.04, 0.10), (0.07, 0.10), (0.10, 0.10), (0.13, 0.10),
-                          (0.16, 0.10)),
+    # A displacement field of 0.3 to 1.7 pixels (standard deviation) on 28 pixels, smooth
+    # over 2.8 pixels: at severity 5 the test CNN keeps ~80%, as under a 30-degree rotation.
+    "elastic_transform": ((0.01, 0.10), (0.02, 0.10), (0.03, 0.10), (0.045, 0.10),
+                          (0.06, 0.10)),
     "rotate": (6, 12, 18, 24, 30),
     "shear": (0.1, 0.2, 0.3, 0.4, 0.5),
     "scale": (0.9, 0.8, 0.7, 0.6, 0.5),
