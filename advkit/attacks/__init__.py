@@ -30,6 +30,7 @@ from advkit.attacks.mifgsm import MIFGSM
 from advkit.attacks.nes import NES
 from advkit.attacks.one_pixel import OnePixel
 from advkit.attacks.orthogonal_pgd import OrthogonalPGD
+from advkit.attacks.patch import AdversarialPatch, PatchResult
 from advkit.attacks.pgd import PGD
 from advkit.attacks.simba import SimBA
 from advkit.attacks.square import Square
@@ -64,4 +65,5 @@ __all__ = ["Attack", "AttackResult", "Taxonomy", "REGISTRY", "get",
            "CarliniWagnerL2", "CarliniWagnerLinf", "EAD", "OrthogonalPGD", "HopSkipJump",
            "Boundary", "GenAttack", "OnePixel",
            "SimBA", "NES", "ZOO", "Bandits", "GroundTruth",
-           "Transfer", "MEA", "Substitute", "Ensemble", "CPPNFooling", "FoolingResult"]
+           "Transfer", "MEA", "Substitute", "Ensemble", "CPPNFooling", "FoolingResult",
+           "EOT", "AdversarialPatch", "PatchResult"]
