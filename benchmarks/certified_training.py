@@ -21,8 +21,6 @@ The section ``Certified training`` of RESULTS.md is rewritten after every model.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import platform
 import shlex
@@ -35,9 +33,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attacks import _device_name, _source_state  # noqa: E402
 from evaluate import markers, write_section  # noqa: E402
+from kept import keep, now, reuse  # noqa: E402
 
 import advkit  # noqa: E402
-from advkit._files import atomic_write  # noqa: E402
 from advkit.attacks import PGD  # noqa: E402
 from advkit.models import read_metadata  # noqa: E402
 from advkit.threat import ThreatModel  # noqa: E402
@@ -69,14 +67,8 @@ def measure(args: argparse.Namespace, preset_name: str, defense: str) -> dict:
     key = {"fingerprint": metadata.get("fingerprint"), "limit": args.limit,
            "crown_limit": args.crown_limit, "norm": preset.norm, "eps": preset.eps}
     cache = run_dir / "certified.json"
-    if cache.is_file():
-        try:
-            saved = json.loads(cache.read_text())
-        except (OSError, ValueError):
-            saved = {}
-        if saved.get("key") == key and isinstance(saved.get("row"), dict):
-            log(f"reusing the measurement of {saved['row'].get('measured')} ({cache})")
-            return saved["row"] | {"reused": True}
+    if (kept_row := reuse(cache, key, log)) is not None:
+        return kept_row
     model = result.model
     x, y = advkit.data.load(preset.dataset, split="test", limit=args.limit)
     threat = ThreatModel(preset.norm, preset.eps)
@@ -104,14 +96,10 @@ def measure(args: argparse.Namespace, preset_name: str, defense: str) -> dict:
         "ibp_on_crown": ibp_on_crown, "crown_seconds": crown.seconds,
         "pgd_seconds": pgd_seconds,
         "held_out_ibp": [round(h.get("ibp_verified", float("nan")), 3) for h in history],
-        "measured": f"{_now()}, source {args.source}",
+        "measured": f"{now()}, source {args.source}",
     }
-    atomic_write(cache, json.dumps({"key": key, "row": row}, indent=1))
-    return row | {"reused": False}
+    return keep(cache, key, row)
 
-
-def _now() -> str:
-    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 def section(args: argparse.Namespace, rows: list[dict], started: float, planned: int) -> str:
@@ -123,7 +111,7 @@ def section(args: argparse.Namespace, rows: list[dict], started: float, planned:
         "## Certified training: IBP and CROWN-IBP on MNIST, verified accuracy",
         "",
         f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
-        f"- date: {_now()}",
+        f"- date: {now()}",
         f"- device: {_device_name(torch.device('cpu'))}; torch threads {torch.get_num_threads()}",
         f"- python {platform.python_version()}, torch {torch.__version__}, advkit "
         f"{advkit.__version__}, source {args.source}",

@@ -20,8 +20,6 @@ section ``Defenses, PRESET`` of RESULTS.md is rewritten with the table.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import platform
 import shlex
@@ -34,9 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attacks import _device_name, _source_state  # noqa: E402
 from evaluate import markers, write_section  # noqa: E402
+from kept import keep, now, reuse  # noqa: E402
 
 import advkit  # noqa: E402
-from advkit._files import atomic_write  # noqa: E402
 from advkit.models import read_metadata  # noqa: E402
 from advkit.threat import ThreatModel  # noqa: E402
 from advkit.training import PRESETS, get_preset, resolve, train_defense  # noqa: E402
@@ -61,14 +59,8 @@ def measure(args: argparse.Namespace, defense: str, lipschitz: bool) -> dict:
            "limit": args.limit, "check_samples": args.check_samples, "norm": preset.norm,
            "eps": preset.eps}
     cache = run_dir / "evaluation.json"
-    if cache.is_file():
-        try:
-            saved = json.loads(cache.read_text())
-        except (OSError, ValueError):
-            saved = {}
-        if saved.get("key") == key and isinstance(saved.get("row"), dict):
-            log(f"reusing the evaluation of {saved['row'].get('measured')} ({cache})")
-            return saved["row"] | {"reused": True}
+    if (kept_row := reuse(cache, key, log)) is not None:
+        return kept_row
     x, y = advkit.data.load(preset.dataset, split="test", limit=args.limit)
     threat = ThreatModel(preset.norm, preset.eps)
     t0 = time.perf_counter()
@@ -85,14 +77,10 @@ def measure(args: argparse.Namespace, defense: str, lipschitz: bool) -> dict:
         "eval_threads": torch.get_num_threads(),
         "checks": "all pass" if not failed else "FAIL " + ", ".join(failed) + " (unreliable)",
         "stopped": metadata.get("stopped", ""),
-        "measured": f"{_now()}, source {args.source}",
+        "measured": f"{now()}, source {args.source}",
     }
-    atomic_write(cache, json.dumps({"key": key, "row": row}, indent=1))
-    return row | {"reused": False}
+    return keep(cache, key, row)
 
-
-def _now() -> str:
-    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 def section(args: argparse.Namespace, rows: list[dict], started: float, planned: int) -> str:
@@ -104,7 +92,7 @@ def section(args: argparse.Namespace, rows: list[dict], started: float, planned:
         f"## Defenses, {preset.description}: `{args.suite}` suite on {args.limit} test images",
         "",
         f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
-        f"- date: {_now()}",
+        f"- date: {now()}",
         f"- device: {_device_name(torch.device('cpu'))}; evaluation torch threads "
         f"{torch.get_num_threads()}",
         f"- data: {preset.dataset} test[:{args.limit}]" + (

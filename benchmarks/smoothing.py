@@ -31,7 +31,6 @@ The section ``Randomised smoothing, MNIST`` of RESULTS.md is rewritten.
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
 import json
 import os
@@ -47,9 +46,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attacks import _device_name, _source_state  # noqa: E402
 from evaluate import markers, write_section  # noqa: E402
+from kept import keep, now, reuse  # noqa: E402
 
 import advkit  # noqa: E402
-from advkit._files import atomic_write  # noqa: E402
 from advkit.models import read_metadata  # noqa: E402
 from advkit.training import resolve, train_defense  # noqa: E402
 from advkit.verify import SmoothedClassifier, certified_accuracy, max_radius  # noqa: E402
@@ -78,14 +77,8 @@ def measure(args: argparse.Namespace, sigma: float) -> dict:
            "n0": args.n0, "n": args.n, "alpha": args.alpha, "seed": args.seed}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     cache = run_dir / f"smoothing-{digest}.json"
-    if cache.is_file():
-        try:
-            saved = json.loads(cache.read_text())
-        except (OSError, ValueError):
-            saved = {}
-        if saved.get("key") == key and isinstance(saved.get("row"), dict):
-            log(f"reusing the certification of {saved['row'].get('measured')} ({cache})")
-            return saved["row"] | {"reused": True}
+    if (kept_row := reuse(cache, key, log)) is not None:
+        return kept_row
     x, y = advkit.data.load("mnist", split="test", limit=args.limit)
     log(f"certifying {len(x)} images, N0={args.n0}, N={args.n}, alpha={args.alpha}")
     result = SmoothedClassifier(trained.model, sigma).certify(
@@ -102,16 +95,12 @@ def measure(args: argparse.Namespace, sigma: float) -> dict:
         "per_image": result.seconds / len(x), "images": len(x),
         "radius": [round(float(r), 4) for r in result.radius],
         "correct": [bool(c) for c in result.correct],
-        "measured": f"{_now()}, source {args.source}",
+        "measured": f"{now()}, source {args.source}",
     }
-    atomic_write(cache, json.dumps({"key": key, "row": row}, indent=1))
     log("certified accuracy " + ", ".join(f"{r:g}: {v:.1f}%" for r, v in zip(RADII, row["curve"],
                                                                             strict=True)))
-    return row | {"reused": False}
+    return keep(cache, key, row)
 
-
-def _now() -> str:
-    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 def section(args: argparse.Namespace, rows: list[dict], started: float, planned: int) -> str:
@@ -123,7 +112,7 @@ def section(args: argparse.Namespace, rows: list[dict], started: float, planned:
         f"## Randomised smoothing, MNIST: certified L2 accuracy on {args.limit} test images",
         "",
         f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
-        f"- date: {_now()}",
+        f"- date: {now()}",
         f"- device: {_device_name(torch.device('cpu'))}; torch threads "
         f"{torch.get_num_threads()}",
         f"- python {platform.python_version()}, torch {torch.__version__}, scipy "
