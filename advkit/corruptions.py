@@ -1,14 +1,26 @@
 """Common corruptions at five severities, and the corruption robustness table.
 
 Follows Hendrycks & Dietterich, "Benchmarking Neural Network Robustness to Common
-Corruptions and Perturbations", ICLR 2019 (https://arxiv.org/abs/1903.12261): the
-severity constants of the noise, blur, contrast, brightness and pixelate corruptions are
-those of its CIFAR-10-C (its images are 32x32, the closest to MNIST's 28x28), and the
-table's mean corruption error (mCE) is its definition. The elastic transform and the
-affine corruptions (rotate, shear, scale, translate: the geometric corruptions MNIST-C
-adds, Mu & Gilmer 2019, https://arxiv.org/abs/1906.02337, at one severity there) have
-advkit's own five-level constants, stated in :data:`SEVERITIES` and relative to the
-image size so they mean the same on 28 and 32 pixels.
+Corruptions and Perturbations", ICLR 2019 (https://arxiv.org/abs/1903.12261), checked
+line by line against its code, github.com/hendrycks/robustness at 8190fe32 (the files
+below last changed in ca360085, 2019-01-08), and MNIST-C (Mu & Gilmer 2019,
+https://arxiv.org/abs/1906.02337), github.com/google-research/mnist-c at bba57e4c
+(corruptions.py from aa075693, 2019-05-29). Three sets of severity constants
+(``benchmark=``):
+
+- ``"cifar10-c"`` (the default, :data:`SEVERITIES`): ImageNet-C/create_c/make_cifar_c.py
+  for the noises, blurs, contrast, brightness, pixelate and elastic (32-pixel images, the
+  closest to MNIST's 28);
+- ``"imagenet-c"``: make_imagenet_c.py's for the corruptions whose parameter is a pixel
+  value (the noises, contrast, brightness: :data:`IMAGENET_C`), CIFAR-10-C's for the rest;
+- ``"mnist-c"`` (:data:`MNIST_C`): MNIST-C's corruptions.py for every corruption here.
+
+Rotate, shear, scale and translate are MNIST-C's in all three (the others have none).
+The formulas are the sources': skimage's Gaussian (edge pixels repeated), the OpenCV disk
+of defocus blur, per-channel contrast, HSV brightness, PIL's BOX resize for pixelate,
+skimage's affine warps about the centre (MNIST-C), the affine-plus-displacement elastic
+transform. Where this module departs from them it says so at the function (8-bit
+rounding, elastic's reflected border).
 
 Pure torch, batched over (N, C, H, W) images in [0, 1], seeded by a
 ``torch.Generator`` (the same seed gives the same corrupted images, so two models are
@@ -70,30 +82,60 @@ def check_name(name: str) -> str:
     return name
 
 
-# -- building blocks (each takes its raw parameter; 0 or 1 is the identity where one exists)
+# -- building blocks (each takes its raw parameter, in the source's units; 0 or 1 is the
+#    identity where one exists)
 
 
-def _filter(x: Tensor, kernel: Tensor) -> Tensor:
-    """Convolve every channel with the 2-D ``kernel`` (odd size), reflecting at the borders
-    as scipy / OpenCV do, so that the borders do not darken."""
-    k = kernel.shape[-1]
+def _pad_index(n: int, pad: int, mode: str, device: torch.device) -> Tensor:
+    """The indices of an axis of ``n`` pixels extended by ``pad`` on both sides, in
+    scipy.ndimage's modes: "nearest" repeats the edge pixel (skimage's ``gaussian``
+    default), "reflect" mirrors about the edge (d c b a | a b c d), "mirror" about the
+    edge pixel's centre (d c b | a b c d: OpenCV's BORDER_REFLECT_101, filter2D's
+    default). Any ``pad``, even wider than the axis (reflected periodically, as scipy)."""
+    i = torch.arange(-pad, n + pad, device=device)
+    if mode == "nearest" or n == 1:
+        return i.clamp(0, n - 1)
+    period = 2 * n if mode == "reflect" else 2 * n - 2
+    j = i.remainder(period)
+    return torch.where(j >= n, period - (mode == "reflect") - j, j)
+
+
+def _correlate1d(x: Tensor, weights: Tensor, dim: int, mode: str) -> Tensor:
+    """Correlate every channel of (N, C, H, W) ``x`` along ``dim`` (-2 rows, -1 columns)
+    with the odd-length ``weights``, the borders extended by ``mode`` (:func:`_pad_index`)."""
+    r = (weights.numel() - 1) // 2
+    xp = x.index_select(dim, _pad_index(x.shape[dim], r, mode, x.device))
+    shape = (1, 1, 1, -1) if dim == -1 else (1, 1, -1, 1)
     c = x.shape[1]
-    pad = k // 2
-    # Reflection needs the padding smaller than the image; a kernel wider than the image
-    # falls back to replicating the edge.
-    mode = "reflect" if pad < min(x.shape[-2:]) else "replicate"
-    xp = F.pad(x, (pad, pad, pad, pad), mode=mode)
-    weight = kernel.to(x).expand(c, 1, k, k)
-    return F.conv2d(xp, weight, groups=c)
+    kernel = weights.to(x).view(shape).expand(c, 1, *weights.view(shape).shape[2:])
+    return F.conv2d(xp, kernel, groups=c)
 
 
-def _gaussian_kernel(sigma: float, radius: int | None = None) -> Tensor:
-    if radius is None:
-        radius = max(1, math.ceil(4 * sigma))  # scipy / skimage truncate at 4 sigma
+def _correlate2d(x: Tensor, kernel: Tensor, mode: str) -> Tensor:
+    """Correlate every channel with the odd-sized 2-D ``kernel``, borders by ``mode``."""
+    r = (kernel.shape[-1] - 1) // 2
+    h, w = x.shape[-2:]
+    xp = x.index_select(-2, _pad_index(h, r, mode, x.device))
+    xp = xp.index_select(-1, _pad_index(w, r, mode, x.device))
+    c = x.shape[1]
+    return F.conv2d(xp, kernel.to(x).expand(c, 1, *kernel.shape), groups=c)
+
+
+def _gaussian_weights(sigma: float, truncate: float) -> Tensor:
+    """scipy.ndimage's 1-D Gaussian: radius int(truncate * sigma + 0.5), normalised."""
+    radius = int(truncate * sigma + 0.5)
     t = torch.arange(-radius, radius + 1, dtype=torch.float64)
     g = torch.exp(-0.5 * (t / sigma) ** 2)
-    g = g / g.sum()
-    return (g[:, None] * g[None, :]).float()
+    return g / g.sum()
+
+
+def _smooth(x: Tensor, sigma: float, mode: str, truncate: float) -> Tensor:
+    """skimage.filters.gaussian: separable, rows then columns; sigma 0 is the identity (as
+    scipy skips an axis of sigma ~0)."""
+    if sigma <= 1e-15:
+        return x.clone()
+    g = _gaussian_weights(sigma, truncate)
+    return _correlate1d(_correlate1d(x, g, -2, mode), g, -1, mode)
 
 
 def gaussian_noise(x: Tensor, sigma: float, generator: torch.Generator | None = None) -> Tensor:
@@ -122,29 +164,41 @@ def speckle_noise(x: Tensor, sigma: float, generator: torch.Generator | None = N
 
 
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    if sigma <= 0:
-        return x.clone()
-    return _filter(x, _gaussian_kernel(sigma)).clamp(0, 1)
+    """The source's ``skimage.filters.gaussian(x, sigma)``: a Gaussian of ``sigma`` pixels
+    truncated at 4 sigma, the borders extended by repeating the edge pixel (its default
+    mode "nearest")."""
+    return _smooth(x, sigma, "nearest", 4.0).clamp(0, 1)
+
+
+def _gaussian_kernel_cv2(ksize: int, sigma: float) -> Tensor:
+    # cv2.getGaussianKernel for sigma > 0: exp(-(i - (ksize - 1) / 2)^2 / (2 sigma^2)),
+    # summing to 1.
+    t = torch.arange(ksize, dtype=torch.float64) - (ksize - 1) / 2
+    g = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    return g / g.sum()
 
 
 def defocus_blur(x: Tensor, radius: float, alias_sigma: float) -> Tensor:
-    """A disk kernel of ``radius`` pixels, its aliasing smoothed by a 3x3 Gaussian of
-    ``alias_sigma`` (the paper's construction, as OpenCV's filter2D would apply it)."""
-    r = max(1, math.ceil(radius))
-    t = torch.arange(-r, r + 1, dtype=torch.float64)
+    """The source's ``disk(radius, alias_blur)`` kernel applied by OpenCV's filter2D: a
+    disk of ``radius`` pixels (normalised) on a 17x17 grid (2 radius + 1 above radius 8),
+    its aliasing smoothed by cv2.GaussianBlur (3x3, 5x5 above radius 8) of ``alias_sigma``,
+    then correlated with every channel, the borders mirrored (BORDER_REFLECT_101).
+    ``alias_sigma`` 0 skips the smoothing."""
+    half = 8 if radius <= 8 else radius
+    t = torch.arange(-half, half + 1, dtype=torch.float64)
     disk = ((t[:, None] ** 2 + t[None, :] ** 2) <= radius ** 2).double()
-    disk = disk / disk.sum()
+    disk = (disk / disk.sum())[None, None]
     if alias_sigma > 0:
-        # Pad so the 3x3 smoothing of the disk keeps its whole mass.
-        smooth = _gaussian_kernel(alias_sigma, radius=1).double()
-        disk = F.conv2d(F.pad(disk[None, None], (1, 1, 1, 1)), smooth[None, None])[0, 0]
-        disk = disk / disk.sum()
-    return _filter(x, disk.float()).clamp(0, 1)
+        g = _gaussian_kernel_cv2(3 if radius <= 8 else 5, alias_sigma)
+        disk = _correlate1d(_correlate1d(disk, g, -2, "mirror"), g, -1, "mirror")
+    return _correlate2d(x, disk[0, 0].float(), "mirror").clamp(0, 1)
 
 
 def contrast(x: Tensor, factor: float) -> Tensor:
-    """Pull every pixel toward the image's mean: factor 1 is the identity, 0 a flat image."""
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    """Pull every pixel toward its channel's mean over the image (the source's
+    ``np.mean(x, axis=(0, 1))`` of an H x W x C array): factor 1 is the identity, 0 a flat
+    image of the mean colour."""
+    mean = x.mean(dim=(2, 3), keepdim=True)
     return ((x - mean) * factor + mean).clamp(0, 1)
 
 
@@ -152,7 +206,8 @@ def brightness(x: Tensor, delta: float) -> Tensor:
     """Add ``delta`` to the value channel of HSV, clipped at 1 (the paper's brightness).
 
     Hue and saturation fixed, RGB is proportional to V, so the new image is x scaled by
-    V'/V with V = the largest channel: exact HSV without converting. Grayscale: x + delta.
+    V'/V with V = the largest channel: exact HSV without converting. Grayscale: x + delta
+    (MNIST-C's gray -> RGB -> HSV -> RGB -> gray is the same, its gray weights summing to 1).
     """
     v = x.amax(dim=1, keepdim=True)
     v_new = (v + delta).clamp(0, 1)
@@ -161,20 +216,40 @@ def brightness(x: Tensor, delta: float) -> Tensor:
     return torch.where(v > 0, scaled, v_new.expand_as(x)).clamp(0, 1)
 
 
+def _box_resize(n_in: int, n_out: int, device: torch.device) -> Tensor:
+    """PIL's ``resize(..., Image.BOX)`` along one axis as an (n_out, n_in) matrix: output
+    pixel i averages, with equal weights, the input pixels whose centres fall in its
+    footprint ((i + 0.5) * n_in / n_out, plus or minus half a footprint; Pillow's
+    ``box_filter``, a tie going to the right). Upsampling, that is one pixel: nearest."""
+    scale = n_in / n_out
+    support = max(scale, 1.0)
+    centre = (torch.arange(n_out, dtype=torch.float64, device=device) + 0.5) * scale
+    t = (torch.arange(n_in, dtype=torch.float64, device=device)[None] + 0.5
+         - centre[:, None]) / support
+    w = ((t > -0.5) & (t <= 0.5)).double()
+    return w / w.sum(1, keepdim=True)
+
+
 def pixelate(x: Tensor, factor: float) -> Tensor:
-    """Average-pool down to ``factor`` of the size, then back up by nearest neighbour (PIL's
-    BOX resize both ways, as the paper)."""
+    """Resize to ``int(side * factor)`` and back with PIL's BOX filter both ways, as the
+    source (``x.resize((int(32 * c), int(32 * c)), PILImage.BOX)``, then back), in float
+    rather than PIL's 8-bit passes."""
     h, w = x.shape[-2:]
-    small = F.interpolate(x, size=(max(1, int(h * factor)), max(1, int(w * factor))),
-                          mode="area")
-    return F.interpolate(small, size=(h, w), mode="nearest").clamp(0, 1)
+    hs, ws = max(1, int(h * factor)), max(1, int(w * factor))
+    rows = _box_resize(hs, h, x.device) @ _box_resize(h, hs, x.device)
+    cols = _box_resize(ws, w, x.device) @ _box_resize(w, ws, x.device)
+    return torch.einsum("ij,ncjk,lk->ncil", rows.to(x), x, cols.to(x)).clamp(0, 1)
 
 
-def _warp(x: Tensor, grid: Tensor) -> Tensor:
-    """Sample x at ``grid`` (normalised coordinates), zeros outside: the background of
-    MNIST-like images, and what the paper's affine corruptions fill in."""
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros",
-                         align_corners=False).clamp(0, 1)
+def _sample_pixels(x: Tensor, px: Tensor, py: Tensor, padding: str = "zeros") -> Tensor:
+    """Bilinear samples of each image at pixel coordinates (px column, py row; (N, H, W)
+    each; pixel centres at integers, as OpenCV, scipy and skimage). ``padding`` "zeros"
+    (black outside, as their constant modes) or "reflection" (about the border: scipy's
+    "reflect")."""
+    h, w = x.shape[-2:]
+    grid = torch.stack([(2 * px + 1) / w - 1, (2 * py + 1) / h - 1], dim=-1)
+    return F.grid_sample(x, grid.to(x), mode="bilinear", padding_mode=padding,
+                         align_corners=False)
 
 
 def affine(x: Tensor, matrix: Tensor) -> Tensor:
@@ -184,77 +259,123 @@ def affine(x: Tensor, matrix: Tensor) -> Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def _warp_about_centre(x: Tensor, a: Tensor, shift: Tensor | None = None) -> Tensor:
+    """skimage's ``warp(x, inverse_map=AffineTransform(...))`` with the translation MNIST-C
+    adds to keep the centre fixed: the output pixel p samples the input at
+    a (p - c) + c + shift, in pixels (column, row), c the image centre; (N, 2, 2) ``a``,
+    (N, 2) ``shift``; bilinear, black outside."""
+    n, _, h, w = x.shape
+    ys, xs = torch.meshgrid(torch.arange(h, device=x.device, dtype=a.dtype),
+                            torch.arange(w, device=x.device, dtype=a.dtype), indexing="ij")
+    p = torch.stack([xs - (w - 1) / 2, ys - (h - 1) / 2])          # (2, H, W)
+    q = torch.einsum("nij,jhw->nihw", a, p)
+    if shift is not None:
+        q = q + shift[:, :, None, None]
+    return _sample_pixels(x, q[:, 0] + (w - 1) / 2, q[:, 1] + (h - 1) / 2)
+
+
 def _random_signs(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
     return torch.randint(0, 2, (n,), generator=generator, device=device).float() * 2 - 1
 
 
-def _matrices(x: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor,
-              tx: Tensor | None = None, ty: Tensor | None = None) -> Tensor:
-    zero = torch.zeros_like(a)
-    tx = zero if tx is None else tx
-    ty = zero if ty is None else ty
-    return torch.stack([torch.stack([a, b, tx], 1), torch.stack([c, d, ty], 1)], 1).to(x)
+def _matrix(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Tensor:
+    return torch.stack([torch.stack([a, b], -1), torch.stack([c, d], -1)], -2)
 
 
 def rotate(x: Tensor, degrees: float, generator: torch.Generator | None = None) -> Tensor:
     """Rotate each image by ``degrees`` about its centre, clockwise or anticlockwise at
-    random (seeded)."""
+    random (seeded): MNIST-C's ``AffineTransform(rotation=c)`` as the inverse map."""
     angle = math.radians(degrees) * _random_signs(x.shape[0], generator, x.device)
     cos, sin = torch.cos(angle), torch.sin(angle)
-    return affine(x, _matrices(x, cos, -sin, sin, cos)).clamp(0, 1)
+    return _warp_about_centre(x, _matrix(cos, -sin, sin, cos)).clamp(0, 1)
 
 
-def shear(x: Tensor, amount: float, generator: torch.Generator | None = None) -> Tensor:
-    """Horizontal shear x' = x + amount * y, its sign at random per image."""
-    s = amount * _random_signs(x.shape[0], generator, x.device)
+def shear(x: Tensor, angle: float, generator: torch.Generator | None = None) -> Tensor:
+    """MNIST-C's shear by ``angle`` radians, its sign at random per image: the inverse map
+    skimage <= 0.20's ``AffineTransform(shear=s)``, [[1, -sin s], [0, cos s]] (the y axis
+    turned by s), about the centre. (skimage >= 0.21 reads the same code as a pure shear
+    [[1, -tan s], [0, 1]]; MNIST-C was made in 2019, with the former.)"""
+    s = angle * _random_signs(x.shape[0], generator, x.device)
     one, zero = torch.ones_like(s), torch.zeros_like(s)
-    return affine(x, _matrices(x, one, s, zero, one)).clamp(0, 1)
+    return _warp_about_centre(x, _matrix(one, -torch.sin(s), zero, torch.cos(s))).clamp(0, 1)
 
 
 def scale(x: Tensor, factor: float) -> Tensor:
-    """Zoom about the centre: ``factor`` < 1 shrinks the object (the digit gets smaller)."""
+    """Zoom about the centre: ``factor`` < 1 shrinks the object (the digit gets smaller);
+    MNIST-C's ``AffineTransform(scale=1 / factor)`` as the inverse map."""
     inv = torch.full((x.shape[0],), 1.0 / factor, device=x.device)
     zero = torch.zeros_like(inv)
-    return affine(x, _matrices(x, inv, zero, zero, inv)).clamp(0, 1)
+    return _warp_about_centre(x, _matrix(inv, zero, zero, inv)).clamp(0, 1)
 
 
 def translate(x: Tensor, fraction: float, generator: torch.Generator | None = None) -> Tensor:
-    """Shift each image by ``fraction`` of its width and height, in a random diagonal
-    direction (seeded)."""
-    n = x.shape[0]
-    # Normalised coordinates span 2 across the image.
-    tx = 2 * fraction * _random_signs(n, generator, x.device)
-    ty = 2 * fraction * _random_signs(n, generator, x.device)
-    one, zero = torch.ones_like(tx), torch.zeros_like(tx)
-    return affine(x, _matrices(x, one, zero, zero, one, -tx, -ty)).clamp(0, 1)
-
-
-def elastic(x: Tensor, alpha: float, sigma: float,
-            generator: torch.Generator | None = None) -> Tensor:
-    """Simard et al. 2003's elastic deformation: a random displacement field, uniform in
-    [-1, 1] per pixel, smoothed by a Gaussian of ``sigma`` pixels and scaled to ``alpha``
-    pixels, then bilinear resampling. Alpha 0 is the identity."""
+    """Shift each image by ``fraction`` of its width and of its height, each sign at random
+    (seeded), as MNIST-C's translation by c pixels (c / 28 of the side)."""
     n, _, h, w = x.shape
-    field_ = torch.rand((n, 2, h, w), generator=generator, device=x.device) * 2 - 1
-    field_ = _filter(field_, _gaussian_kernel(sigma)) * alpha
-    ys, xs = torch.meshgrid(torch.arange(h, device=x.device, dtype=x.dtype),
-                            torch.arange(w, device=x.device, dtype=x.dtype), indexing="ij")
-    px = xs + field_[:, 0].to(x)
-    py = ys + field_[:, 1].to(x)
-    # Pixel centres to normalised coordinates (align_corners=False).
-    grid = torch.stack([(2 * px + 1) / w - 1, (2 * py + 1) / h - 1], dim=-1)
-    return _warp(x, grid)
+    shift = torch.stack([fraction * w * _random_signs(n, generator, x.device),
+                         fraction * h * _random_signs(n, generator, x.device)], 1)
+    eye = torch.eye(2, device=x.device).expand(n, 2, 2)
+    return _warp_about_centre(x, eye, shift).clamp(0, 1)
 
 
-# -- the benchmark's corruptions ---------------------------------------------------------
+def elastic(x: Tensor, alpha: float, sigma: float, generator: torch.Generator | None = None,
+            *, jitter: float = 0.0, border: str = "zeros") -> Tensor:
+    """The benchmark's elastic transform (its make_*_c.py, after Simard et al. 2003 by way
+    of a gist): first a random affine warp that moves three control points (the centre
+    plus or minus a third of the side) by up to ``jitter`` pixels each, uniformly, as
+    cv2.getAffineTransform / warpAffine; then a displacement field, uniform in [-1, 1] per
+    pixel and axis, smoothed by a Gaussian of ``sigma`` pixels (truncated at 3 sigma,
+    reflected at the borders) and scaled by ``alpha`` pixels. Bilinear resampling both
+    times; ``border`` "zeros" (MNIST-C: black outside) or "reflect" (CIFAR-10-C,
+    ImageNet-C; their warpAffine mirrors about the edge pixel's centre, here about its
+    edge, which differs in the outermost pixel only). Alpha and jitter 0: the identity."""
+    if border not in ("zeros", "reflect"):
+        raise ValueError(f"border must be 'zeros' or 'reflect' (got {border!r})")
+    padding = "zeros" if border == "zeros" else "reflection"
+    n, _, h, w = x.shape
+    ys, xs = torch.meshgrid(torch.arange(h, device=x.device, dtype=torch.float64),
+                            torch.arange(w, device=x.device, dtype=torch.float64),
+                            indexing="ij")
+    if jitter > 0:
+        cx, cy, s = float(w // 2), float(h // 2), float(min(h, w) // 3)
+        src = torch.tensor([[cx + s, cy + s], [cx + s, cy - s], [cx - s, cy - s]],
+                           dtype=torch.float64, device=x.device).expand(n, 3, 2)
+        dst = src + jitter * (torch.rand((n, 3, 2), generator=generator, device=x.device,
+                                         dtype=torch.float64) * 2 - 1)
+        # warpAffine's output pixel p samples the input at M^-1 p, M mapping src to dst:
+        # solve for the affine map dst -> src directly.
+        ones = torch.ones((n, 3, 1), dtype=torch.float64, device=x.device)
+        inv = torch.linalg.solve(torch.cat([dst, ones], -1), src).transpose(1, 2)  # (n, 2, 3)
+        q = torch.einsum("nij,jhw->nihw", inv, torch.stack([xs, ys, torch.ones_like(xs)]))
+        x = _sample_pixels(x, q[:, 0], q[:, 1], padding)
+    if alpha > 0:
+        field_ = torch.rand((n, 2, h, w), generator=generator, device=x.device,
+                            dtype=torch.float64) * 2 - 1
+        field_ = _smooth(field_, sigma, "reflect", 3.0) * alpha
+        x = _sample_pixels(x, xs + field_[:, 0], ys + field_[:, 1], padding)
+    return x.clamp(0, 1)
 
-#: Per corruption, the parameter at severities 1..5. Noise, blur, contrast, brightness and
-#: pixelate: Hendrycks & Dietterich 2019's CIFAR-10-C constants (make_cifar_c.py). Elastic
-#: (alpha, sigma as fractions of the image side), rotate (degrees), shear, scale (zoom) and
-#: translate (fraction of the side): advkit's own, growing to a still-recognisable digit.
-#: Every corruption's mean pixel change grows with the severity, except pixelate's on
-#: small images: at 28 pixels its sizes 26, 25, 23, 21, 18 resample onto grids that align
-#: differently, so severity 4 can change fewer pixels than 3 (severity 5 is the worst).
+
+# -- the benchmarks' constants -----------------------------------------------------------
+
+#: Per corruption, the parameter at severities 1..5, as in Hendrycks & Dietterich's
+#: ImageNet-C/create_c/make_cifar_c.py (github.com/hendrycks/robustness, last changed in
+#: ca360085, 2019-01-08): the noises, blurs (pixels), contrast, brightness, pixelate and
+#: elastic (alpha, sigma and the affine jitter as fractions of the side: the source's
+#: ``IMSIZE * c``; its border mode). CIFAR-10-C has no rotate, shear, scale or translate:
+#: those are MNIST-C's (github.com/google-research/mnist-c, corruptions.py at aa075693,
+#: 2019-05-29; the same in every benchmark): rotate 0.2 .. 1.0 radians (in degrees here),
+#: shear 0.2 .. 1.0 radians, scale 1 / 0.9 .. 1 / 0.5 (the zoom here), translate 1 .. 5
+#: pixels of 28 (fractions of the side here). The source's severities are not all
+#: monotone in pixel change: pixelate on 28 pixels (sizes 26, 25, 23, 21, 18 resample onto
+#: grids that align differently) and elastic (severity 1 is a pure affine jitter of 8% of
+#: the side, larger than severity 5's 3% plus its displacement field).
+_MNIST_C_GEOMETRIC: dict[str, tuple] = {
+    "rotate": tuple(math.degrees(r) for r in (0.2, 0.4, 0.6, 0.8, 1.0)),
+    "shear": (0.2, 0.4, 0.6, 0.8, 1.0),
+    "scale": (0.9, 0.8, 0.7, 0.6, 0.5),
+    "translate": tuple(px / 28 for px in (1, 2, 3, 4, 5)),
+}
 SEVERITIES: dict[str, tuple] = {
     "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),
     "shot_noise": (500, 250, 100, 75, 50),
@@ -265,26 +386,47 @@ SEVERITIES: dict[str, tuple] = {
     "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),
     "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),
     "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),
-    # A displacement field of 0.3 to 1.7 pixels (standard deviation) on 28 pixels, smooth
-    # over 2.8 pixels: at severity 5 the test CNN keeps ~80%, as under a 30-degree rotation.
-    "elastic_transform": ((0.01, 0.10), (0.02, 0.10), (0.03, 0.10), (0.045, 0.10),
-                          (0.06, 0.10)),
-    "rotate": (6, 12, 18, 24, 30),
-    "shear": (0.1, 0.2, 0.3, 0.4, 0.5),
-    "scale": (0.9, 0.8, 0.7, 0.6, 0.5),
-    "translate": (0.03, 0.06, 0.09, 0.12, 0.15),
+    "elastic_transform": ((0.0, 0.0, 0.08, "reflect"), (0.05, 0.2, 0.07, "reflect"),
+                          (0.08, 0.06, 0.06, "reflect"), (0.1, 0.04, 0.05, "reflect"),
+                          (0.1, 0.03, 0.03, "reflect")),
+    **_MNIST_C_GEOMETRIC,
+}
+
+#: ImageNet-C's constants (ImageNet-C/create_c/make_imagenet_c.py, same repository and
+#: commit) for the corruptions whose parameter is in pixel values rather than pixels, so
+#: it means the same at any image size. CIFAR-10-C's noise is mild for MNIST (a standard
+#: CNN keeps ~100% under all five severities); ``benchmark="imagenet-c"`` takes these, and
+#: CIFAR-10-C's for the blurs, pixelate and elastic (ImageNet-C's are in 224-pixel units).
+IMAGENET_C: dict[str, tuple] = {
+    "gaussian_noise": (0.08, 0.12, 0.18, 0.26, 0.38),
+    "shot_noise": (60, 25, 12, 5, 3),
+    "impulse_noise": (0.03, 0.06, 0.09, 0.17, 0.27),
+    "speckle_noise": (0.15, 0.2, 0.35, 0.45, 0.6),
+    "contrast": (0.4, 0.3, 0.2, 0.1, 0.05),
+    "brightness": (0.1, 0.2, 0.3, 0.4, 0.5),
+}
+
+#: MNIST-C's constants (Mu & Gilmer 2019; corruptions.py above), all of them at its 28
+#: pixels: the pixel-value ones are ImageNet-C's, the blurs are ImageNet-C's radii in
+#: pixels (strong on 28 pixels), pixelate ImageNet-C's factors, elastic ImageNet-C's
+#: fractions of the side with black borders. (The released MNIST-C uses one severity per
+#: corruption, its functions' defaults: shear 2, scale 3, rotate 2, translate 3, ...)
+MNIST_C: dict[str, tuple] = {
+    **IMAGENET_C,
+    "gaussian_blur": (1, 2, 3, 4, 6),
+    "defocus_blur": ((3, 0.1), (4, 0.5), (6, 0.5), (8, 0.5), (10, 0.5)),
+    "pixelate": (0.6, 0.5, 0.4, 0.3, 0.25),
+    "elastic_transform": ((2.0, 0.7, 0.1, "zeros"), (2.0, 0.08, 0.2, "zeros"),
+                          (0.05, 0.01, 0.02, "zeros"), (0.07, 0.01, 0.02, "zeros"),
+                          (0.12, 0.01, 0.02, "zeros")),
+    **_MNIST_C_GEOMETRIC,
 }
 
 
-def _elastic(x: Tensor, p: tuple[float, float], g: torch.Generator | None) -> Tensor:
+def _elastic(x: Tensor, p: tuple, g: torch.Generator | None) -> Tensor:
     side = min(x.shape[-2:])
-    # The displacement field's strength must grow with the image: alpha scaled by the
-    # side, divided by the smoothing's attenuation (a sigma-smoothed uniform field has a
-    # standard deviation of 1 / (sqrt(12 pi) sigma): uniform's 1/sqrt(3) times the root of
-    # the Gaussian kernel's squared mass, 1 / (2 sqrt(pi) sigma)), so p[0] * side is the
-    # field's standard deviation in pixels.
-    sigma = p[1] * side
-    return elastic(x, p[0] * side * math.sqrt(12 * math.pi) * sigma, sigma, g)
+    alpha, sigma, jitter, border = p
+    return elastic(x, alpha * side, sigma * side, g, jitter=jitter * side, border=border)
 
 
 _APPLY: dict[str, Callable[[Tensor, object, torch.Generator | None], Tensor]] = {
@@ -307,24 +449,11 @@ _APPLY: dict[str, Callable[[Tensor, object, torch.Generator | None], Tensor]] = 
 #: The corruptions by name, in the table's order.
 CORRUPTIONS: tuple[str, ...] = tuple(SEVERITIES)
 
-#: ImageNet-C's constants (make_imagenet_c.py) for the corruptions whose parameter is in
-#: pixel values rather than pixels, so it means the same at any image size. CIFAR-10-C's
-#: noise is mild for MNIST (a standard CNN keeps ~100% under all five severities);
-#: ``benchmark="imagenet-c"`` takes these, and CIFAR-10-C's for the blurs, pixelate and
-#: the geometric corruptions (ImageNet-C's blur radii are in 224-pixel units).
-IMAGENET_C: dict[str, tuple] = {
-    "gaussian_noise": (0.08, 0.12, 0.18, 0.26, 0.38),
-    "shot_noise": (60, 25, 12, 5, 3),
-    "impulse_noise": (0.03, 0.06, 0.09, 0.17, 0.27),
-    "speckle_noise": (0.15, 0.2, 0.35, 0.45, 0.6),
-    "contrast": (0.4, 0.3, 0.2, 0.1, 0.05),
-    "brightness": (0.1, 0.2, 0.3, 0.4, 0.5),
-}
-
 #: The severity constants by benchmark.
 BENCHMARKS: dict[str, dict[str, tuple]] = {
     "cifar10-c": SEVERITIES,
     "imagenet-c": {**SEVERITIES, **IMAGENET_C},
+    "mnist-c": MNIST_C,
 }
 
 
@@ -349,8 +478,9 @@ def corrupt(x: Tensor, name: str, severity: int, *, seed: int | None = 0,
     The randomness comes from ``generator`` if given, else from ``seed`` (a fresh
     generator per corruption and severity: the same seed, the same images); ``seed=None``
     draws from torch's global generator. ``benchmark``: whose severity constants,
-    ``"cifar10-c"`` (:data:`SEVERITIES`) or ``"imagenet-c"`` (:data:`IMAGENET_C` for the
-    noises, contrast and brightness). The output is clipped to [0, 1].
+    ``"cifar10-c"`` (:data:`SEVERITIES`), ``"imagenet-c"`` (:data:`IMAGENET_C` for the
+    noises, contrast and brightness) or ``"mnist-c"`` (:data:`MNIST_C`). The output is
+    clipped to [0, 1].
     """
     constants = check_benchmark(benchmark)
     check_name(name)
@@ -503,8 +633,8 @@ def corruption_table(model: nn.Module, x: Tensor, y: Tensor, *,
                            severities=severities, benchmark=benchmark)
 
 
-__all__ = ["CORRUPTIONS", "SEVERITIES", "IMAGENET_C", "BENCHMARKS", "CorruptionTable", "corrupt",
-           "corruption_table",
+__all__ = ["CORRUPTIONS", "SEVERITIES", "IMAGENET_C", "MNIST_C", "BENCHMARKS", "CorruptionTable",
+           "corrupt", "corruption_table",
            "gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "gaussian_blur",
            "defocus_blur", "contrast", "brightness", "pixelate", "elastic", "rotate", "shear",
            "scale", "translate", "affine"]
