@@ -3,7 +3,9 @@
 Every attack returns an :class:`AttackResult` whose ``success`` comes from a fresh
 forward pass. ``REGISTRY`` maps each attack's name to its class. :class:`CPPNFooling`
 (fooling images evolved from nothing, one per class) is exported but not registered: it
-takes no images and succeeds per class, not per sample.
+takes no images and succeeds per class, not per sample. :class:`NaturalGAN` is exported
+but not registered either: it needs a GAN trained on the model's data
+(:func:`advkit.training.train_gan`), which the registry cannot build from a name.
 """
 
 from advkit.attacks.a3 import A3
@@ -27,6 +29,7 @@ from advkit.attacks.hot_cold import HotCold
 from advkit.attacks.jsma import JSMA
 from advkit.attacks.malt import MALT
 from advkit.attacks.mifgsm import MIFGSM
+from advkit.attacks.natural_gan import NaturalGAN
 from advkit.attacks.nes import NES
 from advkit.attacks.one_pixel import OnePixel
 from advkit.attacks.orthogonal_pgd import OrthogonalPGD
@@ -66,4 +69,4 @@ __all__ = ["Attack", "AttackResult", "Taxonomy", "REGISTRY", "get",
            "Boundary", "GenAttack", "OnePixel",
            "SimBA", "NES", "ZOO", "Bandits", "GroundTruth",
            "Transfer", "MEA", "Substitute", "Ensemble", "CPPNFooling", "FoolingResult",
-           "EOT", "AdversarialPatch", "PatchResult"]
+           "EOT", "AdversarialPatch", "PatchResult", "NaturalGAN"]

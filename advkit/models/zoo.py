@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from advkit.models.gan import ngan
 from advkit.models.normalize import Normalize
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
@@ -186,6 +187,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "magnet_ae": Architecture(magnet_ae, (1, 28, 28),
                               "MagNet's MNIST denoising autoencoder (images -> images)",
                               kind="autoencoder"),
+    "ngan": Architecture(ngan, (1, 28, 28),
+                         "NaturalGAN's WGAN-GP generator, critic and inverter (x -> G(I(x)))",
+                         kind="autoencoder"),
 }
 
 #: The zoo's classifiers and autoencoders, by name.

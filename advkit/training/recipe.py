@@ -7,7 +7,7 @@ trainer (seeding, checkpoints, resume, progress, distributed data parallelism).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -23,9 +23,11 @@ class Recipe:
     """Standard training: cross-entropy on the clean batch.
 
     Subclasses override :meth:`loss` (and may override :meth:`start_epoch`,
-    :meth:`start_step`, :meth:`end_epoch`). Everything that changes the result must be in
-    :meth:`params`: it is recorded in the checkpoint, and a resumed run with
-    other parameters is refused.
+    :meth:`start_step`, :meth:`end_epoch`). A recipe that trains several parts of the model
+    with optimizers of their own, in alternating updates (a GAN's critic, generator and
+    inverter), names them in :meth:`parts` and overrides :meth:`step`. Everything that
+    changes the result must be in :meth:`params`: it is recorded in the checkpoint, and a
+    resumed run with other parameters is refused.
     """
 
     name = "standard"
@@ -51,6 +53,23 @@ class Recipe:
         accuracy the progress bar shows."""
         logits = model(x)
         return F.cross_entropy(logits, y), logits
+
+    def parts(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The parts of ``model`` that get an optimizer (and a schedule) of their own, by
+        name; the trainer checkpoints each. Default: the whole model, one optimizer."""
+        return {"model": model}
+
+    def step(self, model: nn.Module, x: Tensor, y: Tensor,
+             update: Callable[[str, Tensor], None]) -> tuple[Tensor, Tensor]:
+        """One training step on a batch: each ``update(part, loss)`` backpropagates ``loss``
+        and steps the optimizer of that part of :meth:`parts` (the other parts' gradients
+        are not used). Returns what :meth:`loss` returns, for the history and the progress
+        bar. Default: one update of the whole model with :meth:`loss`. A recipe of several
+        parts alternates its updates here, each loss computed after the update before it
+        (a GAN's generator loss reads the critic just updated)."""
+        loss, logits = self.loss(model, x, y)
+        update("model", loss)
+        return loss, logits
 
     def end_epoch(self, model: nn.Module, epoch: int, x_val: Tensor,
                   y_val: Tensor) -> dict[str, float]:

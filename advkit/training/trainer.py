@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from advkit import data as datasets
 from advkit._files import atomic_path
@@ -146,8 +146,18 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
     if 0 < x_train.shape[0] % config.batch_size < world.size or config.batch_size < world.size:
         raise ValueError(f"every batch needs at least one image per process ({world.size}): "
                          f"change batch_size ({config.batch_size}) or train_limit")
-    optimizer = _optimizer(config, model)
-    scheduler = _scheduler(config, optimizer, steps_per_epoch)
+    # A recipe of several parts (a GAN's critic, generator and inverter) gives each its own
+    # optimizer and schedule and steps them in its own order within a batch (Recipe.step):
+    # alternating players cannot share one optimizer step, and one trainer keeps the
+    # seeding, checkpoints and bit-for-bit resume the same for them.
+    parts = recipe.parts(model)
+    if len(parts) > 1 and world.size > 1:
+        raise ValueError(f"the {recipe.name} recipe trains {len(parts)} parts with optimizers "
+                         "of their own, which data-parallel training does not split: run it "
+                         "in one process (without torchrun)")
+    optimizers = {name: _optimizer(config, part) for name, part in parts.items()}
+    schedulers = {name: _scheduler(config, opt, steps_per_epoch)
+                  for name, opt in optimizers.items()}
     # Mixed precision: the recipe's forward passes (its attack's included) run under
     # autocast; fp16 gradients are scaled so that small ones do not flush to zero.
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
@@ -167,8 +177,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
                              f"({_diff(saved, record)}); pick a new output folder "
                              "or pass resume=False (CLI: --no-resume) to start over")
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        _load_states(optimizers, state["optimizer"])
+        _load_states(schedulers, state["scheduler"])
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         rng = state["rng"]
@@ -195,18 +205,24 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
                 idx = world.shard(batch)
                 xb, yb = x_train[idx].to(device), y_train[idx].to(device)
                 recipe.start_step(epoch * steps_per_epoch + i, steps_per_epoch)
+                share = idx.numel() * world.size / batch.numel()
+
+                def update(part: str, loss: Tensor, share: float = share) -> None:
+                    # Data parallel: gradients are averaged over processes, so weigh each
+                    # process's mean loss by its share of the batch: the step is then the
+                    # single-process step on the whole batch.
+                    scaled = loss.float() * share
+                    optimizers[part].zero_grad(set_to_none=True)
+                    with torch.autocast(torch.device(device).type, enabled=False):
+                        scaler.scale(scaled).backward()
+                    scaler.step(optimizers[part])
+
                 with torch.autocast(torch.device(device).type, dtype=autocast_dtype,
                                     enabled=autocast_dtype is not None):
-                    loss, logits = recipe.loss(net, xb, yb)
-                # Data parallel: gradients are averaged over processes, so weigh each
-                # process's mean loss by its share of the batch: the step is then the
-                # single-process step on the whole batch.
-                scaled = loss.float() * (idx.numel() * world.size / batch.numel())
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(scaled).backward()
-                scaler.step(optimizer)
+                    loss, logits = recipe.step(net, xb, yb, update)
                 scaler.update()
-                scheduler.step()
+                for scheduler in schedulers.values():
+                    scheduler.step()
                 seen += yb.shape[0]
                 loss_sum += loss.item() * yb.shape[0]
                 if recipe.reconstructs:  # the "logits" are the reconstruction
@@ -248,8 +264,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
                         **({"stopped": stopped} if stopped else {}))
         with atomic_path(state_path) as tmp:
             torch.save({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": rng,
+                "model": model.state_dict(), "optimizer": _states(optimizers),
+                "scheduler": _states(schedulers), "rng": rng,
                 **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
                 "epoch": epoch, "config": json.dumps(record), "stopped": stopped,
                 "history": json.dumps(history), "seconds": elapsed,
@@ -326,6 +342,22 @@ def train_defense(defense: str, settings: dict[str, Any], run_dir: str | Path, *
     result = train(replace(config, recipe=recipe.name), run_dir, resume=resume,
                    progress=progress, device=device, recipe=recipe, log=log)
     return replace(result, seconds=result.seconds + teacher_seconds)
+
+
+def _states(objects: dict[str, Any]) -> dict[str, Any]:
+    """The state dicts of the parts' optimizers (or schedules); the whole model's alone is
+    stored as it was before recipes had parts, so older runs resume."""
+    if list(objects) == ["model"]:
+        return objects["model"].state_dict()
+    return {name: obj.state_dict() for name, obj in objects.items()}
+
+
+def _load_states(objects: dict[str, Any], states: dict[str, Any]) -> None:
+    if list(objects) == ["model"]:
+        objects["model"].load_state_dict(states)
+        return
+    for name, obj in objects.items():
+        obj.load_state_dict(states[name])
 
 
 def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
