@@ -16,7 +16,7 @@ from advkit.attacks.substitute import (
     reservoir_sample,
 )
 from advkit.evaluation.transferability import transferability_matrix
-from advkit.models.access import QueryBudgetExceeded
+from advkit.models.access import REJECT, QueryBudgetExceeded
 
 LINF = ThreatModel("linf", 0.1)
 
@@ -181,6 +181,30 @@ def test_the_substitute_learns_the_targets_labels():
     result = attack(models.labels_only(target), x, y)
     agreement = (result.extras["substitute_labels"] == y).float().mean().item()
     assert agreement > 0.5
+
+
+def test_labels_the_target_rejects_are_not_learned_but_their_queries_count():
+    """A target behind a detector answers REJECT (-1) for the images it flags: those teach
+    the substitute no class (cross-entropy on -1 would fail), so they are dropped; their
+    queries were still spent."""
+    seeds, _ = random_batch(10, seed=1)
+    asked = []
+
+    def oracle(images: torch.Tensor) -> torch.Tensor:
+        asked.append(len(images))
+        with torch.no_grad():
+            labels = toy_cnn(0)(images).argmax(1)
+        labels[::2] = REJECT  # every other image flagged
+        return labels
+
+    attack = Substitute(LINF, toy_cnn(5), rounds=3, epochs=1)
+    substitute = attack.train_substitute(oracle, seeds)
+    assert not substitute.training
+    # Only the 5 accepted seeds are augmented (5 queries, of which 3 are rejected), then
+    # the 5 + 2 accepted points (7 queries).
+    assert asked == [10, 5, 7]
+    with pytest.raises(ValueError, match="rejected every seed image"):
+        attack.train_substitute(lambda images: torch.full((len(images),), REJECT), seeds)
 
 
 def test_the_matrix_diagonal_is_the_white_box_success():

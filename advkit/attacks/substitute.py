@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from advkit.attacks.base import Attack, Oracle, Taxonomy, require_at_least
 from advkit.attacks.transfer import Transfer, white_box_attack
+from advkit.models.access import REJECT
 from advkit.threat import ThreatModel
 
 
@@ -65,6 +66,13 @@ def augmentation_sizes(n_seed: int, rounds: int, sigma: int | None, kappa: int) 
     return sizes
 
 
+def _answered(points: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The points the target labelled: a target behind a detector answers REJECT (-1) for
+    the ones it flags, which name no class to learn (their queries still count)."""
+    keep = labels != REJECT
+    return points[keep], labels[keep]
+
+
 class Substitute(Attack):
     """Train a substitute from the target's labels, then transfer an attack crafted on it.
 
@@ -85,6 +93,9 @@ class Substitute(Attack):
     query is charged to sample ``j mod N``), so ``result.queries.sum()`` is every query the
     target answered: ``2 N + label_queries(|S_0|)``. ``extras["substitute_labels"]`` holds
     the substitute's labels at the clean images (for its agreement with the target).
+    A target behind a detector answers REJECT for the images it flags: they are queried
+    (and counted) but not learned, nor augmented (fewer points, so fewer later queries than
+    the bound says).
 
     Args:
         threat: norm, eps, bounds of the transferred attack.
@@ -166,7 +177,11 @@ class Substitute(Attack):
         """Algorithm 1: the substitute (a trained copy of the architecture, eval mode),
         from ``seeds`` (``S_0``) and ``oracle_labels`` (images -> the target's labels)."""
         model = copy.deepcopy(self._substitute).to(seeds.device)
-        points, labels = seeds.detach(), oracle_labels(seeds.detach())
+        points, labels = _answered(seeds.detach(), oracle_labels(seeds.detach()))
+        if not len(points):
+            raise ValueError("the target rejected every seed image (a detector in front of "
+                             "it answers REJECT): no label to train the substitute on; seed "
+                             "with images it accepts (seed_images=...)")
         sizes = augmentation_sizes(len(seeds), self.rounds, self.sigma, self.kappa)
         with torch.random.fork_rng(devices=[]):
             if self.seed is not None:
@@ -181,8 +196,9 @@ class Substitute(Attack):
                                               generator).to(points.device)
                 new = jacobian_augmentation(model.eval(), points[chosen], labels[chosen],
                                             self.step(rho))
+                new, new_labels = _answered(new, oracle_labels(new))
                 points = torch.cat([points, new])
-                labels = torch.cat([labels, oracle_labels(new)])
+                labels = torch.cat([labels, new_labels])
         return model.eval()
 
     def _fit(self, model: nn.Module, points: Tensor, labels: Tensor,
