@@ -50,6 +50,8 @@ CONFIGS = {
     "mea": ("linf", 0.1, {"surrogates": [toy_cnn(1), toy_cnn(2)], "steps": 3}),
     "substitute": ("linf", 0.1, {"substitute": toy_cnn(3), "rounds": 2, "epochs": 1}),
     "eot": ("linf", 0.1, {"steps": 2, "samples": 2, "eval_transforms": 3}),
+    "rp2": ("l2", float("inf"), {"steps": 2, "l1_steps": 2, "samples": 2,
+                                 "eval_transforms": 3}),
 }
 
 

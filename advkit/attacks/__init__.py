@@ -35,6 +35,7 @@ from advkit.attacks.one_pixel import OnePixel
 from advkit.attacks.orthogonal_pgd import OrthogonalPGD
 from advkit.attacks.patch import AdversarialPatch, PatchResult
 from advkit.attacks.pgd import PGD
+from advkit.attacks.rp2 import RP2, RP2Result
 from advkit.attacks.simba import SimBA
 from advkit.attacks.square import Square
 from advkit.attacks.substitute import Substitute
@@ -49,7 +50,7 @@ REGISTRY: dict[str, type[Attack]] = {
                                       JSMA, HotCold, FeatureAdversary, UniversalPerturbation,
                                       OrthogonalPGD, HopSkipJump, Boundary, GenAttack, OnePixel,
                                       SimBA, NES, ZOO, Bandits, GroundTruth,
-                                      Transfer, MEA, Substitute, EOT)
+                                      Transfer, MEA, Substitute, EOT, RP2)
 }
 
 
@@ -69,4 +70,5 @@ __all__ = ["Attack", "AttackResult", "Taxonomy", "REGISTRY", "get",
            "Boundary", "GenAttack", "OnePixel",
            "SimBA", "NES", "ZOO", "Bandits", "GroundTruth",
            "Transfer", "MEA", "Substitute", "Ensemble", "CPPNFooling", "FoolingResult",
+           "RP2", "RP2Result",
            "EOT", "AdversarialPatch", "PatchResult", "NaturalGAN"]

@@ -73,7 +73,7 @@ class RandomTransforms:
         return out.clamp(0, 1)
 
 
-def _transformed_goal(logits_fn: Callable[[Tensor, Tensor], Tensor], x_adv: Tensor,
+def transformed_goal(logits_fn: Callable[[Tensor, Tensor], Tensor], x_adv: Tensor,
                       y: Tensor, targets: Tensor | None, transforms: RandomTransforms,
                       n: int, generator: torch.Generator, batch: int) -> Tensor:
     """Per sample, the fraction of ``n`` transformations drawn from ``generator`` under
@@ -111,7 +111,7 @@ def success_under_transforms(model: nn.Module, x_adv: Tensor, y: Tensor,
     was_training = model.training
     model.eval()
     try:
-        return _transformed_goal(lambda images, rows: model(images), x_adv, y, targets,
+        return transformed_goal(lambda images, rows: model(images), x_adv, y, targets,
                                  transforms, n, generator, batch)
     finally:
         model.train(was_training)
@@ -216,7 +216,7 @@ class EOT(Attack):
         extras: dict[str, Tensor] = {}
         if self.eval_transforms:
             fresh = torch.Generator(device=x.device).manual_seed(self.eval_seed)
-            extras["transform_success"] = _transformed_goal(
+            extras["transform_success"] = transformed_goal(
                 lambda images, r: model.logits(images, rows=r), best, y, targets,
                 self.transforms, self.eval_transforms, fresh, self.batch)
         return best, extras
