@@ -63,9 +63,9 @@ class NaturalGAN(Attack):
       no find moves the lower end up to the middle, until the range is narrower than
       ``step`` (or ``patience`` finds in a row bring nothing closer); then a fine phase
       that scans shells of width ``step`` downwards from the best distance, stopping after
-      ``patience`` empty draws of one shell. The authors report it several times faster
-      than the iterative search at about the same distances; neither search guarantees
-      the nearest code (both sample).
+      ``patience`` empty draws of one shell. The authors propose it as a faster search
+      reaching about the same distances; neither search guarantees the nearest code (both
+      sample), only that nothing nearer than the model's boundary is returned.
 
     Not registered with the attacks that ``advkit attacks`` lists: it needs a trained GAN
     of the model's data, which the registry's ``attack(model, x, y)`` cannot supply.
@@ -195,7 +195,8 @@ class NaturalGAN(Attack):
         fine = torch.zeros(n, dtype=torch.bool, device=device)  # hybrid: past the coarse phase
         counter = torch.ones(n, dtype=torch.long, device=device)
         active = torch.ones(n, dtype=torch.bool, device=device)
-        per_call = max(1, (self.batch_size or n * k) // k)  # images per round and call
+        # Images whose k candidates go through the generator and the model together.
+        per_call = max(1, (self.batch_size or n * k) // k)
         while True:
             active &= model.queries + k <= self.max_queries
             rows = active.nonzero().flatten()
