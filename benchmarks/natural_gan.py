@@ -33,9 +33,10 @@ Cost, measured with one thread on this machine's 2-core AMD EPYC while another j
 1.3-1.5 s per generator step at width 32 (4.2 s at 64), and ~2,500 candidates per second
 through generator and classifier together. Estimated from those: the default 12 epochs
 (1,800 steps) train in ~45 min per dataset on one thread (~30 min on two); the hybrid
-search asks some thousands of candidates per image and the iterative one more (shells of
-0.05 up to the distance found, 256 draws each), ~5-10 min per dataset for 100 images. The
-whole run: about 1.5 hours on two threads, not yet run at full size. Check the gallery's
+search asks some thousands of candidates per image and the iterative one more (256 draws
+per shell of 0.05 up to the distance found: 5,000 per unit of latent distance), so the
+searches take ~5-20 min per dataset for 100 images, depending on the distances found. The
+whole run: about 1.5-2 hours on two threads, not yet run at full size. Check the gallery's
 G(I(x)) row: reconstructions that do not look like the originals mean the GAN needs more
 epochs (a new cache folder: the epochs are part of the run's configuration).
 """
