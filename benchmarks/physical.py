@@ -19,6 +19,27 @@ patch beside ART's.
    disc's diameter is chosen so that both cover the same area. Each library's patch is
    placed by its own code (ART's ``apply_patch``, advkit's ``success``), both uniformly
    over the places it fits. A random patch of the same size is the floor.
+3. **RP2** (Eykholt et al. 2018): one sticker fitted over ``--rp2-train`` training pictures
+   of the object class (``--rp2-object``) for the target, its mask found by the L1 pass
+   (pixels, or 4x4 squares) or given (a centred square of the same area), judged on the
+   test pictures of that class under 100 fresh transformations (seed 12345); the unstuck
+   pictures and a random sticker in the found mask are the floors. Then RP2 as an attack,
+   one sticker per image, on ``--rp2-images`` test images (target: the next class). ART
+   1.20 has no RP2 (no RobustPhysicalPerturbations in ``art.attacks.evasion``); its
+   nearest relative, ``GRAPHITEWhiteboxPyTorch`` (Feng et al. 2022), is another method
+   and imports cv2: the section says so instead of a row.
+
+The full run (estimated ~15 min on one thread: EOT ~7, RP2 ~4-6 at ~2,000 image
+gradients a second on the mnist-standard preset; do not run it beside a timing benchmark):
+
+    OMP_NUM_THREADS=1 python benchmarks/physical.py
+
+A smoke run (~1 min):
+
+    OMP_NUM_THREADS=1 python benchmarks/physical.py --limit 60 --eps 0.2 --eot-steps 2 \
+        --samples 2 --areas 0.1 --patch-steps 2 --train-images 64 --art-lr 5.0 \
+        --rp2-steps 4 --rp2-l1-steps 2 --rp2-samples 2 --rp2-train 16 --rp2-images 4 \
+        --out /tmp/RESULTS.md
 
 Forward and backward passes on small CNNs only: a few minutes on CPU.
 """
@@ -44,9 +65,10 @@ from evaluate import markers, write_section  # noqa: E402
 from kept import now  # noqa: E402
 
 import advkit  # noqa: E402
-from advkit.attacks import EOT, PGD, AdversarialPatch  # noqa: E402
+from advkit.attacks import EOT, PGD, RP2, AdversarialPatch  # noqa: E402
 from advkit.attacks.eot import RandomTransforms, success_under_transforms  # noqa: E402
 from advkit.attacks.patch import patch_side  # noqa: E402
+from advkit.attacks.rp2 import RP2Result  # noqa: E402
 from advkit.threat import ThreatModel  # noqa: E402
 
 RUNS = Path.home() / ".cache" / "advkit" / "recipes"
@@ -178,7 +200,83 @@ def patch_rows(args, model, x_train, x, y, log) -> list[dict]:
     return rows
 
 
-def section(args, eot, patches, patch_model, started) -> str:
+def rp2_rows(args, model, x, y, log) -> tuple[list[dict], list[dict]]:
+    """RP2 fitted over training pictures of one class (several masks, two floors), then
+    RP2 as a per-image attack."""
+    x_all, y_all = advkit.data.load("mnist", split="train", limit=max(args.train_images, 6000))
+    pictures = x_all[y_all == args.rp2_object][:args.rp2_train]
+    held_out = x[y == args.rp2_object]
+    labels = torch.full((len(held_out),), args.rp2_object)
+    goal = torch.full_like(labels, args.target)
+    common = {"steps": args.rp2_steps, "l1_steps": args.rp2_l1_steps,
+              "samples": args.rp2_samples, "seed": 0}
+    fitted_rows: list[dict] = []
+
+    def judge(attack, fitted) -> float:
+        return attack.success(model, held_out, labels, fitted, n=100, seed=12345)
+
+    base = success_under_transforms(model, held_out, labels, goal, n=100, seed=12345)
+    fitted_rows.append({"who": "unstuck pictures (floor)", "mask": 0,
+                        "success": float(base.mean()), "gradients": 0, "seconds": 0.0})
+    for area in args.rp2_areas:
+        side = patch_side(area, 28, 28)
+        square = torch.zeros(28, 28, dtype=torch.bool)
+        top = (28 - side) // 2
+        square[top:top + side, top:top + side] = True
+        for label, attack in (
+                (f"RP2, found mask ({area:g} of the image, pixels)",
+                 RP2(mask_area=area, **common)),
+                (f"RP2, found mask ({area:g} of the image, 4x4 squares)",
+                 RP2(mask_area=area, block=4, **common)),
+                (f"RP2, given mask (centred {side}x{side} square)",
+                 RP2(mask=square, **common))):
+            fitted = attack.fit(model, pictures, args.target)
+            fitted_rows.append({"who": label, "mask": int(fitted.mask.sum()),
+                                "success": judge(attack, fitted),
+                                "gradients": fitted.backward_passes,
+                                "seconds": fitted.seconds})
+            log(f"RP2 {label}: {fitted_rows[-1]['success']:.1%} ({fitted.seconds:.1f} s)")
+            if "pixels" in label:
+                noise = torch.rand(fitted.delta.shape,
+                                   generator=torch.Generator().manual_seed(0)) * 2 - 1
+                random = RP2Result(delta=noise * fitted.mask, mask=fitted.mask,
+                                   target=args.target)
+                fitted_rows.append({"who": "random sticker in that mask (floor)",
+                                    "mask": int(fitted.mask.sum()),
+                                    "success": judge(attack, random), "gradients": 0,
+                                    "seconds": 0.0})
+    xs, ys = x[:args.rp2_images], y[:args.rp2_images]
+    targets = (ys + 1) % 10
+    t0 = time.perf_counter()
+    result = RP2(mask_area=args.rp2_areas[0], eval_seed=12345, **common)(
+        model, xs, ys, targets=targets)
+    seconds = time.perf_counter() - t0
+    floor = success_under_transforms(model, xs, ys, targets, n=100, seed=12345)
+    norms = result.norms[result.success]
+    attack_rows = [{"who": "unstuck images (floor)", "n": len(xs), "plain": 0.0,
+                    "fresh": float(floor.mean()), "l2": float("nan"), "seconds": 0.0},
+                   {"who": f"RP2 per image (found mask, {args.rp2_areas[0]:g})",
+                    "n": len(xs), "plain": float(result.success.float().mean()),
+                    "fresh": float(result.extras["transform_success"].mean()),
+                    "l2": float(norms.median()) if len(norms) else float("nan"),
+                    "seconds": seconds}]
+    log(f"RP2 per image: fresh {attack_rows[-1]['fresh']:.1%} ({seconds:.1f} s)")
+    return fitted_rows, attack_rows
+
+
+def _art_rp2_note() -> str:
+    import importlib.util
+
+    import art.attacks.evasion as evasion
+    if hasattr(evasion, "RobustPhysicalPerturbations"):
+        return "ART has a RobustPhysicalPerturbations class now: add its row."
+    cv2 = "installed" if importlib.util.find_spec("cv2") else "not installed here"
+    return ("ART has no RP2 (no RobustPhysicalPerturbations in `art.attacks.evasion`); its "
+            "nearest relative, `GRAPHITEWhiteboxPyTorch` (Feng et al. 2022: a mask shrunk by "
+            f"patch removal, EOT), is another method and imports cv2 ({cv2}): no ART row.")
+
+
+def section(args, eot, patches, patch_model, started, rp2=None) -> str:
     begin, end = markers(SECTION, SCRIPT)
     import art
     lines = [
@@ -221,9 +319,36 @@ def section(args, eot, patches, patch_model, started) -> str:
         *[f"| {r['area']:g} | {r['side']}x{r['side']} square or a disc of that area | "
           f"{r['who']} | {r['success']:.1%} | {r['gradients']:,} | {r['seconds']:.1f} |"
           for r in patches],
+        *(_rp2_lines(args, patch_model, *rp2) if rp2 is not None else []),
         end,
     ]
     return "\n".join(lines) + "\n"
+
+
+def _rp2_lines(args, patch_model, fitted, per_image) -> list[str]:
+    return [
+        "",
+        f"**RP2** (Eykholt et al. 2018), model {patch_model}: one sticker fitted over "
+        f"{args.rp2_train} MNIST training {args.rp2_object}s for target {args.target} "
+        f"({args.rp2_l1_steps} L1 steps when the mask is found, then {args.rp2_steps} L2 "
+        f"steps; {args.rp2_samples} transformations per picture per step, 32 pictures a "
+        f"step), judged on the {args.rp2_object}s of test[:{args.limit}] under 100 fresh "
+        "transformations each (seed 12345, `RandomTransforms()`). " + _art_rp2_note(),
+        "",
+        "| sticker | mask pixels | targeted success (fresh) | image gradients | seconds |",
+        "|---|---:|---:|---:|---:|",
+        *[f"| {r['who']} | {r['mask']} | {r['success']:.1%} | {r['gradients']:,} | "
+          f"{r['seconds']:.1f} |" for r in fitted],
+        "",
+        f"RP2 as an attack, one sticker per image, test[:{args.rp2_images}], target the "
+        "next class: fooled as crafted, and the mean share of 100 fresh transformations "
+        "sent to the target.",
+        "",
+        "| attack | images | targeted (plain) | fresh | median L2 | seconds |",
+        "|---|---:|---:|---:|---:|---:|",
+        *[f"| {r['who']} | {r['n']} | {r['plain']:.1%} | {r['fresh']:.1%} | "
+          f"{r['l2']:.2f} | {r['seconds']:.1f} |" for r in per_image],
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,6 +363,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patch-steps", type=int, default=200)
     parser.add_argument("--train-images", type=int, default=2000)
     parser.add_argument("--art-lr", type=float, nargs="+", default=[5.0, 0.05])
+    parser.add_argument("--rp2-object", type=int, default=7, help="RP2's object class")
+    parser.add_argument("--rp2-train", type=int, default=100,
+                        help="training pictures of the object RP2 is fitted over")
+    parser.add_argument("--rp2-areas", type=float, nargs="+", default=[0.1])
+    parser.add_argument("--rp2-steps", type=int, default=200)
+    parser.add_argument("--rp2-l1-steps", type=int, default=100)
+    parser.add_argument("--rp2-samples", type=int, default=8)
+    parser.add_argument("--rp2-images", type=int, default=100,
+                        help="test images of RP2 as a per-image attack")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS.md")
     args = parser.parse_args(argv)
@@ -253,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     eot = eot_rows(args, nets, x, y, log)
     patch_model = next(iter(nets))
     patches = patch_rows(args, nets[patch_model], args.x_train, x, y, log)
-    write_section(args.out, SECTION, section(args, eot, patches, patch_model, started), SCRIPT)
+    rp2 = rp2_rows(args, nets[patch_model], x, y, log)
+    write_section(args.out, SECTION, section(args, eot, patches, patch_model, started, rp2),
+                  SCRIPT)
     print(f"wrote the {SECTION} section of {args.out}")
     return 0
 
