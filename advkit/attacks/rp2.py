@@ -59,9 +59,9 @@ from advkit.threat import ThreatModel
 _ADAM_BETAS, _ADAM_EPS = (0.9, 0.999), 1e-4
 
 
-def check_mask(mask: Tensor, height: int, width: int) -> Tensor:
+def check_mask(mask: Tensor, height: int | None = None, width: int | None = None) -> Tensor:
     """``mask`` (H, W) as a boolean tensor, with a clear error unless it is a non-empty 0/1
-    mask of the images' height and width."""
+    mask of the images' ``height`` and ``width`` (None: any size)."""
     if not isinstance(mask, Tensor):
         raise TypeError(f"mask must be a torch.Tensor of shape (H, W) (got "
                         f"{type(mask).__name__})")
@@ -69,6 +69,8 @@ def check_mask(mask: Tensor, height: int, width: int) -> Tensor:
         raise ValueError(f"mask must have shape (H, W), one value per pixel (got "
                          f"{tuple(mask.shape)})")
     mh, mw = mask.shape
+    height = mh if height is None else height
+    width = mw if width is None else width
     if mh > height or mw > width:
         raise ValueError(f"the {mh}x{mw} mask is larger than the {height}x{width} images: "
                          "give a mask of the images' size")
@@ -293,9 +295,7 @@ class RP2(Attack):
             if not value >= 0:
                 raise ValueError(f"{name} must be >= 0 (got {value})")
         if mask is not None:
-            if not isinstance(mask, Tensor) or mask.dim() != 2:
-                check_mask(mask, 0, 0)  # the error for a non-tensor or a wrong rank
-            mask = check_mask(mask, *mask.shape)
+            mask = check_mask(mask)
         if printable is not None and (not isinstance(printable, Tensor)
                                       or printable.dim() != 2 or printable.shape[0] < 1):
             raise ValueError("printable must be a (K, C) tensor of K printable colours in "
