@@ -72,6 +72,53 @@ def test_ground_truth_on_two_neurons_is_the_hand_computed_distance():
     assert none.status == ["none within cap"] and math.isinf(none.distance.item())
 
 
+def test_sign_deciding_mode_on_two_neurons():
+    """The default solve only decides the sign (the margin constrained to at most
+    SIGN_CUTOFF): a margin proven above it gets SIGN_CUTOFF / 2 as its bound, one whose
+    minimum lies between 0 and the cutoff gets its exact minimum."""
+    from advkit.verify.milp import SIGN_CUTOFF
+
+    # z0 - z1 = |x| + b over x in [-0.3, 0.4]: CROWN's bound (x + b >= b - 0.3) is
+    # negative, the minimum is b at x = 0.
+    threat, x, y = ThreatModel("linf", 0.35, BOX), torch.tensor([[0.05]]), torch.tensor([0])
+    for b, expected in ((0.1, SIGN_CUTOFF / 2), (SIGN_CUTOFF / 4, SIGN_CUTOFF / 4)):
+        model = absolute_value_net()
+        with torch.no_grad():
+            model[2].bias.copy_(torch.tensor([0.0, -b]))
+        crown = certify(model, x, y, threat, "crown")
+        assert crown.lower_bounds[0, 1].item() < 0
+        quick = verify(model, x, y, threat, attack_steps=0)
+        exact = verify(model, x, y, threat, attack_steps=0, gap=0.0)
+        assert quick.status == exact.status == ["verified"]
+        assert quick.lower_bounds[0, 1].item() == pytest.approx(expected, abs=1e-6)
+        assert exact.lower_bounds[0, 1].item() == pytest.approx(b, abs=1e-6)
+
+
+def test_sign_deciding_bounds_hold_at_sampled_points():
+    """Soundness of the default mode's bounds: every sampled point of the ball has margins
+    at or above ``lower_bounds`` (the verified samples' bounds are positive)."""
+    model = small_mlp(1)
+    x = torch.rand(8, 1, 4, 4, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    threat = ThreatModel("linf", 0.2)
+    result = verify(model, x, y, threat, attack_steps=0, time_limit=30)
+    assert {"verified", "falsified"} <= set(result.status)
+    crown = certify(model, x, y, threat, "crown").lower_bounds.double()
+    assert ((result.lower_bounds > 0) & (crown <= 0)).any()  # margins the solver proved
+    g = torch.Generator().manual_seed(5)
+    for i in range(len(x)):
+        noise = (torch.rand(4000, *x.shape[1:], generator=g) * 2 - 1) * threat.eps
+        noise[:1000] = noise[:1000].sign() * threat.eps  # the ball's corners
+        points = (x[i] + noise).clamp(0, 1)
+        with torch.no_grad():
+            logits = model(points).double()
+        margins = logits[:, y[i]:y[i] + 1] - logits
+        bound = result.lower_bounds[i]
+        keep = torch.isfinite(bound)
+        assert (margins[:, keep] >= bound[keep] - 1e-5).all()
+
+
 def small_mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 10),

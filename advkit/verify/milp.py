@@ -320,17 +320,30 @@ def _status(res) -> str:
     raise RuntimeError(f"the MILP solver failed: {res.message}")
 
 
+#: Sign-deciding mode (``verify``'s default): a margin's MILP gets the constraint
+#: ``margin <= SIGN_CUTOFF`` and stops at its first solution. Infeasible proves the margin
+#: above the cutoff (less the solver's tolerance, about 1e-6); the margin's lower bound is
+#: then reported as ``SIGN_CUTOFF / 2`` (or CROWN's, where larger).
+SIGN_CUTOFF = 1e-3
+
+
 def _minimise_margins(program: _Program, rows: np.ndarray, crown: np.ndarray,
-                      time_limit: float, accept: Callable[[np.ndarray], bool], gap: float
+                      time_limit: float, accept: Callable[[np.ndarray], bool],
+                      gap: float | None
                       ) -> tuple[np.ndarray, str, np.ndarray | None]:
     """Minimise the margins ``rows · logits`` (S, classes) of one sample that CROWN's
     bounds ``crown`` (S,) leave unproven, least certain first, until one goes negative at
-    a point ``accept`` confirms. The solver stops once its proven bound is within the
-    relative ``gap`` of its best point (a bound above 0 decides a margin before the exact
-    minimum is known). Returns the lower bounds (S,), the verdict and the confirmed
-    counter-example (the image's variables) or None."""
+    a point ``accept`` confirms. With a ``gap``, the solver stops once its proven bound is
+    within that relative gap of its best point (a bound above 0 decides a margin before
+    the exact minimum is known). With ``gap=None`` it only decides the sign: the margin is
+    constrained to at most :data:`SIGN_CUTOFF` and the solver stops at the first solution
+    (a candidate counter-example) or at the proof that there is none (far cheaper than a
+    minimum: the constraint prunes every branch whose bound is above the cutoff). Returns
+    the lower bounds (S,), the verdict and the confirmed counter-example (the image's
+    variables) or None."""
     start = time.perf_counter()
     lower, verdict = crown.astype(float).copy(), "verified"
+    everything = range(program.size)
     for r in np.argsort(crown, kind="stable").tolist():
         if crown[r] > 0:
             continue
@@ -338,18 +351,36 @@ def _minimise_margins(program: _Program, rows: np.ndarray, crown: np.ndarray,
         if left <= 0:
             return lower, "timeout" if verdict == "verified" else verdict, None
         c, const = program.margin(rows[r])
-        res = program.solve(c, [], left, gap)
-        if (gap and _status(res) == "optimal" and res.fun + const >= 0
-                and not (res.mip_dual_bound or 0) + const > 0):
-            # Within the gap but not of one sign (HiGHS's gap is relative to max(1, |best|)
-            # or so): this margin needs the exact minimum.
-            res = program.solve(c, [], time_limit - (time.perf_counter() - start), 0.0)
+        if gap is None:
+            res = program.solve(c, [({everything: c[None, :]}, -np.inf,
+                                     SIGN_CUTOFF - const)], left, math.inf)
+            state = _status(res)
+            if state == "infeasible":  # no point of the set has margin <= the cutoff
+                lower[r] = max(crown[r], SIGN_CUTOFF / 2)
+                continue
+            if (state == "optimal" and res.fun + const < 0
+                    and accept(res.x[_cols(program.x)])):
+                dual = res.mip_dual_bound if res.mip_dual_bound is not None else -math.inf
+                lower[r] = max(dual + const, crown[r])
+                return lower, "falsified", res.x[_cols(program.x)]
+            if state == "optimal":
+                # A point within the cutoff of 0 that no forward pass confirms: the exact
+                # minimum decides.
+                res = program.solve(c, [], time_limit - (time.perf_counter() - start), 0.0)
+        else:
+            res = program.solve(c, [], left, gap)
+            if (gap and _status(res) == "optimal" and res.fun + const >= 0
+                    and not (res.mip_dual_bound or 0) + const > 0):
+                # Within the gap but not of one sign (HiGHS's gap is relative to
+                # max(1, |best|) or so): this margin needs the exact minimum.
+                res = program.solve(c, [], time_limit - (time.perf_counter() - start), 0.0)
         state = _status(res)
         if state == "infeasible":  # the set is never empty: a solver or encoding fault
             raise RuntimeError("the MILP of a non-empty input set was infeasible: report "
                                "this with the model and input")
+        exact = state == "optimal" and (gap is None or gap == 0)
         dual = res.mip_dual_bound if res.mip_dual_bound is not None else (
-            res.fun if state == "optimal" and gap == 0 else -math.inf)
+            res.fun if exact else -math.inf)
         lower[r] = max(dual + const, crown[r])
         if res.x is not None and res.fun + const < 0 and accept(res.x[_cols(program.x)]):
             return lower, "falsified", res.x[_cols(program.x)]
@@ -454,7 +485,7 @@ def milp_lower(net: Network, region: InputSet, spec: Tensor, *, margin_rows: int
 
 
 def verify(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
-           time_limit: float = 60.0, gap: float = 0.5, attack_steps: int = 100,
+           time_limit: float = 60.0, gap: float | None = None, attack_steps: int = 100,
            progress: bool = False) -> Verification:
     """Complete verification: decide for each image whether any point of ``threat``'s set
     is classified other than ``y``.
@@ -462,10 +493,16 @@ def verify(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
     A sample is attacked first (PGD on the logit margin, 3 restarts of ``attack_steps``
     steps): a counter-example it finds, confirmed by a float64 forward pass, settles the
     sample without the solver. For the rest, margins CROWN already proves positive are not
-    sent to the solver; the others are minimised in the order of CROWN's bounds (the least
-    certain first), each until the solver's proven bound is within the relative ``gap`` of
-    its best point (``gap=0``: to the exact minimum; 0.5 decides the sign for a fraction
-    of the work), and a sample stops at its first confirmed counter-example.
+    sent to the solver; the others go to it in the order of CROWN's bounds (the least
+    certain first), and a sample stops at its first confirmed counter-example. By default
+    the solver only decides each margin's sign: the margin is constrained to at most
+    :data:`SIGN_CUTOFF` (1e-3), and the solve ends at the first point that satisfies it
+    (checked by a forward pass; one within the cutoff of 0 that is not adversarial sends
+    the margin to an exact solve) or at the proof that none exists. On the hard images of
+    ``benchmarks/milp.py`` that is about twice as fast as minimising to a relative gap of
+    0.5 (the earlier default), and many times faster than exact minima. With ``gap`` a
+    number, each margin is minimised until the solver's proven bound is within that
+    relative gap of its best point (``gap=0``: the exact minimum).
 
     Args:
         model: an eval-mode ``nn.Sequential`` ReLU network (see
@@ -473,8 +510,10 @@ def verify(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
         x, y: images (N, ...) in ``threat.bounds`` and labels (N,).
         threat: a Linf or L1 threat model.
         time_limit: seconds of solver time per image (over all its margins).
-        gap: the solver's relative optimality gap (see above); ``lower_bounds`` are the
-            solver's proven bounds, exact minima only with ``gap=0``.
+        gap: None (decide signs, see above) or the solver's relative optimality gap;
+            ``lower_bounds`` are the solver's proven bounds, exact minima only with
+            ``gap=0`` (with ``gap=None`` a margin proven above the cutoff is reported as
+            ``SIGN_CUTOFF / 2``, or CROWN's bound where larger).
         attack_steps: PGD steps per restart before the solver (0: no attack).
         progress: a progress bar over images.
 
@@ -486,7 +525,7 @@ def verify(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
 
     if not time_limit > 0:
         raise ValueError(f"time_limit must be > 0 seconds (got {time_limit})")
-    if not gap >= 0 or attack_steps < 0:
+    if (gap is not None and not gap >= 0) or attack_steps < 0:
         raise ValueError(f"gap and attack_steps must be >= 0 (got {gap}, {attack_steps})")
     _check(model, x, y, threat)
     net, checker = _prepare(model, x, y, threat.norm)
