@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -270,12 +271,17 @@ class _Program:
         c[_cols(self.last)] = row @ self.w_out
         return c, float(row @ self.b_out)
 
-    def solve(self, c: np.ndarray, extra: list, time_limit: float, gap: float = 0.0):
+    def solve(self, c: np.ndarray, extra: list, time_limit: float, gap: float = 0.0,
+              highs: dict | None = None):
+        """``scipy.optimize.milp``; ``highs``: further HiGHS options, passed through (scipy
+        warns that it does not know them; the warning is silenced)."""
         bounds = optimize.Bounds(np.concatenate(self.lower), np.concatenate(self.upper))
-        return optimize.milp(c, integrality=np.concatenate(self.integer), bounds=bounds,
-                             constraints=self.matrix(extra),
-                             options={"time_limit": max(time_limit, 1e-3), "disp": False,
-                                      "mip_rel_gap": gap})
+        options = {"time_limit": max(time_limit, 1e-3), "disp": False, "mip_rel_gap": gap,
+                   **(highs or {})}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Unrecognized options", RuntimeWarning)
+            return optimize.milp(c, integrality=np.concatenate(self.integer), bounds=bounds,
+                                 constraints=self.matrix(extra), options=options)
 
 
 def _cols(block: range) -> slice:
@@ -326,6 +332,14 @@ def _status(res) -> str:
 #: then reported as ``SIGN_CUTOFF / 2`` (or CROWN's, where larger).
 SIGN_CUTOFF = 1e-3
 
+#: HiGHS options of the sign-deciding solves: its primal heuristics (RINS, RENS, the root
+#: reduced-cost and feasibility-jump heuristics) spent most of the time on margins that
+#: are proven by infeasibility, and turning them off was 2-6x faster on the hard images of
+#: benchmarks/milp.py, counter-examples included (found by branching instead).
+SIGN_HIGHS = {"mip_heuristic_run_rins": False, "mip_heuristic_run_rens": False,
+              "mip_heuristic_run_root_reduced_cost": False,
+              "mip_heuristic_run_feasibility_jump": False}
+
 
 def _minimise_margins(program: _Program, rows: np.ndarray, crown: np.ndarray,
                       time_limit: float, accept: Callable[[np.ndarray], bool],
@@ -353,7 +367,7 @@ def _minimise_margins(program: _Program, rows: np.ndarray, crown: np.ndarray,
         c, const = program.margin(rows[r])
         if gap is None:
             res = program.solve(c, [({everything: c[None, :]}, -np.inf,
-                                     SIGN_CUTOFF - const)], left, math.inf)
+                                     SIGN_CUTOFF - const)], left, math.inf, SIGN_HIGHS)
             state = _status(res)
             if state == "infeasible":  # no point of the set has margin <= the cutoff
                 lower[r] = max(crown[r], SIGN_CUTOFF / 2)
@@ -498,9 +512,10 @@ def verify(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
     the solver only decides each margin's sign: the margin is constrained to at most
     :data:`SIGN_CUTOFF` (1e-3), and the solve ends at the first point that satisfies it
     (checked by a forward pass; one within the cutoff of 0 that is not adversarial sends
-    the margin to an exact solve) or at the proof that none exists. On the hard images of
-    ``benchmarks/milp.py`` that is about twice as fast as minimising to a relative gap of
-    0.5 (the earlier default), and many times faster than exact minima. With ``gap`` a
+    the margin to an exact solve) or at the proof that none exists, with HiGHS's primal
+    heuristics off (:data:`SIGN_HIGHS`). On the hard images of ``benchmarks/milp.py``
+    (784-50-50-10, Linf 0.05) that took 5-20 s per image where minimising to a relative
+    gap of 0.5 (the earlier default) took 17-60 s or more. With ``gap`` a
     number, each margin is minimised until the solver's proven bound is within that
     relative gap of its best point (``gap=0``: the exact minimum).
 
