@@ -332,11 +332,13 @@ def _status(res) -> str:
 #: then reported as ``SIGN_CUTOFF / 2`` (or CROWN's, where larger).
 SIGN_CUTOFF = 1e-3
 
-#: HiGHS options of the sign-deciding solves: its primal heuristics (RINS, RENS, the root
-#: reduced-cost and feasibility-jump heuristics) spent most of the time on margins that
-#: are proven by infeasibility, and turning them off was 2-6x faster on the hard images of
-#: benchmarks/milp.py, counter-examples included (found by branching instead).
-SIGN_HIGHS = {"mip_heuristic_run_rins": False, "mip_heuristic_run_rens": False,
+#: HiGHS options of verify's sign-deciding solves and of the Ground-Truth Attack: its
+#: primal heuristics (RINS, RENS, the root reduced-cost and feasibility-jump heuristics)
+#: spent most of the time, and turning them off was 2-6x faster on the hard images of
+#: benchmarks/milp.py (verify: counter-examples included, found by branching instead;
+#: the Ground-Truth Attack: 2-3x, the same minima). Exact minima (``gap=0``) keep HiGHS's
+#: defaults.
+HIGHS_OPTIONS = {"mip_heuristic_run_rins": False, "mip_heuristic_run_rens": False,
               "mip_heuristic_run_root_reduced_cost": False,
               "mip_heuristic_run_feasibility_jump": False}
 
@@ -367,7 +369,7 @@ def _minimise_margins(program: _Program, rows: np.ndarray, crown: np.ndarray,
         c, const = program.margin(rows[r])
         if gap is None:
             res = program.solve(c, [({everything: c[None, :]}, -np.inf,
-                                     SIGN_CUTOFF - const)], left, math.inf, SIGN_HIGHS)
+                                     SIGN_CUTOFF - const)], left, math.inf, HIGHS_OPTIONS)
             state = _status(res)
             if state == "infeasible":  # no point of the set has margin <= the cutoff
                 lower[r] = max(crown[r], SIGN_CUTOFF / 2)
@@ -513,7 +515,7 @@ def verify(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
     :data:`SIGN_CUTOFF` (1e-3), and the solve ends at the first point that satisfies it
     (checked by a forward pass; one within the cutoff of 0 that is not adversarial sends
     the margin to an exact solve) or at the proof that none exists, with HiGHS's primal
-    heuristics off (:data:`SIGN_HIGHS`). On the hard images of ``benchmarks/milp.py``
+    heuristics off (:data:`HIGHS_OPTIONS`). On the hard images of ``benchmarks/milp.py``
     (784-50-50-10, Linf 0.05) that took 5-20 s per image where minimising to a relative
     gap of 0.5 (the earlier default) took 17-60 s or more. With ``gap`` a
     number, each margin is minimised until the solver's proven bound is within that
@@ -701,7 +703,7 @@ def ground_truth(model: nn.Module, x: Tensor, y: Tensor, norm: str = "linf", *,
             extra = [({everything: c_margin[None, :]}, delta - const, np.inf)]
             if math.isfinite(best):
                 extra.append(({everything: t_col[None, :]}, -np.inf, best))
-            res = program.solve(t_col, extra, remaining)
+            res = program.solve(t_col, extra, remaining, 0.0, HIGHS_OPTIONS)
             state = _status(res)
             if state == "infeasible":
                 continue  # no example of class j within the radius (or below best)
