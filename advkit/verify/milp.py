@@ -339,8 +339,8 @@ SIGN_CUTOFF = 1e-3
 #: the Ground-Truth Attack: 2-3x, the same minima). Exact minima (``gap=0``) keep HiGHS's
 #: defaults.
 HIGHS_OPTIONS = {"mip_heuristic_run_rins": False, "mip_heuristic_run_rens": False,
-              "mip_heuristic_run_root_reduced_cost": False,
-              "mip_heuristic_run_feasibility_jump": False}
+                 "mip_heuristic_run_root_reduced_cost": False,
+                 "mip_heuristic_run_feasibility_jump": False}
 
 
 def _minimise_margins(program: _Program, rows: np.ndarray, crown: np.ndarray,
