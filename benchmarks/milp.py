@@ -36,7 +36,7 @@ Why, measured on one thread of the 2-core CPU (the other core busy), advkit d887
 
 The full figure (100 images, both eps, the ground truth on all 97 correctly classified
 ones), estimated from those probes at about 13 minutes on one thread (training 40 s,
-verification 10 s, the attacks about 2 minutes, the ground truth about 10; 20 in all with a
+verification 10 s, the attacks 70 s (measured), the ground truth about 10; 20 in all with a
 slow tail):
 
     OMP_NUM_THREADS=1 flock /tmp/advkit-heavy.lock python benchmarks/milp.py
