@@ -465,3 +465,15 @@ def test_lean_is_apgd_and_a3_with_its_polish_and_never_weaker_than_standard_on_t
     # and for fewer gradient passes
     assert sum(s["backward_passes"] for s in lean.stages) < sum(
         s["backward_passes"] for s in standard.stages)
+
+
+def test_an_evaluation_without_a_named_suite_runs_lean(mnist_model, data):
+    """``lean`` is the default since its figures held on every adversarially trained
+    preset (RESULTS.md): a call that names no suite runs its stages, with the same
+    verdicts as naming it."""
+    x, y = data[0][:12], data[1][:12]
+    threat = ThreatModel("linf", 0.08)
+    default = advkit.evaluate(mnist_model, x, y, threat, progress=False, checks=False)
+    named = advkit.evaluate(mnist_model, x, y, threat, "lean", progress=False, checks=False)
+    assert [s["stage"] for s in default.stages] == [s.name for s in SUITES["lean"].stages]
+    assert [r["robust"] for r in default.per_sample] == [r["robust"] for r in named.per_sample]

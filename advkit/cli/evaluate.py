@@ -37,6 +37,7 @@ from advkit.cli._common import (
 )
 from advkit.distributed import World
 from advkit.evaluation import DEFAULT_STORE, accuracy, curve_rows, curves, run_attack, table_rows
+from advkit.evaluation.suites import DEFAULT_SUITE
 
 #: What a suite run records and ``--resume`` takes from the run instead of the command line.
 _RUN_SETTINGS = ("model", "attack_names", "norm", "eps", "seed", "dataset", "limit",
@@ -66,9 +67,10 @@ def evaluate(
         help="also write an HTML report (table, accuracy-vs-eps plot, query efficiency of "
              "black-box attacks, gallery) here")] = None,
     suite: Annotated[str | None, typer.Option(
-        help="run an attack suite (fast, standard, thorough, rand, minimal, adaptive, "
-             "blackbox, or a .toml/.yaml file) with per-sample worst case and masking "
-             "checks, recorded in --store")] = None,
+        help="run an attack suite (lean: the recommended one, AutoAttack's strength for "
+             "about a sixth of its gradient passes; standard: AutoAttack's published "
+             "attacks; fast, thorough, rand, minimal, adaptive, blackbox, or a .toml/.yaml "
+             "file) with per-sample worst case and masking checks, recorded in --store")] = None,
     store: Annotated[Path, typer.Option(help="suite runs: the SQLite result store")
                      ] = DEFAULT_STORE,
     resume: Annotated[int | None, typer.Option(
@@ -121,7 +123,7 @@ def evaluate(
         if eps is not None and len(eps) > 1:
             raise fail("a suite run has one eps; run once per eps (or use --suite minimal "
                        "for the whole curve)")
-        _evaluate_suite(model=model, suite=suite or "standard", norm=norm,
+        _evaluate_suite(model=model, suite=suite or DEFAULT_SUITE, norm=norm,
                         eps=eps[0] if eps else 0.3, dataset=dataset, limit=limit,
                         batch_size=batch_size, seed=seed, store=store, resume=resume,
                         checks=checks, check_samples=check_samples, trust=trust,

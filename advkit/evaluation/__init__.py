@@ -1,7 +1,7 @@
 """Evaluation: running attacks over data sets, attack suites with per-sample worst case and
 gradient-masking checks, and the resumable SQLite store of runs.
 
-``advkit.evaluate(model, x, y, threat, suite="standard")`` is the entry point.
+``advkit.evaluate(model, x, y, threat, suite="lean")`` is the entry point.
 """
 
 from advkit.evaluation.accuracy import accuracy

@@ -28,7 +28,7 @@ from advkit.distributed import World
 from advkit.environment import describe
 from advkit.evaluation import checks as checks_lib
 from advkit.evaluation.store import ChunkRecord, Outcome, Store
-from advkit.evaluation.suites import Suite, get_suite
+from advkit.evaluation.suites import DEFAULT_SUITE, Suite, get_suite
 from advkit.models.access import GRADIENTS, LABELS, REJECT, SCORES, ModelAccess, allows, rejects
 from advkit.models.device import device_of
 from advkit.progress import progress_bar
@@ -163,7 +163,7 @@ def _stage_threat(threat: ThreatModel, suite: Suite) -> ThreatModel:
 
 def evaluate(
     model: nn.Module | ModelAccess, x: Tensor, y: Tensor, threat: ThreatModel,
-    suite: str | Path | Suite = "standard", *, seed: int = 0, batch_size: int = 500,
+    suite: str | Path | Suite = DEFAULT_SUITE, *, seed: int = 0, batch_size: int = 500,
     store: str | Path | Store | None = None, resume: int | None = None,
     checks: bool = True, check_samples: int = 100, device: str | torch.device | None = None,
     progress: bool = True, log: Callable[[str], None] | None = None,
@@ -183,9 +183,10 @@ def evaluate(
     gradient-masking checks are skipped.
 
     Args:
-        suite: "fast", "standard" (AutoAttack's attacks), "thorough", "rand" (randomised
-            models), "minimal" (the accuracy-versus-eps curve), "blackbox", a
-            :class:`Suite`, or a .toml / .yaml / .json file.
+        suite: "lean" (the default: AutoAttack's strength for about a sixth of its
+            gradient passes), "standard" (AutoAttack's published attacks), "fast",
+            "thorough", "rand" (randomised models), "minimal" (the accuracy-versus-eps
+            curve), "blackbox", a :class:`Suite`, or a .toml / .yaml / .json file.
         seed: the run's seed; every chunk's seed derives from it.
         batch_size: samples per chunk (the unit that is committed and resumed).
         store: the SQLite result store (path or :class:`Store`); None keeps the run in
