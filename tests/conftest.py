@@ -110,3 +110,21 @@ def mnist_autoencoder_run():
 def mnist_autoencoder(mnist_autoencoder_run) -> torch.nn.Module:
     """The cached test autoencoder (magnet_ae on MNIST), in eval mode."""
     return mnist_autoencoder_run.model
+
+
+@pytest.fixture
+def transform_draws(monkeypatch) -> list[tuple[int, torch.Tensor]]:
+    """Every batch of transformations EOT-style attacks draw, as (generator seed, params):
+    to check that the measuring transformations are never the crafting ones."""
+    from advkit.attacks.eot import RandomTransforms
+
+    drawn: list[tuple[int, torch.Tensor]] = []
+    sample = RandomTransforms.sample
+
+    def recording(self, n, generator=None, device="cpu"):
+        params = sample(self, n, generator, device)
+        drawn.append((generator.initial_seed(), params))
+        return params
+
+    monkeypatch.setattr(RandomTransforms, "sample", recording)
+    return drawn

@@ -50,16 +50,8 @@ def test_eot_survives_fresh_transformations_better_than_pgd(mnist_model, digits)
     assert eot.queries.tolist() == [1 + 10 * 8 * 2 + 100 + 1] * 20
 
 
-def test_success_is_measured_on_transforms_not_used_in_crafting(monkeypatch):
-    drawn: list[tuple[int, torch.Tensor]] = []
-    sample = RandomTransforms.sample
-
-    def recording(self, n, generator=None, device="cpu"):
-        params = sample(self, n, generator, device)
-        drawn.append((generator.initial_seed(), params))
-        return params
-
-    monkeypatch.setattr(RandomTransforms, "sample", recording)
+def test_success_is_measured_on_transforms_not_used_in_crafting(transform_draws):
+    drawn = transform_draws
     x, y = random_batch(4)
     result = EOT(ThreatModel("linf", 0.1), steps=3, samples=5, eval_transforms=100,
                  seed=7)(toy_cnn(), x, y)

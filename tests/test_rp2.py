@@ -10,7 +10,7 @@ import torch
 from toys import random_batch, toy_cnn
 
 from advkit import attacks
-from advkit.attacks.eot import RandomTransforms, success_under_transforms
+from advkit.attacks.eot import success_under_transforms
 from advkit.attacks.rp2 import RP2, non_printability, stick, top_mask
 from advkit.threat import ThreatModel
 
@@ -72,16 +72,8 @@ def test_stick_leaves_the_outside_bit_for_bit_even_for_a_non_finite_delta():
     assert torch.equal(out[..., ~mask], x[..., ~mask]) and (out[..., 1, 1] == 1).all()
 
 
-def test_success_is_measured_on_transforms_not_used_in_crafting(monkeypatch):
-    drawn: list[tuple[int, torch.Tensor]] = []
-    sample = RandomTransforms.sample
-
-    def recording(self, n, generator=None, device="cpu"):
-        params = sample(self, n, generator, device)
-        drawn.append((generator.initial_seed(), params))
-        return params
-
-    monkeypatch.setattr(RandomTransforms, "sample", recording)
+def test_success_is_measured_on_transforms_not_used_in_crafting(transform_draws):
+    drawn = transform_draws
     x, y = random_batch(4)
     attack = RP2(mask=band_mask(), steps=3, samples=5, eval_transforms=50, seed=7)
     result = attack(toy_cnn(), x, y, targets=(y + 1) % 10)
