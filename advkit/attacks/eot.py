@@ -73,6 +73,22 @@ class RandomTransforms:
         return out.clamp(0, 1)
 
 
+def check_transforms(transforms: object, seed: int | None, eval_seed: int | None) -> int:
+    """Refuse a ``transforms`` that is not a :class:`RandomTransforms` (None: the default)
+    and an ``eval_seed`` equal to the crafting ``seed``; return the measuring seed (default
+    ``seed + 1``): the success under transformations is measured on ones not used in
+    crafting."""
+    if transforms is not None and not isinstance(transforms, RandomTransforms):
+        raise TypeError("transforms must be an advkit.attacks.eot.RandomTransforms "
+                        f"(got {type(transforms).__name__})")
+    if eval_seed is None:
+        eval_seed = (seed if seed is not None else 0) + 1
+    if seed is not None and eval_seed == seed:
+        raise ValueError(f"eval_seed must differ from seed ({seed}): the success under "
+                         "transformations is measured on ones not used in crafting")
+    return eval_seed
+
+
 def transformed_goal(logits_fn: Callable[[Tensor, Tensor], Tensor], x_adv: Tensor,
                       y: Tensor, targets: Tensor | None, transforms: RandomTransforms,
                       n: int, generator: torch.Generator, batch: int) -> Tensor:
@@ -165,14 +181,7 @@ class EOT(Attack):
             raise ValueError(f"step_size must be > 0 (got {step_size})")
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}: use one of {', '.join(LOSSES)}")
-        if transforms is not None and not isinstance(transforms, RandomTransforms):
-            raise TypeError("transforms must be an advkit.attacks.eot.RandomTransforms "
-                            f"(got {type(transforms).__name__})")
-        if eval_seed is None:
-            eval_seed = (seed if seed is not None else 0) + 1
-        if seed is not None and eval_seed == seed:
-            raise ValueError(f"eval_seed must differ from seed ({seed}): the success under "
-                             "transformations is measured on ones not used in crafting")
+        eval_seed = check_transforms(transforms, seed, eval_seed)
         self.steps = steps
         self.step_size = step_size if step_size is not None else 2.5 * threat.eps / steps
         self.samples = samples

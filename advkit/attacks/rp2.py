@@ -49,7 +49,12 @@ from advkit.attacks.base import (
     eval_mode,
     require_at_least,
 )
-from advkit.attacks.eot import RandomTransforms, success_under_transforms, transformed_goal
+from advkit.attacks.eot import (
+    RandomTransforms,
+    check_transforms,
+    success_under_transforms,
+    transformed_goal,
+)
 from advkit.corruptions import check_images
 from advkit.models.access import ModelAccess
 from advkit.threat import ThreatModel
@@ -300,14 +305,7 @@ class RP2(Attack):
                                       or printable.dim() != 2 or printable.shape[0] < 1):
             raise ValueError("printable must be a (K, C) tensor of K printable colours in "
                              "[0, 1]")
-        if transforms is not None and not isinstance(transforms, RandomTransforms):
-            raise TypeError("transforms must be an advkit.attacks.eot.RandomTransforms "
-                            f"(got {type(transforms).__name__})")
-        if eval_seed is None:
-            eval_seed = (seed if seed is not None else 0) + 1
-        if seed is not None and eval_seed == seed:
-            raise ValueError(f"eval_seed must differ from seed ({seed}): the success under "
-                             "transformations is measured on ones not used in crafting")
+        eval_seed = check_transforms(transforms, seed, eval_seed)
         self.mask, self.mask_area, self.block = mask, mask_area, block
         self.steps, self.lam, self.l1_steps, self.l1_lam = steps, lam, l1_steps, l1_lam
         self.lr, self.samples, self.batch_size = lr, samples, batch_size
