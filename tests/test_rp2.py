@@ -114,10 +114,16 @@ def test_a_fitted_sticker_sends_held_out_pictures_to_the_target_under_fresh_view
     baseline = success_under_transforms(mnist_model, held_out, labels, torch.full_like(labels, 3),
                                         n=50, seed=attack.eval_seed).mean().item()
     assert rate >= baseline + 0.4, (rate, baseline)
-    # Seeded: the same seed, the same sticker.
-    again = RP2(steps=40, l1_steps=20, samples=4, batch_size=16, seed=0).fit(
-        mnist_model, sevens, target=3)
-    assert torch.equal(again.delta, fitted.delta) and torch.equal(again.mask, fitted.mask)
+    # Seeded: the same seed, the same sticker, bit for bit with one torch thread (with two,
+    # CPU kernels may sum in another order: measured, two fits at 2 threads differ slightly).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        first, again = (RP2(steps=40, l1_steps=20, samples=4, batch_size=16, seed=0).fit(
+            mnist_model, sevens, target=3) for _ in range(2))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(again.delta, first.delta) and torch.equal(again.mask, first.mask)
 
 
 def test_as_an_attack_each_digit_s_sticker_beats_the_unperturbed_baseline(mnist_model,

@@ -263,6 +263,9 @@ class RP2(Attack):
             (``extras["transform_success"]``; 0 skips it).
         eval_seed: their seed (default ``seed + 1``), never the crafting seed.
         printable, nps_weight: optional printable colours (K, C) and the NPS weight.
+        seed: the crafting seed: the same seed gives the same sticker bit for bit with one
+            torch thread; with more, CPU kernels may sum in another order and two fits
+            differ slightly (measured at 2 threads).
     """
 
     paper = "Eykholt et al. 2018, Robust Physical-World Attacks on Deep Learning Visual " \
