@@ -184,6 +184,41 @@ def test_alpha_crown_is_never_looser_than_crown(problem):
     assert (alpha.verified >= crown.verified).all()
 
 
+@settings(max_examples=30, deadline=None)
+@given(problem=problems())
+def test_certify_crown_is_never_looser_than_ibp(problem):
+    # The final bound keeps the better of CROWN's and the interval bound (neither
+    # dominates: on certifiably trained models IBP's is often tighter).
+    model, x, y, threat = problem
+    ibp = certify(model, x, y, threat, "ibp")
+    crown = certify(model, x, y, threat, "crown")
+    finite = torch.isfinite(ibp.lower_bounds)  # the label's own column is inf in both
+    low, high = ibp.lower_bounds[finite], crown.lower_bounds[finite]
+    assert (high >= low - TOL * (1 + low.abs())).all()  # rounding: the same bound twice
+
+
+def test_certify_crown_keeps_the_interval_bound_where_it_is_tighter():
+    # margin = relu(h) with h = 3x - 1 over x in [0, 1]: h in [-1, 2], so the ReLU is
+    # unstable with u > -l and CROWN's adaptive lower slope is 1: relu(h) >= h >= -1. The
+    # interval bound is relu's own, 0, which is also the true minimum.
+    model = nn.Sequential(nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 2)).double().eval()
+    with torch.no_grad():
+        model[0].weight.fill_(3.0), model[0].bias.fill_(-1.0)
+        model[2].weight.copy_(torch.tensor([[1.0], [0.0]])), model[2].bias.zero_()
+    x, y = torch.full((1, 1), 0.5, dtype=torch.float64), torch.tensor([0])
+    threat = ThreatModel("linf", 0.5)
+    net, region = network(model, x), InputSet.from_threat(x, threat)
+    spec = _spec(y, 2, x.dtype)
+    with torch.no_grad():
+        bounds = layer_bounds(net, region, "crown")
+        plain = backward_lower(net, region, bounds, spec)
+    assert plain[0, 0].item() == pytest.approx(-1.0)  # CROWN alone: the slope-1 relaxation
+    crown = certify(model, x, y, threat, "crown")  # lower_bounds[:, y] is inf: no margin
+    assert crown.lower_bounds[0, 1].item() == pytest.approx(0.0)
+    assert crown.lower_bounds[0, 1].item() == certify(model, x, y, threat, "ibp"
+                                                      ).lower_bounds[0, 1].item()
+
+
 def test_alpha_crown_tightens_some_bound_crown_leaves_loose():
     model = random_net(seed=3, conv=False, pool="none", batchnorm=False)
     x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

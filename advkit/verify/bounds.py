@@ -41,6 +41,7 @@ training builds on that); :func:`advkit.verify.certify` runs them without gradie
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 
@@ -66,7 +67,7 @@ LOWER_SLOPES = ("adaptive", "zero")
 # Ops: the layers bounds propagate through
 # --------------------------------------------------------------------------------------
 
-class _Op:
+class _Op(abc.ABC):
     """One layer of the chain. ``kind`` is ``"affine"``, ``"relu"`` or ``"maxpool"``."""
 
     kind = "affine"
@@ -74,15 +75,20 @@ class _Op:
     def __init__(self, name: str) -> None:
         self.name = name
 
+    @abc.abstractmethod
     def forward(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The layer itself, on a batch."""
 
+    @abc.abstractmethod
     def interval(self, lower: Tensor, upper: Tensor) -> Interval:
-        raise NotImplementedError
+        """Elementwise bounds on the output over the box ``[lower, upper]`` (IBP)."""
 
     def transpose(self, a: Tensor) -> tuple[Tensor, Tensor]:
-        """For an affine op ``f(h) = W h + b`` and rows ``a`` (N, S, *out): ``(a W, a b)``."""
-        raise NotImplementedError
+        """For an affine op ``f(h) = W h + b`` and rows ``a`` (N, S, *out): ``(a W, a b)``.
+
+        Only affine ops have one; CROWN relaxes ReLU and MaxPool instead of calling this.
+        """
+        raise TypeError(f"{type(self).__name__} is not affine: it has no transpose")
 
 
 def _rows(a: Tensor, shape: tuple[int, ...]) -> Tensor:
