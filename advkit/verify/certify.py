@@ -28,6 +28,7 @@ from advkit.progress import progress_bar
 from advkit.threat import ThreatModel
 from advkit.verify.bounds import (
     InputSet,
+    Interval,
     Network,
     alpha_crown_lower,
     backward_lower,
@@ -80,7 +81,7 @@ def _crown(net: Network, region: InputSet, spec: Tensor, *, intersect_ibp: bool 
     return _crown_lower(net, region, bounds, spec, intersect_ibp)
 
 
-def _crown_lower(net: Network, region: InputSet, bounds: list, spec: Tensor,
+def _crown_lower(net: Network, region: InputSet, bounds: list[Interval], spec: Tensor,
                  intersect_ibp: bool) -> Tensor:
     """CROWN's lower bounds on ``spec · logits``; with ``intersect_ibp``, never below the
     interval bound from the same layer bounds. Both are sound, and neither dominates: on
@@ -175,8 +176,8 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
         method: ``"ibp"`` (interval bound propagation, Gowal et al. 2018), ``"crown"``
             (backward linear relaxation, Zhang et al. 2018; each margin keeps the better
             of CROWN's and the interval bound, so it is never looser than ``"ibp"``) or
-            ``"alpha-crown"`` (CROWN
-            with lower slopes optimised, Xu et al. 2021), ``"milp"`` (complete: each margin
+            ``"alpha-crown"`` (CROWN with lower slopes optimised, Xu et al. 2021),
+            ``"milp"`` (complete: each margin
             CROWN leaves unproven minimised exactly by HiGHS, Tjeng et al. 2019; Linf and
             L1 only, small ReLU networks; :func:`advkit.verify.milp.verify` also returns
             counter-examples), or any name in :data:`METHODS`.
